@@ -1,0 +1,220 @@
+"""Fit one task and evaluate it; device-agnostic (bf16 autocast and channels_last on CUDA).
+
+``fit_task`` trains a task of a KSMNet (masks + BN affine with one learning rate, the head with another, or
+the whole copied net for the fine-tune baseline), then deploys it so the reported accuracy is exactly what its
+artifact reproduces. ``train_backbone`` trains a plain network on the initial task.
+
+Loaders are any re-iterable of (x, y) batches; if they have ``set_epoch`` it is called each epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .network import KSMNet
+
+__all__ = ["TrainConfig", "FitResult", "fit_task", "train_backbone", "evaluate", "resolve_device"]
+
+
+@dataclass
+class TrainConfig:
+    """Training knobs. Defaults follow the issue/authors: Adam, lr 2e-4 for masks+BN and head, cosine."""
+
+    epochs: int = 5
+    lr_mask: float = 2e-4      # masks and BN affine parameters
+    lr_head: float = 2e-4
+    lr_finetune: float = 2e-4  # all weights, fine-tune baseline
+    lr_backbone: float = 1e-3  # train_backbone (from scratch)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"   # cosine | constant
+    device: str = "auto"       # auto | cpu | cuda | cuda:N
+    amp: bool = True           # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    seed: int = 0
+    max_steps_per_epoch: int | None = None  # cap for smoke runs; None = whole loader
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise ValueError(f"epochs={self.epochs!r} must be an int >= 1")
+        for k in ("lr_mask", "lr_head", "lr_finetune", "lr_backbone"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{k}={v!r} must be a number > 0")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule={self.schedule!r}; valid: 'cosine', 'constant'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """What a fit returns: per-epoch history, final test accuracy/loss, and where the time went."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    test_acc: float = float("nan")
+    test_loss: float = float("nan")
+    train_seconds: float = 0.0   # optimisation steps only (data loading included, evaluation excluded)
+    total_seconds: float = 0.0
+    steps: int = 0
+    samples: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} asked for CUDA but torch sees no GPU; use device=auto or cpu")
+    return dev
+
+
+def _autocast(dev: torch.device, cfg: TrainConfig):
+    if dev.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _to(x: torch.Tensor, dev: torch.device, cfg: TrainConfig) -> torch.Tensor:
+    x = x.to(dev, non_blocking=True)
+    if dev.type == "cuda" and cfg.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, cfg: TrainConfig | None = None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a model over a loader, in eval mode."""
+    cfg = cfg or TrainConfig()
+    dev = next(iter(model.state_dict().values())).device
+    was = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in loader:
+        x, y = _to(x, dev, cfg), y.to(dev)
+        with _autocast(dev, cfg):
+            logits = model(x)
+        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        total += y.numel()
+    model.train(was)
+    if total == 0:
+        raise ValueError("evaluation loader yielded no samples; check the task's test split")
+    return correct / total, loss_sum / total
+
+
+def _steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int | None:
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return cfg.max_steps_per_epoch
+    return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
+
+
+def _fit(model: nn.Module, groups: list[dict], train_loader: Iterable, test_loader: Iterable | None,
+         cfg: TrainConfig, dev: torch.device, on_epoch: EpochCallback | None) -> FitResult:
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay, foreach=True)
+    spe = _steps_per_epoch(train_loader, cfg)
+    sched = None
+    if cfg.schedule == "cosine" and spe:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * spe)
+    res = FitResult(device=str(dev))
+    t_start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step, (x, y) in enumerate(train_loader):
+            if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
+                break
+            x, y = _to(x, dev, cfg), y.to(dev, non_blocking=True)
+            with _autocast(dev, cfg):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum += loss.detach() * y.numel()  # stays on device: no sync per step
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            res.steps += 1
+        if seen == 0:
+            raise ValueError("training loader yielded no samples; check the task's train split")
+        res.train_seconds += time.perf_counter() - t0
+        res.samples += seen
+        rec = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
+               "epoch_seconds": time.perf_counter() - t0}
+        if test_loader is not None:
+            rec["test_acc"], rec["test_loss"] = evaluate(model, test_loader, cfg)
+        res.history.append(rec)
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+    res.total_seconds = time.perf_counter() - t_start
+    return res
+
+
+def fit_task(net: KSMNet, task: int, train_loader: Iterable, test_loader: Iterable | None = None,
+             cfg: TrainConfig | None = None, on_epoch: EpochCallback | None = None, deploy: bool = True) -> FitResult:
+    """Train one task of ``net`` (its masks + BN + head, or all its weights for 'finetune'), evaluate it.
+
+    With ``deploy`` (default) the task is fixed afterwards and the final test accuracy is measured on the
+    deployed task: the number its artifact reproduces. ``on_epoch(epoch, record)`` sees every epoch's metrics.
+    """
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    dev = resolve_device(cfg.device)
+    net.check_task(task)
+    if net.is_deployed(task) and net.specs[task].masked:
+        raise ValueError(f"task {task} ({net.task_names[task]}) is deployed (fixed); add a new task to train again")
+    p = net.task_parameters(task)
+    net.to(dev)
+    if dev.type == "cuda" and cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    net.set_task(task)
+    if net.specs[task].method == "finetune":
+        groups = [{"params": p["masks"] + p["bn"], "lr": cfg.lr_finetune}, {"params": p["head"], "lr": cfg.lr_head}]
+    else:
+        groups = [{"params": p["masks"] + p["bn"], "lr": cfg.lr_mask}, {"params": p["head"], "lr": cfg.lr_head}]
+    res = _fit(net, groups, train_loader, test_loader, cfg, dev, on_epoch)
+    if deploy:
+        net.deploy(task)
+    if test_loader is not None:
+        res.test_acc, res.test_loss = evaluate(net, test_loader, cfg)
+    return res
+
+
+def train_backbone(model: nn.Module, train_loader: Iterable, test_loader: Iterable | None = None,
+                   cfg: TrainConfig | None = None, on_epoch: EpochCallback | None = None) -> FitResult:
+    """Train a plain network (all parameters, Adam at ``lr_backbone``) on the initial task."""
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    dev = resolve_device(cfg.device)
+    model.to(dev)
+    if dev.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    res = _fit(model, [{"params": [q for q in model.parameters() if q.requires_grad], "lr": cfg.lr_backbone}],
+               train_loader, test_loader, cfg, dev, on_epoch)
+    if test_loader is not None:
+        res.test_acc, res.test_loss = evaluate(model, test_loader, cfg)
+    return res

@@ -1,0 +1,162 @@
+"""Masked network wrapping, backbones, per-task state, and the frozen-backbone guarantee."""
+import pytest
+import torch
+from torch import nn
+
+from ksm_core import KSMNet, TrainConfig, create_model, fit_task, list_models
+from ksm_core.backbones import CFG_D
+from ksm_core.layers import MaskedConv2d, MaskedLinear, TaskBatchNorm, TaskHeads
+
+
+def _batches(n=4, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, classes, (16,), generator=g)) for _ in range(n)]
+
+
+def test_vgg16_bn_cifar_is_cpgs_cfg_d():
+    m = create_model("vgg16_bn_cifar", num_classes=10)
+    convs = [x for x in m.features if isinstance(x, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [v for v in CFG_D if v != "M"]
+    assert all(c.bias is None and c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
+    assert sum(isinstance(x, nn.BatchNorm2d) for x in m.features) == 13
+    assert sum(isinstance(x, nn.MaxPool2d) for x in m.features) == 5
+    lin = [x for x in m.classifier if isinstance(x, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in lin] == [(512, 4096), (4096, 4096)]
+    assert (m.head.in_features, m.head.out_features) == (4096, 10)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # 14.71M conv weights in VGG16's feature extractor
+    assert sum(c.weight.numel() for c in convs) == 14_710_464
+
+
+def test_width_multiplier_scales_convs_and_hidden():
+    m = create_model("vgg16_bn_cifar", num_classes=2, width=0.125)
+    convs = [x for x in m.features if isinstance(x, nn.Conv2d)]
+    assert [c.out_channels for c in convs][:3] == [8, 8, 16]
+    assert m.head.in_features == 512
+    with pytest.raises(ValueError, match="width=0"):
+        create_model("vgg16_bn_cifar", num_classes=2, width=0)
+
+
+def test_unknown_model_lists_valid():
+    with pytest.raises(ValueError, match=r"unknown model 'vgg19'.*resnet18.*resnet50.*vgg16_bn_cifar"):
+        create_model("vgg19", num_classes=2)
+    assert {"vgg16_bn_cifar", "resnet18", "resnet50"} <= set(list_models())
+
+
+def test_wrapping_swaps_every_layer_and_freezes_backbone():
+    net = KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=4, width=0.125))
+    mods = list(net.modules())
+    assert sum(isinstance(m, MaskedConv2d) for m in mods) == 13
+    assert sum(isinstance(m, MaskedLinear) for m in mods) == 2  # hidden Linears; the head is per task
+    assert sum(isinstance(m, TaskBatchNorm) for m in mods) == 13
+    assert sum(isinstance(m, TaskHeads) for m in mods) == 1
+    assert not any(isinstance(m, nn.Conv2d) for m in mods)
+    # every BatchNorm left is a per-task copy inside a TaskBatchNorm
+    inner = {id(bn) for m in mods if isinstance(m, TaskBatchNorm) for bn in m.tasks.values()}
+    assert all(id(m) in inner for m in mods if isinstance(m, nn.BatchNorm2d))
+    assert not any(p.requires_grad for p in net.parameters())  # only task 0 so far: nothing trainable
+    t = net.add_task(3, method="ksm")
+    p = net.task_parameters(t)
+    assert len(p["masks"]) == 15 and len(p["bn"]) == 26 and len(p["head"]) == 2
+    conv0 = net.body.features[0]
+    assert p["masks"][0].shape == (8, 3)  # kernel-wise: (c_out, c_in)
+    assert torch.all(p["masks"][0] == 1e-2)
+    w_task, _ = conv0.task_weight(t)
+    torch.testing.assert_close(w_task, conv0.weight)  # all masks 1 at init
+
+
+def test_kernelwise_mask_broadcasts_over_kernel():
+    net = KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=2, width=0.125))
+    t = net.add_task(2, method="ksm_softmax")
+    conv = net.body.features[0]
+    with torch.no_grad():
+        conv.tasks[str(t)].mask_real[1, 2] = -1.0  # drop one kernel
+    net.set_task(t).eval()
+    w, _ = conv.task_weight()
+    assert torch.all(w[1, 2] == 0)
+    torch.testing.assert_close(w[1, :2], conv.weight[1, :2])
+    torch.testing.assert_close(w[0], conv.weight[0])
+
+
+def test_elementwise_mask_has_weight_shape():
+    net = KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=2, width=0.125))
+    t = net.add_task(2, method="piggyback")
+    assert net.task_parameters(t)["masks"][0].shape == (8, 3, 3, 3)
+
+
+def test_training_two_tasks_leaves_backbone_bit_identical():
+    bb = create_model("vgg16_bn_cifar", num_classes=2, width=0.125)
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    net = KSMNet.from_backbone(bb)
+    fp = net.fingerprint()
+    cfg = TrainConfig(epochs=1, lr_mask=5e-3)
+    for method in ("ksm", "finetune"):
+        t = net.add_task(3, method=method)
+        fit_task(net, t, _batches(), _batches(2, seed=1), cfg)
+    assert net.fingerprint() == fp == net.backbone_fingerprint
+    after = net.backbone_state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # task 0 (the backbone itself) still computes the original network
+    x = torch.randn(4, 3, 32, 32)
+    bb.eval(), net.eval()
+    torch.testing.assert_close(net.set_task(0)(x), bb(x), rtol=0, atol=0)
+
+
+def test_ksm_training_moves_masks_below_threshold():
+    net = KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=2, width=0.125))
+    t = net.add_task(3)
+    fit_task(net, t, _batches(8), None, TrainConfig(epochs=3, lr_mask=2e-3))
+    s = net.mask_stats(t)
+    assert 0 < s["ones"] < 1 and s["soft"] > 0
+    assert abs(s["ones"] + s["soft"] + s["zeros"] - 1) < 1e-9
+    assert set(s["layers"]) == {n for n, _ in net.masked_layers()}
+
+
+def test_tasks_are_independent():
+    net = KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=2, width=0.125))
+    a = net.add_task(3)
+    fit_task(net, a, _batches(), None, TrainConfig(epochs=1, lr_mask=5e-3))
+    x = torch.randn(4, 3, 32, 32)
+    net.eval()
+    ya = net.set_task(a)(x).clone()
+    b = net.add_task(5, method="piggyback")
+    fit_task(net, b, _batches(classes=5), None, TrainConfig(epochs=1, lr_mask=5e-3))
+    net.eval()
+    assert net.set_task(b)(x).shape == (4, 5)
+    torch.testing.assert_close(net.set_task(a)(x), ya, rtol=0, atol=0)
+
+
+def test_resnet18_wraps_and_loads_local_weights(tmp_path):
+    m = create_model("resnet18", num_classes=7)
+    path = tmp_path / "r18.pt"
+    torch.save(m.state_dict(), path)
+    m2 = create_model("resnet18", num_classes=7, weights_path=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    net = KSMNet.from_backbone(m2)
+    assert net.head_name == "fc"
+    assert sum(isinstance(x, MaskedConv2d) for x in net.modules()) == 20  # 17 convs + 3 downsample convs
+    t = net.add_task(4)
+    assert net.set_task(t)(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    with pytest.raises(FileNotFoundError, match="weights file .*missing.pt"):
+        create_model("resnet18", num_classes=7, weights_path=str(tmp_path / "missing.pt"))
+
+
+def test_resnet50_builds_without_download():
+    net = KSMNet.from_backbone(create_model("resnet50", num_classes=3))
+    assert sum(isinstance(x, MaskedConv2d) for x in net.modules()) == 53
+
+
+def test_bad_input_errors():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="Sequential has no nn.Conv2d"):
+        KSMNet.from_backbone(mlp)
+    net = KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=2, width=0.125))
+    with pytest.raises(IndexError, match=r"task 3 does not exist; valid task indices: 0..0"):
+        net.set_task(3)
+    with pytest.raises(ValueError, match="unknown method 'nope'; valid methods"):
+        net.add_task(2, method="nope")
+    with pytest.raises(ValueError, match="task 0 is the frozen backbone"):
+        net.task_parameters(0)
+    with pytest.raises(ValueError, match="head 'features.0' is not an nn.Linear"):
+        KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=2, width=0.125), head="features.0")
