@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import MaskSpec, effective_mask, mask_shape
+from .masks import MaskSpec, effective_mask, mask_shape, masked_weight
 
 __all__ = ["TaskState", "MaskedConv2d", "MaskedLinear", "TaskBatchNorm", "TaskHeads", "TaskAware"]
 
@@ -106,9 +106,11 @@ class _MaskedLayer(TaskAware):
         st = self.state_for(task)
         if st.spec.method == "finetune":
             return st.weight, st.bias
-        m = self.mask(task)
-        if m is None:
+        if not st.spec.masked:
             return self.weight, self.bias
+        if not st.deployed:  # training state: the fused W * M(Mr) path
+            return masked_weight(self.weight, st.mask_real, st.spec, training=self.training), self.bias
+        m = st.mask
         if m.dim() < self.weight.dim():  # kernel-wise: (c_out, c_in) -> (c_out, c_in, 1, 1)
             m = m.reshape(m.shape + (1,) * (self.weight.dim() - m.dim()))
         return self.weight * m, self.bias

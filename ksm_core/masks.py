@@ -32,6 +32,7 @@ __all__ = [
     "effective_mask",
     "mask_spec",
     "mask_shape",
+    "masked_weight",
 ]
 
 # Reference values from the authors' code.
@@ -84,8 +85,10 @@ def ksm_mask(
     """
     _check_hparams(tau, k, T)
     if training:
-        p = torch.sigmoid((mask_real - tau) * (k / T))
-        hard = (p >= 0.5).to(mask_real.dtype)
+        z = (mask_real - tau) * (k / T)
+        p = torch.sigmoid(z)
+        # 1[p >= 0.5] == 1[z >= 0]; testing z avoids sigmoid rounding to exactly 0.5 just below tau
+        hard = (z >= 0).to(mask_real.dtype)
         # forward value: hard; gradient: dp/dMr (softmax trick, not a straight-through threshold)
         binary = hard + (p - p.detach())
     else:
@@ -196,3 +199,62 @@ def effective_mask(mask_real: Tensor, spec: MaskSpec, *, training: bool) -> Tens
     if spec.binarizer == "ste":
         return piggyback_mask(mask_real, tau=spec.tau, soft=spec.soft, training=training)
     raise ValueError(f"method {spec.method!r} has no mask (binarizer {spec.binarizer!r})")
+
+
+_NONES = (None, None, None, None)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """W_task = W * M(Mr) in one autograd node: the same values and gradients as ``effective_mask`` times W,
+    in a few in-place passes, saving only W and Mr for backward (no p, no intermediate masks).
+
+    forward:  Mb = 1[Mr >= tau]; M = Mb, or with soft: where(Mb, 1, 0.5 minmax((1 - Mb) Mr)); W_task = W * M.
+    backward: dL/dM = sum over the kernel of dL/dW_task * W; dL/dMr = dL/dM * p (1 - p) k / T (softmax trick)
+              or dL/dM (straight-through).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, mask_real: Tensor, tau: float, scale: float, soft: bool, ste: bool) -> Tensor:
+        m = _mask_values(mask_real, tau, soft)
+        if m.dim() < weight.dim():
+            m = m.reshape(m.shape + (1,) * (weight.dim() - m.dim()))
+        ctx.save_for_backward(weight, mask_real)
+        ctx.tau, ctx.scale, ctx.ste = tau, scale, ste
+        return weight * m
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weight, mask_real = ctx.saved_tensors
+        kernelwise = mask_real.dim() < weight.dim()
+        if ctx.ste:
+            g = grad_out * weight
+            return None, (g.sum(dim=tuple(range(mask_real.dim(), weight.dim()))) if kernelwise else g), *_NONES
+        if kernelwise:  # reduce first: the rest runs on the small (c_out, c_in) tensor
+            g = (grad_out * weight).sum(dim=tuple(range(mask_real.dim(), weight.dim()))).mul_(ctx.scale)
+        else:  # element-sized: k/T folded into the product, one pass
+            g = torch.addcmul(grad_out.new_zeros(()), grad_out, weight, value=ctx.scale)
+        # p = sigmoid(k/T * Mr - k/T * tau) in one pass + an in-place sigmoid
+        p = torch.add(mask_real.new_full((), -ctx.tau * ctx.scale), mask_real, alpha=ctx.scale).sigmoid_()
+        return None, torch.ops.aten.sigmoid_backward(g, p), *_NONES
+
+
+def _mask_values(mask_real: Tensor, tau: float, soft: bool) -> Tensor:
+    """The forward value of M (identical in training and eval): Mb, plus the soft part if asked."""
+    hard = mask_real >= tau
+    if not soft:
+        return hard.to(mask_real.dtype)
+    x = mask_real.masked_fill(hard, 0.0)  # (1 - Mb) * Mr
+    lo, hi = torch.aminmax(x)
+    scale = 0.5 / (hi - lo).clamp_min(torch.finfo(x.dtype).tiny)
+    # 0.5 (x - lo) / (hi - lo) as one fused pass: (-lo * scale) + x * scale
+    return torch.addcmul(-lo * scale, x, scale).masked_fill_(hard, 1.0)
+
+
+def masked_weight(weight: Tensor, mask_real: Tensor, spec: MaskSpec, *, training: bool) -> Tensor:
+    """W_task for a real mask (kernel-wise masks broadcast over kh x kw): the layers' fused fast path."""
+    if spec.binarizer not in ("softmax", "ste"):
+        raise ValueError(f"method {spec.method!r} has no mask (binarizer {spec.binarizer!r})")
+    if not (training and torch.is_grad_enabled() and mask_real.requires_grad):
+        m = _mask_values(mask_real.detach(), spec.tau, spec.soft)
+        return weight * m.reshape(m.shape + (1,) * (weight.dim() - m.dim()))
+    return _MaskedWeight.apply(weight, mask_real, spec.tau, spec.k / spec.T, spec.soft, spec.binarizer == "ste")

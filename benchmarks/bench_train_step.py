@@ -1,0 +1,113 @@
+"""Training-step time of one network under fine-tune, Piggyback (element-wise) and KSM (kernel-wise).
+
+The three are timed side by side in one process, interleaved round by round (so drift in machine load hits all
+of them alike), each step = forward + backward + Adam step on that method's trainable tensors. Fine-tune is
+the plain, unwrapped network training all of its weights; the mask methods train masks + BN + head on top of
+the frozen backbone. Prints per-method median step time and the ratios.
+
+    python benchmarks/bench_train_step.py                         # CPU default: VGG16-BN width 0.25, batch 32
+    python benchmarks/bench_train_step.py --width 1 --batch 128   # the paper's VGG16 (use a GPU)
+
+Needs only ksm_core + torch (runs on the lent GPU machine too).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ksm_core import KSMNet, create_model
+from ksm_core.cpu import tune_malloc
+from ksm_core.train import resolve_device
+
+
+def make_steppers(model_name: str, width: float, num_classes: int, dev: torch.device, channels_last: bool):
+    torch.manual_seed(0)
+    kw = {"width": width} if model_name.startswith("vgg") else {}
+    backbone = create_model(model_name, num_classes=num_classes, **kw)
+    steppers = {}
+
+    ft = copy.deepcopy(backbone).to(dev)
+    if channels_last:
+        ft = ft.to(memory_format=torch.channels_last)
+    steppers["finetune"] = (ft, torch.optim.Adam(ft.parameters(), lr=2e-4, foreach=True))
+    for method in ("piggyback", "ksm"):
+        net = KSMNet.from_backbone(backbone)
+        t = net.add_task(num_classes, method=method)
+        net.set_task(t).to(dev)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        p = net.task_parameters(t)
+        opt = torch.optim.Adam([{"params": p["masks"] + p["bn"]}, {"params": p["head"]}], lr=2e-4, foreach=True)
+        steppers[method] = (net, opt)
+    return steppers
+
+
+def step(model, opt, x, y, amp: bool):
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss = F.cross_entropy(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vgg16_bn_cifar")
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tune_malloc()  # applies to all three methods alike (see ksm_core/cpu.py)
+    dev = resolve_device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    steppers = make_steppers(args.model, args.width, args.classes, dev, channels_last=cuda)
+    x = torch.randn(args.batch, 3, 32, 32, device=dev)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, args.classes, (args.batch,), device=dev)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for m, o in steppers.values():  # warm-up (allocator, cudnn autotune, Adam state)
+        for _ in range(3):
+            step(m, o, x, y, cuda)
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    for _ in range(args.rounds):
+        for name, (m, o) in steppers.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(m, o, x, y, cuda)
+            sync()
+            times[name].append((time.perf_counter() - t0) / args.steps)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    name = torch.cuda.get_device_name(dev) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; model {args.model} width {args.width}; batch {args.batch}; "
+          f"{args.rounds} rounds x {args.steps} steps, median per step")
+    for k, v in med.items():
+        print(f"  {k:10s} {v * 1e3:8.2f} ms/step")
+    print(f"  ratio ksm / finetune  = {med['ksm'] / med['finetune']:.3f}   (target <= 1.05)")
+    print(f"  ratio ksm / piggyback = {med['ksm'] / med['piggyback']:.3f}   (target <= 1.00)")
+
+
+if __name__ == "__main__":
+    main()
