@@ -1,0 +1,244 @@
+"""What runs inside a Ray worker: train the backbone, or adapt it to one task and track that in MLflow.
+
+``train_task`` is the one training path (the sequence's jobs and Tune's trials both call it). ``task_job`` wraps
+it with MLflow bookkeeping and is idempotent: a task that already has a FINISHED run in its sequence is not
+trained again, and a RUNNING run left by a worker that died is marked KILLED before the retry starts its own.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ksm_core import KSMNet, create_model, fit_task, save_task, train_backbone
+from ksm_core.cpu import tune_malloc
+from ksm_core.train import FitResult, TrainConfig
+
+from .data import Manifest, make_loader
+from .settings import mask_hparams, train_config
+from .tracking import Tracker
+
+__all__ = ["TaskOutcome", "train_task", "task_job", "backbone_job", "build_backbone", "prepare_worker",
+           "result_from_run", "state_to_numpy"]
+
+_MANIFESTS: dict[str, Manifest] = {}
+
+
+def prepare_worker(cpus: float, gpus: float = 0.0) -> None:
+    """Per-process set-up: torch threads matched to the CPUs Ray gave this job, allocator tuning, GPU share."""
+    torch.set_num_threads(max(1, int(cpus)))
+    tune_malloc()
+    if gpus and torch.cuda.is_available() and 0 < gpus < 1:
+        # fractional GPUs are bookkeeping only in Ray: cap this process's share of the memory ourselves
+        torch.cuda.set_per_process_memory_fraction(float(gpus))
+
+
+def manifest(path: str) -> Manifest:
+    if path not in _MANIFESTS:
+        _MANIFESTS[path] = Manifest.load(path)
+    return _MANIFESTS[path]
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
+
+
+def build_backbone(model_cfg: dict[str, Any], num_classes: int, state: dict[str, np.ndarray] | None = None) -> nn.Module:
+    """The backbone network; with ``state`` (numpy, e.g. read zero-copy from Ray's object store) its tensors
+    are adopted without a copy (they are never written: the KSMNet keeps them frozen)."""
+    kw = {k: v for k, v in model_cfg.items() if k not in ("name", "weights_path") and v is not None}
+    model = create_model(model_cfg["name"], num_classes=num_classes, **kw)
+    if state is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, assign=True)
+    return model
+
+
+def _device_for(rc: dict[str, Any]) -> str:
+    want = rc["train"].get("device", "auto")
+    if want == "auto" and rc["cluster"].get("gpus_per_task", 0) <= 0:
+        return "cpu"  # a job that asked Ray for no GPU must not grab one it happens to see
+    return want
+
+
+def _node() -> dict[str, str]:
+    info = {"ksm_host": socket.gethostname()}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            info["ksm_node_id"] = ctx.get_node_id()
+            info["ksm_node_ip"] = ray.util.get_node_ip_address()
+    except Exception:  # not inside Ray: host name only
+        pass
+    return info
+
+
+@dataclass
+class TaskOutcome:
+    """A trained (deployed) task: the network holding it, its index, the fit result and the task's data info."""
+
+    net: KSMNet
+    task: int
+    fit: FitResult
+    classes: list[str]
+    train_samples: int
+    test_samples: int
+    eval_name: str
+
+
+def train_task(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.ndarray], *,
+               method: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+               on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+               holdout: float | None = None, evaluate_on: str = "test") -> TaskOutcome:
+    """Adapt the backbone to one task: stream its shards, fit masks + BN + head, deploy, evaluate.
+
+    ``evaluate_on``: "test" (the sequence) or "holdout" (Tune: a held-out part of the TRAIN split; the task
+    trains on the rest). ``method`` / ``train`` override the run's sections (Tune's sampled values).
+    """
+    method = method or rc["method"]
+    train = train or rc["train"]
+    run = rc["_run"]
+    m = manifest(run["manifest"])
+    info = m.task(task_name)
+    init = m.task(m.initial_task)
+    bb = build_backbone(rc["model"], init.num_classes, backbone_state)
+    net = KSMNet.from_backbone(bb, copy_backbone=False)
+    torch.manual_seed(rc["seed"])
+    t = net.add_task(info.num_classes, method=method["name"], name=task_name, **mask_hparams(method))
+
+    h = rc.get("data", {}).get("holdout", 0.0) if holdout is None else holdout
+    common = dict(batch_size=train["batch_size"], seed=rc["seed"], on_corrupt=rc["data"]["on_corrupt"],
+                  shuffle_buffer=rc["data"]["shuffle_buffer"])
+    if evaluate_on == "holdout":
+        train_loader = make_loader(m, task_name, "train", holdout=h, part="fit", **common)
+        eval_loader = make_loader(m, task_name, "train", train=False, holdout=h, part="holdout", **common)
+    else:
+        train_loader = make_loader(m, task_name, "train", holdout=h, part="fit" if h > 0 else "all", **common)
+        eval_loader = make_loader(m, task_name, "test", **common)
+    cfg: TrainConfig = train_config(train, device=_device_for(rc), seed=rc["seed"])
+    fit = fit_task(net, t, train_loader, eval_loader, cfg, on_epoch=on_epoch)
+    return TaskOutcome(net, t, fit, list(info.class_names), train_loader.num_samples, eval_loader.num_samples,
+                       evaluate_on)
+
+
+# ------------------------------------------------------------------------------------------------ task job
+def _crash_hook(rc: dict[str, Any]) -> Callable[[int], None]:
+    marker = rc.get("testing", {}).get("crash_once_marker")
+
+    def hook(epoch: int) -> None:
+        if marker and epoch == 0:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one job wins
+            except FileExistsError:
+                return
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os._exit(1)  # the worker dies mid-training, as on a lost node; Ray retries the job
+
+    return hook
+
+
+def task_job(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One new task, end to end, tracked as a child run of the sequence. Safe to run more than once."""
+    run = rc["_run"]
+    prepare_worker(rc["cluster"]["cpus_per_task"], rc["cluster"]["gpus_per_task"])
+    tr = Tracker(rc["tracking"]["uri"], run["experiment_id"])
+    keys = {"ksm_kind": "task", "ksm_sequence": run["sequence_key"], "ksm_task": task_name}
+    done = tr.find_one("FINISHED", **keys)
+    if done is not None:  # at-least-once execution: a retry after the run finished does nothing
+        return result_from_run(done, status="reused")
+    killed = tr.kill_stale(**keys)
+    node = _node()
+    run_id = tr.start(task_name, {**keys, **node, "ksm_attempt": str(len(killed) + 1)}, parent=run["parent_run_id"])
+    crash = _crash_hook(rc)
+    t0 = time.perf_counter()
+    try:
+        def on_epoch(epoch: int, rec: dict[str, float]) -> None:
+            tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
+            crash(epoch)
+
+        out = train_task(rc, task_name, backbone_state, on_epoch=on_epoch)
+        stats = out.net.mask_stats(out.task)
+        with tempfile.TemporaryDirectory(prefix="ksm-task-") as tmp:
+            path = Path(tmp) / f"{task_name}.safetensors"
+            size = save_task(out.net, out.task, path, extra={"classes": out.classes, "task": task_name,
+                                                               "test_acc": out.fit.test_acc})
+            tr.artifact(run_id, path, "task")
+        method = rc["method"]
+        tr.params(run_id, {
+            "method": method["name"], **{k: v for k, v in mask_hparams(method).items()},
+            "lr_mask": rc["train"]["lr_mask"], "lr_head": rc["train"]["lr_head"],
+            "epochs": rc["train"]["epochs"], "batch_size": rc["train"]["batch_size"],
+            "model": rc["model"]["name"], "model_width": rc["model"].get("width"),
+            "backbone_fingerprint": run["backbone_fingerprint"], "backbone_run_id": run["backbone_run_id"],
+            "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
+            "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc["seed"],
+            "device": out.fit.device,
+        })
+        final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
+                 "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
+                 "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
+                 "mask_zeros": stats["zeros"], "steps": out.fit.steps}
+        final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
+        tr.metrics(run_id, final, step=rc["train"]["epochs"])
+        tr.tags(run_id, {"ksm_device": out.fit.device})
+        tr.finish(run_id, "FINISHED")
+    except BaseException:
+        tr.finish(run_id, "FAILED")
+        raise
+    return result_from_run(tr.client.get_run(run_id), status="trained")
+
+
+def result_from_run(run: Any, status: str) -> dict[str, Any]:
+    """The per-task summary the driver reports, read back from a FINISHED task run."""
+    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    layers = {k.split(".", 2)[2]: v for k, v in sorted(m.items()) if k.startswith("layer_ones.")}
+    return {
+        "task": t.get("ksm_task"), "run_id": run.info.run_id, "status": status,
+        "classes": p.get("classes", ""), "test_acc": m.get("test_acc"), "train_seconds": m.get("train_seconds"),
+        "artifact_bytes": m.get("artifact_bytes"), "mask_ones": m.get("mask_ones"), "mask_soft": m.get("mask_soft"),
+        "layers": layers, "node": t.get("ksm_node_ip") or t.get("ksm_host"), "device": t.get("ksm_device", ""),
+        "start_time": run.info.start_time,
+    }
+
+
+# -------------------------------------------------------------------------------------------- backbone job
+def backbone_job(rc: dict[str, Any]) -> dict[str, Any]:
+    """Train the backbone on the initial task (or load model.weights_path); returns numpy state + metrics."""
+    prepare_worker(rc["cluster"]["cpus_per_task"], rc["cluster"]["gpus_per_task"])
+    m = manifest(rc["_run"]["manifest"])
+    init = m.task(m.initial_task)
+    model_cfg = rc["model"]
+    bb_cfg = rc["train"]["backbone"]
+    cfg = TrainConfig(epochs=bb_cfg["epochs"], lr_backbone=bb_cfg["lr"], device=_device_for(rc), seed=rc["seed"],
+                      amp=rc["train"].get("amp", True), channels_last=rc["train"].get("channels_last", True))
+    test = make_loader(m, init.name, "test", batch_size=256, seed=rc["seed"])
+    torch.manual_seed(rc["seed"])
+    if model_cfg.get("weights_path"):
+        kw = {k: v for k, v in model_cfg.items() if k != "name" and v is not None}
+        model = create_model(model_cfg["name"], num_classes=init.num_classes, **kw)
+        from ksm_core import evaluate
+
+        model.to(cfg.device if cfg.device != "auto" else "cpu")
+        acc, loss = evaluate(model, test, cfg)
+        res = FitResult(test_acc=acc, test_loss=loss)
+    else:
+        model = build_backbone(model_cfg, init.num_classes)
+        train = make_loader(m, init.name, "train", batch_size=bb_cfg["batch_size"], seed=rc["seed"],
+                            on_corrupt=rc["data"]["on_corrupt"], shuffle_buffer=rc["data"]["shuffle_buffer"])
+        res = train_backbone(model, train, test, cfg)
+    model.cpu()
+    return {"state": state_to_numpy(model), "fit": res.to_dict(), "task": init.name,
+            "classes": list(init.class_names), **_node()}
