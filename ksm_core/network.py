@@ -25,7 +25,9 @@ def fingerprint(state: Mapping[str, Tensor | np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name]
-        a = t.detach().cpu().contiguous().numpy() if isinstance(t, Tensor) else np.ascontiguousarray(t)
+        # np.asarray, not np.ascontiguousarray: the latter turns 0-d tensors (BN's num_batches_tracked) into
+        # shape (1,), and a backbone must hash the same as torch tensors and as numpy arrays
+        a = t.detach().cpu().contiguous().numpy() if isinstance(t, Tensor) else np.asarray(t, order="C")
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()

@@ -5,6 +5,7 @@ from torch import nn
 
 from ksm_core import KSMNet, TrainConfig, create_model, fit_task, list_models
 from ksm_core.backbones import CFG_D
+from ksm_core.network import fingerprint
 from ksm_core.layers import MaskedConv2d, MaskedLinear, TaskBatchNorm, TaskHeads
 
 
@@ -160,3 +161,14 @@ def test_bad_input_errors():
         net.task_parameters(0)
     with pytest.raises(ValueError, match="head 'features.0' is not an nn.Linear"):
         KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=2, width=0.125), head="features.0")
+
+
+def test_fingerprint_is_the_same_for_torch_and_numpy_states():
+    # the pipeline hashes the backbone as numpy arrays (Ray's object store, safetensors files); artifacts carry
+    # the KSMNet's hash of torch tensors: both must agree, 0-d tensors (num_batches_tracked) included
+    model = create_model("vgg16_bn_cifar", num_classes=2, width=0.0625)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert any(a.ndim == 0 for a in state.values())
+    assert fingerprint(state) == fingerprint(model.state_dict()) == KSMNet.from_backbone(model).backbone_fingerprint
+    state["features.1.num_batches_tracked"] = state["features.1.num_batches_tracked"] + 1
+    assert fingerprint(state) != fingerprint(model.state_dict())
