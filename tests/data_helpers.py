@@ -1,0 +1,126 @@
+"""Real-data helpers for the data-layer tests (tests/test_data_*.py).
+
+The CIFAR-100 images are the 20 real CIFAR-100 test images shipped in the foolbox wheel (extracted by
+scripts/install.sh); their file names carry the test-set index and the fine label.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FOOLBOX_CIFAR = ROOT / ".cache" / "foolbox" / "cifar100"
+
+# Written out independently of pipeline/data/cifar100.py, from the CIFAR-100 class list:
+# fine label -> (fine name, superclass, label within the superclass task = alphabetical rank of the fine name)
+FOOLBOX_EXPECTED: dict[int, tuple[str, str, int]] = {
+    0: ("apple", "fruit_and_vegetables", 0),
+    14: ("butterfly", "insects", 2),
+    15: ("camel", "large_omnivores_and_herbivores", 0),
+    23: ("cloud", "large_natural_outdoor_scenes", 0),
+    33: ("forest", "large_natural_outdoor_scenes", 1),
+    40: ("lamp", "household_electrical_devices", 2),
+    43: ("lion", "large_carnivores", 2),
+    49: ("mountain", "large_natural_outdoor_scenes", 2),
+    51: ("mushroom", "fruit_and_vegetables", 1),
+    53: ("orange", "fruit_and_vegetables", 2),
+    69: ("rocket", "vehicles_2", 1),
+    70: ("rose", "flowers", 2),
+    71: ("sea", "large_natural_outdoor_scenes", 4),
+    72: ("seal", "aquatic_mammals", 3),
+    75: ("skunk", "medium_mammals", 4),
+    81: ("streetcar", "vehicles_2", 2),
+    92: ("tulip", "flowers", 4),
+    97: ("wolf", "large_carnivores", 4),
+}
+# The superclasses in CPG's order, as the issue lists them (coarse label = position).
+CPG_ORDER_LITERAL = [
+    "aquatic_mammals",
+    "fish",
+    "flowers",
+    "food_containers",
+    "fruit_and_vegetables",
+    "household_electrical_devices",
+    "household_furniture",
+    "insects",
+    "large_carnivores",
+    "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores",
+    "medium_mammals",
+    "non-insect_invertebrates",
+    "people",
+    "reptiles",
+    "small_mammals",
+    "trees",
+    "vehicles_1",
+    "vehicles_2",
+]
+
+
+def foolbox_cifar_images() -> list[tuple[int, int, np.ndarray]]:
+    """(test-set index, fine label, uint8 [32, 32, 3]) of the 20 real CIFAR-100 images; skips if absent."""
+    files = sorted(FOOLBOX_CIFAR.glob("cifar100_*_*.png"))
+    if len(files) != 20:
+        pytest.skip(f"CIFAR-100 sample images missing in {FOOLBOX_CIFAR}; run `bash scripts/install.sh`")
+    out = []
+    for f in files:
+        idx, fine = map(int, re.match(r"cifar100_(\d+)_(\d+)\.png", f.name).groups())
+        out.append((idx, fine, np.asarray(Image.open(f).convert("RGB"))))
+    return out
+
+
+def write_cifar100_tree(root: Path, *, coarse_override: dict[int, int] | None = None) -> Path:
+    """Write the 20 real images in torchvision's on-disk CIFAR-100 format (root/cifar-100-python/).
+
+    Both splits hold all 20 images; coarse labels come from FOOLBOX_EXPECTED (independent of the code
+    under test), optionally overridden per row to test the loader's consistency check.
+    """
+    images = foolbox_cifar_images()
+    x = np.stack([im for _, _, im in images])
+    fine = [f for _, f, _ in images]
+    coarse = [CPG_ORDER_LITERAL.index(FOOLBOX_EXPECTED[f][1]) for f in fine]
+    for row, c in (coarse_override or {}).items():
+        coarse[row] = c
+    entry = {
+        "data": x.transpose(0, 3, 1, 2).reshape(len(x), -1),  # rows of R, G, B planes, as CIFAR stores them
+        "fine_labels": fine,
+        "coarse_labels": coarse,
+        "filenames": [f"img_{i}.png" for i, _, _ in images],
+    }
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        with open(folder / split, "wb") as f:
+            pickle.dump(entry, f)
+    from pipeline.data.cifar100 import FINE_NAMES  # names only, for the meta file
+
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": list(FINE_NAMES), "coarse_label_names": CPG_ORDER_LITERAL}, f)
+    return root
+
+
+def small_fashion_benchmark(**overrides) -> dict:
+    """A fast split Fashion-MNIST benchmark: 3 tasks x 2 classes, small caps, several shards per split."""
+    bench = {
+        "name": "fmnist_small",
+        "kind": "class_split",
+        "source": {"name": "fashion_mnist", "root": None, "download": False},
+        "num_tasks": 3,
+        "classes_per_task": 2,
+        "class_lists": None,
+        "caps": {"train": 300, "test": 100, "seed": 0},
+        "initial_caps": {"train": 400, "test": 100},
+        "channels": 3,
+        "flip": None,
+        "seed": 0,
+        "shard": {"max_samples": 128, "format": "npy"},
+    }
+    bench.update(overrides)
+    return bench
