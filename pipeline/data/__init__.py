@@ -1,0 +1,56 @@
+"""Task streams for the pipeline: sources -> benchmark task splits -> WebDataset shards -> streaming loader.
+
+Typical use (driver, then each Ray job)::
+
+    manifest = ensure_shards(benchmark_cfg, "data/shards")       # writes once, then reuses
+    loader = make_loader(manifest, manifest.new_tasks[0], "train", batch_size=64)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for x, y in loader: ...
+
+``build_tasks`` / ``load_source`` give the same data as in-memory arrays.
+"""
+
+from .arrays import ArraySplit, TaskData, stratified_split, stratified_subset
+from .benchmarks import BENCHMARK_KINDS, build_tasks, list_benchmarks, load_benchmark_config, register_kind
+from .cifar100 import CPG_ORDER, FINE_NAMES, SUPERCLASSES, superclass_of
+from .errors import ConfigError, DataError, ShardCorruptError, SourceNotFoundError, UnknownNameError
+from .loader import Loader, in_holdout, iter_samples, make_loader
+from .manifest import Manifest, TaskInfo, sha256_file
+from .shards import ensure_shards, spec_hash, write_shards
+from .sources import SOURCES, data_home, load_source, register_source
+
+__all__ = [
+    "ArraySplit",
+    "BENCHMARK_KINDS",
+    "CPG_ORDER",
+    "ConfigError",
+    "DataError",
+    "FINE_NAMES",
+    "Loader",
+    "Manifest",
+    "SOURCES",
+    "SUPERCLASSES",
+    "ShardCorruptError",
+    "SourceNotFoundError",
+    "TaskData",
+    "TaskInfo",
+    "UnknownNameError",
+    "build_tasks",
+    "data_home",
+    "ensure_shards",
+    "in_holdout",
+    "iter_samples",
+    "list_benchmarks",
+    "load_benchmark_config",
+    "load_source",
+    "make_loader",
+    "register_kind",
+    "register_source",
+    "sha256_file",
+    "spec_hash",
+    "stratified_split",
+    "stratified_subset",
+    "superclass_of",
+    "write_shards",
+]

@@ -1,0 +1,47 @@
+"""Errors raised by the data layer.
+
+Every message names the thing at fault and the fix, so a failed Ray job's log is enough to act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+#: The command that (re)writes shards; quoted in every "run this to fix it" message.
+SHARDS_COMMAND = "python run_pipeline.py mode=shards"
+
+
+class DataError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class SourceNotFoundError(DataError, FileNotFoundError):
+    """A data source's files are not where the config says (or where we looked by default)."""
+
+
+class UnknownNameError(DataError, ValueError):
+    """A name (source kind, benchmark kind, class, task, superclass) that is not one of the valid ones."""
+
+
+class ConfigError(DataError, ValueError):
+    """A benchmark config that cannot describe a valid task sequence."""
+
+
+class ShardCorruptError(DataError):
+    """A shard whose bytes do not match its manifest (or that is missing or unreadable)."""
+
+
+def unknown_name(what: str, name: object, valid: Iterable[object]) -> UnknownNameError:
+    """Build the error for a name that is not one of ``valid``; the message lists the valid names."""
+    listed = ", ".join(repr(v) for v in valid)
+    return UnknownNameError(f"unknown {what} {name!r}; valid: {listed}")
+
+
+def corrupt_shard(url: str, why: str) -> ShardCorruptError:
+    """Build the error for a bad shard: which one, why, and the command that rewrites it."""
+    return ShardCorruptError(f"shard {url} is corrupt ({why}); delete it and run `{SHARDS_COMMAND}`")
+
+
+def missing_shard(url: str) -> ShardCorruptError:
+    """Build the error for a shard listed in the manifest that is not there."""
+    return ShardCorruptError(f"shard {url} is missing; run `{SHARDS_COMMAND}` to write it")
