@@ -40,6 +40,8 @@ def resolve(cfg: Any) -> dict[str, Any]:
     d = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(d, dict)
     d.pop("hydra", None)
+    if d.get("overrides_file"):
+        apply_overrides_file(d, d["overrides_file"])
     for k, v in list(d.get("paths", {}).items()):
         if v is not None and "://" not in str(v) and not str(v).startswith("pipe:"):
             d["paths"][k] = str(Path(v).expanduser().absolute())
@@ -54,6 +56,37 @@ def resolve(cfg: Any) -> dict[str, Any]:
     if d.get("testing", {}).get("crash_once_marker"):
         d["testing"]["crash_once_marker"] = str(Path(d["testing"]["crash_once_marker"]).absolute())
     return d
+
+
+OVERRIDABLE = ("method", "train")
+
+
+def apply_overrides_file(d: dict[str, Any], path: str) -> None:
+    """Merge a YAML file's ``method:`` / ``train:`` sections over the config (a Tune sweep writes such a file).
+
+    Keys in the file win over the composed config; keys the file lacks keep their config value.
+    """
+    import yaml
+
+    p = Path(path).expanduser().absolute()
+    if not p.is_file():
+        raise PipelineError(f"overrides_file={path!r} does not exist (resolved to {p}); give the path of a YAML "
+                            "with method:/train: sections, e.g. the best.yaml a `mode=tune` run printed")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict) or not set(data) <= set(OVERRIDABLE) or not data:
+        raise PipelineError(f"overrides_file {p} must be a mapping with only these sections: "
+                            f"{', '.join(OVERRIDABLE)}; found: {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+    for sec, vals in data.items():
+        if not isinstance(vals, dict):
+            raise PipelineError(f"overrides_file {p}: section {sec!r} must be a mapping")
+        unknown = set(vals) - set(d[sec]) - ({"tau", "k", "T", "init"} if sec == "method" else set())
+        if unknown:
+            raise PipelineError(f"overrides_file {p}: unknown key(s) {sorted(unknown)} in {sec!r}; "
+                                f"valid: {sorted(d[sec])}")
+        if sec == "method" and vals.get("name") not in (None, d["method"]["name"]):
+            d["method"] = {"name": vals["name"]}  # another method: don't carry the old method's hparams
+        d[sec].update(vals)
+    d["overrides_file"] = str(p)
 
 
 def mask_hparams(method: dict[str, Any]) -> dict[str, float]:
