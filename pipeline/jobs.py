@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ksm_core import KSMNet, create_model, fit_task, save_task, train_backbone
+from ksm_core import KSMNet, create_model, evaluate, fit_task, save_task, train_backbone
 from ksm_core.cpu import tune_malloc
-from ksm_core.train import FitResult, TrainConfig
+from ksm_core.train import FitResult, TrainConfig, resolve_device
 
 from .data import Manifest, make_loader
 from .settings import mask_hparams, train_config
@@ -229,11 +229,10 @@ def backbone_job(rc: dict[str, Any]) -> dict[str, Any]:
     if model_cfg.get("weights_path"):
         kw = {k: v for k, v in model_cfg.items() if k != "name" and v is not None}
         model = create_model(model_cfg["name"], num_classes=init.num_classes, **kw)
-        from ksm_core import evaluate
-
-        model.to(cfg.device if cfg.device != "auto" else "cpu")
-        acc, loss = evaluate(model, test, cfg)
-        res = FitResult(test_acc=acc, test_loss=loss)
+        dev = resolve_device(cfg.device)
+        model.to(dev)
+        acc, loss = evaluate(model, test, cfg)  # the loaded weights' accuracy on the initial task, for the record
+        res = FitResult(test_acc=acc, test_loss=loss, device=str(dev))
     else:
         model = build_backbone(model_cfg, init.num_classes)
         train = make_loader(m, init.name, "train", batch_size=bb_cfg["batch_size"], seed=rc["seed"],

@@ -1,0 +1,228 @@
+"""The whole pipeline on real Fashion-MNIST: Hydra config -> shards -> backbone -> Ray jobs -> MLflow -> report.
+
+Ray runs embedded (num_cpus=2) and MLflow on a sqlite file in a temp folder; everything is asserted through the
+MLflow API, the way a user browsing the UI would see it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+from safetensors.numpy import load_file
+
+import run_pipeline
+from ksm_core import KSMNet, load_task, read_metadata
+from ksm_core.train import TrainConfig, evaluate
+from pipeline.data import Manifest, make_loader
+from pipeline.jobs import build_backbone
+from pipeline.settings import PipelineError
+
+ROOT = Path(run_pipeline.__file__).resolve().parent
+
+# 2 new tasks (t1, t2) of 2 Fashion-MNIST classes each, a 1/16-width VGG: seconds per job on one core
+TINY = ["benchmark.num_tasks=3", "benchmark.caps.train=300", "benchmark.caps.test=100",
+        "benchmark.initial_caps.train=800", "benchmark.initial_caps.test=200", "train.epochs=2",
+        "train.backbone.epochs=2", "model.width=0.0625", "progress=false", "train.lr_mask=1e-3", "train.lr_head=1e-3"]
+TASK_PARAMS = {"method", "T", "tau", "k", "lr_mask", "lr_head", "epochs", "batch_size", "backbone_fingerprint",
+               "task", "classes", "num_classes", "device"}
+TASK_METRICS = {"train_loss", "train_acc", "test_acc", "train_seconds", "artifact_bytes", "mask_ones",
+                "mask_soft", "mask_zeros"}
+
+
+def config(root: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"paths.root={root}", *overrides])
+
+
+def run(root: Path, *overrides: str) -> dict:
+    return run_pipeline.main_from_config(config(root, *overrides))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("pipeline")
+    return root, run(root)
+
+
+def _client(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+
+
+def _runs(client: MlflowClient, filt: str = "", status: str | None = None):
+    exp = client.get_experiment_by_name("ksm")
+    runs = client.search_runs([exp.experiment_id], filter_string=filt, max_results=1000)
+    return [r for r in runs if status is None or r.info.status == status]
+
+
+def test_end_to_end_runs_artifacts_and_report(first, tmp_path):
+    root, out = first
+    c = _client(root)
+    parents = _runs(c, "tags.ksm_kind = 'sequence'")
+    backbones = _runs(c, "tags.ksm_kind = 'backbone'")
+    tasks = _runs(c, "tags.ksm_kind = 'task'")
+    assert len(parents) == 1 and len(backbones) == 1 and len(tasks) == 2
+    parent, bb = parents[0], backbones[0]
+    assert parent.info.status == "FINISHED" and bb.info.status == "FINISHED"
+    assert sorted(r.data.tags["ksm_task"] for r in tasks) == ["t1", "t2"]
+    manifest = Manifest.load(next((root / "data" / "shards").rglob("manifest.json")))
+
+    # the backbone as every job saw it: logged once, fingerprint tag = hash of its tensors
+    state = load_file(c.download_artifacts(bb.info.run_id, "backbone/backbone.safetensors", str(tmp_path)))
+    backbone = build_backbone({"name": "vgg16_bn_cifar", "width": 0.0625}, manifest.task("t0").num_classes, state)
+    fp = bb.data.tags["ksm_fingerprint"]
+    assert KSMNet.from_backbone(backbone).fingerprint() == fp == parent.data.tags["ksm_fingerprint"]
+
+    for r in tasks:
+        p, m, t = r.data.params, r.data.metrics, r.data.tags
+        assert r.info.status == "FINISHED" and t["mlflow.parentRunId"] == parent.info.run_id
+        assert TASK_PARAMS <= set(p) and TASK_METRICS <= set(m)
+        assert p["method"] == "ksm" and float(p["T"]) == 100.0 and float(p["tau"]) == 5e-3 and p["epochs"] == "2"
+        assert p["backbone_fingerprint"] == fp and t["ksm_host"] and t["ksm_node_id"] and t["ksm_device"] == "cpu"
+        assert p["classes"] == ", ".join(manifest.task(t["ksm_task"]).class_names)
+        assert 0.75 < m["test_acc"] <= 1.0  # chance 0.5; measured 0.90 / 0.98 at 3 epochs
+        assert m["train_seconds"] > 0 and 0 < m["mask_ones"] <= 1
+        layer_keys = [k for k in m if k.startswith("layer_ones.")]
+        assert len(layer_keys) == 13 + 2  # the 13 convs and 2 hidden Linears of VGG16 carry masks
+        # one value per epoch for the per-epoch curves
+        hist = c.get_metric_history(r.info.run_id, "test_acc")
+        assert len(hist) == 3 and sorted(h.step for h in hist) == [0, 1, 2]
+
+        # the artifact: loadable by ksm_core on the logged backbone, and it reproduces the logged accuracy
+        path = c.download_artifacts(r.info.run_id, f"task/{t['ksm_task']}.safetensors", str(tmp_path))
+        assert os.path.getsize(path) == m["artifact_bytes"]
+        assert read_metadata(path)["backbone_fingerprint"] == fp
+        net = KSMNet.from_backbone(backbone)
+        idx = load_task(net, path)
+        loader = make_loader(manifest, t["ksm_task"], "test", batch_size=32)
+        acc, _ = evaluate(net.set_task(idx), loader, TrainConfig(device="cpu"))
+        assert acc == pytest.approx(m["test_acc"], abs=1e-9)
+
+    # the report: console table returned, markdown/CSV/plots on the parent run
+    names = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.csv"} <= names
+    assert sum(n.endswith(".png") for n in names) == 3
+    md = Path(c.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
+    assert "t1" in md and "t2" in md
+    assert [r["task"] for r in out["results"]] == ["t1", "t2"]
+
+
+def test_resume_trains_only_the_missing_task(first):
+    root, out = first
+    c = _client(root)
+    before = {r.data.tags["ksm_task"]: r for r in _runs(c, "tags.ksm_kind = 'task'")}
+    c.delete_run(before["t2"].info.run_id)
+    again = run(root)
+    after = {r.data.tags["ksm_task"]: r for r in _runs(c, "tags.ksm_kind = 'task'")}
+    assert len(_runs(c, "tags.ksm_kind = 'sequence'")) == 1  # the same parent run, reopened
+    assert len(_runs(c, "tags.ksm_kind = 'backbone'")) == 1  # the backbone was reused, not retrained
+    assert after["t1"].info.run_id == before["t1"].info.run_id  # untouched
+    assert after["t1"].info.start_time == before["t1"].info.start_time
+    assert after["t2"].info.run_id != before["t2"].info.run_id  # retrained, later
+    assert after["t2"].info.start_time > before["t2"].info.end_time
+    assert {r["task"]: r["status"] for r in again["results"]} == {"t1": "reused", "t2": "trained"}
+    assert again["parent_run_id"] == out["parent_run_id"]
+
+    # a third run finds everything finished and trains nothing
+    third = run(root)
+    assert {r["status"] for r in third["results"]} == {"reused"}
+    assert len(_runs(c, "tags.ksm_kind = 'task'", "FINISHED")) == 2
+
+
+def test_a_worker_killed_mid_training_is_retried_once(first):
+    root, _ = first
+    marker = root / "crash-once"
+    out = run(root, "run_name=crash-test", f"testing.crash_once_marker={marker}")
+    assert marker.exists()  # a worker really died (the file holds its pid)
+    killed_pid = int(marker.read_text())
+    c = _client(root)
+    key = out["sequence_key"]
+    runs = _runs(c, f"tags.ksm_kind = 'task' and tags.ksm_sequence = '{key}'")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["ksm_task"] for r in finished) == ["t1", "t2"]  # exactly one per task
+    dead = [r for r in runs if r.info.status != "FINISHED"]
+    assert len(dead) == 1 and dead[0].info.status == "KILLED"  # the dead attempt, closed by the retry
+    retried = [r for r in finished if r.data.tags["ksm_task"] == dead[0].data.tags["ksm_task"]][0]
+    assert retried.data.tags["ksm_attempt"] == "2"
+    assert killed_pid != os.getpid()
+
+
+def test_a_backbone_from_a_weights_file(first, tmp_path):
+    root, _ = first
+    c = _client(root)
+    bb = _runs(c, "tags.ksm_kind = 'backbone'")[0]
+    state = load_file(c.download_artifacts(bb.info.run_id, "backbone/backbone.safetensors", str(tmp_path)))
+    weights = tmp_path / "weights.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, weights)
+    out = run(root, "run_name=from-file", f"model.weights_path={weights}", "benchmark.num_tasks=2")
+    loaded = c.get_run(out["backbone_run_id"])
+    assert loaded.data.params["weights_path"] == str(weights)
+    assert out["fingerprint"] == bb.data.tags["ksm_fingerprint"]  # the same tensors, whatever their source
+    assert loaded.data.metrics["test_acc"] == pytest.approx(bb.data.metrics["test_acc"])
+    assert [r["task"] for r in out["results"]] == ["t1"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("override, names", [
+    ("method.name=ksm_typo", ["ksm_typo", "piggyback", "ksm_softmax"]),
+    ("model.name=vgg99", ["vgg99", "vgg16_bn_cifar", "resnet18"]),
+    ("method.T=0", ["T"]),
+    ("method.k=-1", ["k"]),
+    ("train.batch_size=0", ["train.batch_size"]),
+])
+def test_bad_values_are_named_before_any_work(tmp_path, override, names):
+    with pytest.raises(PipelineError) as e:
+        run(tmp_path, override)
+    for n in names:
+        assert n in str(e.value)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()  # nothing started
+
+
+def test_gpus_requested_on_a_cluster_without_gpus_fails_fast(first):
+    root, _ = first
+    with pytest.raises(PipelineError, match=r"gpus_per_task=1.*no GPU"):
+        run(root, "run_name=gpu-test", "cluster.gpus_per_task=1")
+
+
+def test_unreachable_tracking_server_is_named(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(PipelineError, match=f"{uri}.*not reachable"):
+        run(tmp_path, "tracking=server", f"tracking.uri={uri}")
+
+
+def test_cli_reports_errors_and_lists_choices(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", *args],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    bad_method = cli("method.name=nope")
+    assert bad_method.returncode == 2 and "valid methods:" in bad_method.stderr and "Traceback" not in bad_method.stderr
+    # an unknown group option is Hydra's: it lists the options of that group
+    bad_bench = cli("benchmark=nope")
+    assert bad_bench.returncode != 0
+    err = bad_bench.stderr
+    assert "benchmark/nope" in err and "split_fashion_mnist" in err and "fashion_to_digits" in err
+    bad_method_group = cli("method=nope")
+    assert "ksm" in bad_method_group.stderr and "piggyback" in bad_method_group.stderr
