@@ -1,0 +1,152 @@
+"""What the pipeline costs on top of the method: the same tasks through `run_pipeline` vs a bare ksm_core loop.
+
+Three measurements, side by side in one process, on real Fashion-MNIST (split_fashion_mnist, default caps):
+
+1. overhead   — the sequence's new tasks through the whole pipeline with ONE Ray worker (1 CPU, 1 torch thread),
+                vs. the bare loop: the same tasks, same epochs, one after another in this process (1 thread) with
+                `fit_task` over batches already decoded and augmented in memory (the batches the shard loader
+                yields, materialised before timing). The pipeline's extra is everything else: streaming and
+                decoding shards, Ray scheduling, MLflow logging, packing and logging artifacts, the report.
+2. scaling    — the same pipeline with TWO workers (Ray num_cpus=2) vs one.
+3. fixed cost — many tiny tasks (default 50 pairs of classes, 32 train / 32 test images, 1 epoch) through the
+                pipeline with one worker; (pipeline wall - bare loop) / tasks = what a task costs beyond training.
+
+Shards and the backbone are made by an untimed warm-up run (a real run reuses both); Ray is started before the
+clock starts (on a cluster it already runs). Each timed pipeline run has its own run name, so nothing is reused.
+
+    python benchmarks/bench_pipeline.py                  # ~4-5 min on 2 cores
+    python benchmarks/bench_pipeline.py --tiny-tasks 20 --epochs 2
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import run_pipeline  # noqa: E402  (registers the ksm_root resolver)
+from ksm_core import KSMNet, fit_task  # noqa: E402
+from ksm_core.cpu import tune_malloc  # noqa: E402
+from pipeline.data import Manifest, make_loader  # noqa: E402
+from pipeline.jobs import build_backbone  # noqa: E402
+from pipeline.settings import mask_hparams, resolve, train_config  # noqa: E402
+
+
+class InMemory:
+    """Pre-made batches per epoch: what a bare training loop over tensors in RAM iterates."""
+
+    def __init__(self, epochs: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+        self.epochs, self.epoch = epochs, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.epochs[self.epoch])
+
+    def __iter__(self):
+        return iter(self.epochs[self.epoch])
+
+
+def config(root: Path, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.root={root}", "progress=false", *overrides])
+
+
+def pipeline_seconds(root: Path, overrides: list[str], num_cpus: int, run_name: str) -> tuple[float, dict]:
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        out = run_pipeline.main_from_config(config(root, [*overrides, f"run_name={run_name}"]))
+        return time.perf_counter() - t0, out
+    finally:
+        ray.shutdown()
+
+
+def bare_seconds(root: Path, overrides: list[str], state: dict) -> float:
+    """The same tasks with ksm_core alone: in-memory batches, one thread, one task after another."""
+    rc = resolve(config(root, overrides))
+    m = Manifest.load(next((Path(rc["paths"]["shards"]) / rc["benchmark"]["name"]).rglob("manifest.json")))
+    tr = rc["train"]
+    data = {}
+    for t in m.new_tasks:  # decode + augment up front, outside the clock
+        loader = make_loader(m, t, "train", batch_size=tr["batch_size"], seed=rc["seed"])
+        epochs = []
+        for e in range(tr["epochs"]):
+            loader.set_epoch(e)
+            epochs.append(list(loader))
+        data[t] = (InMemory(epochs), list(make_loader(m, t, "test", batch_size=tr["batch_size"])))
+    init = m.task(m.initial_task)
+    torch.set_num_threads(1)
+    tune_malloc()
+    t0 = time.perf_counter()
+    for t in m.new_tasks:
+        bb = build_backbone(rc["model"], init.num_classes, state)
+        net = KSMNet.from_backbone(bb, copy_backbone=False)
+        torch.manual_seed(rc["seed"])
+        idx = net.add_task(m.task(t).num_classes, method=rc["method"]["name"], name=t, **mask_hparams(rc["method"]))
+        fit_task(net, idx, data[t][0], data[t][1], train_config(tr, device="cpu", seed=rc["seed"]))
+    return time.perf_counter() - t0
+
+
+def backbone_state(out: dict, root: Path) -> dict:
+    from mlflow import MlflowClient
+    from safetensors.numpy import load_file
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_file(c.download_artifacts(out["backbone_run_id"], "backbone/backbone.safetensors", tmp))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per task (overhead and scaling runs)")
+    ap.add_argument("--tiny-tasks", type=int, default=50)
+    ap.add_argument("--root", default=None, help="project folder for shards/MLflow (default: a temp dir)")
+    args = ap.parse_args()
+    root = Path(args.root or tempfile.mkdtemp(prefix="ksm-bench-pipeline-")).absolute()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+
+    seq = [f"train.epochs={args.epochs}"]
+    pairs = list(itertools.islice(itertools.cycle(itertools.combinations(range(10), 2)), args.tiny_tasks + 1))
+    tiny = ["benchmark.name=tiny_tasks", "train.epochs=1", "benchmark.caps.train=32", "benchmark.caps.test=32",
+            "benchmark.initial_caps.train=200", "benchmark.initial_caps.test=100", "train.backbone.epochs=1",
+            "benchmark.class_lists=[" + ",".join(f"[{a},{b}]" for a, b in pairs) + "]"]
+
+    print(f"[bench] warm-up runs (shards + backbones) in {root}", flush=True)
+    _, warm = pipeline_seconds(root, seq, 2, "warm")
+    _, warm_tiny = pipeline_seconds(root, tiny, 2, "warm")
+    n_tasks = len(warm["results"])
+
+    one, _ = pipeline_seconds(root, seq, 1, "one-worker")
+    bare = bare_seconds(root, seq, backbone_state(warm, root))
+    two, _ = pipeline_seconds(root, seq, 2, "two-workers")
+    tiny_pipe, _ = pipeline_seconds(root, tiny, 1, "tiny-one-worker")
+    tiny_bare = bare_seconds(root, tiny, backbone_state(warm_tiny, root))
+
+    load = os.getloadavg()[0]
+    print(f"\nsplit_fashion_mnist: {n_tasks} new tasks x {args.epochs} epochs, vgg16_bn_cifar width 0.125, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.2f}")
+    print(f"  bare ksm_core loop (in-memory batches, 1 thread): {bare:7.1f} s")
+    print(f"  pipeline, 1 worker:                               {one:7.1f} s   overhead {one / bare:.3f}x (target <= 1.10)")
+    print(f"  pipeline, 2 workers:                              {two:7.1f} s   speed-up {one / two:.2f}x (target >= 1.8)")
+    print(f"{args.tiny_tasks} tiny tasks (32 train / 32 test images, 1 epoch), 1 worker:")
+    print(f"  bare loop {tiny_bare:.1f} s, pipeline {tiny_pipe:.1f} s -> fixed cost "
+          f"{(tiny_pipe - tiny_bare) / args.tiny_tasks:.3f} s/task (target <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
