@@ -4,8 +4,8 @@ Three measurements, side by side in one process, on real Fashion-MNIST (split_fa
 
 1. overhead   — the sequence's new tasks through the whole pipeline with ONE Ray worker (1 CPU, 1 torch thread),
                 vs. the bare loop: the same tasks, same epochs, one after another in this process (1 thread) with
-                `fit_task` over batches already decoded and augmented in memory (the batches the shard loader
-                yields, materialised before timing). The pipeline's extra is everything else: streaming and
+                `fit_task` over uint8 batches held in memory (read and decoded from the shards before timing),
+                augmented per step by the same transform. The pipeline's extra is everything else: reading and
                 decoding shards, Ray scheduling, MLflow logging, packing and logging artifacts, the report.
 2. scaling    — the same pipeline with TWO workers (Ray num_cpus=2) vs one.
 3. fixed cost — many tiny tasks (default 50 pairs of classes, 32 train / 32 test images, 1 epoch) through the
@@ -46,10 +46,11 @@ from pipeline.settings import mask_hparams, resolve, train_config  # noqa: E402
 
 
 class InMemory:
-    """Pre-made batches per epoch: what a bare training loop over tensors in RAM iterates."""
+    """A bare loop's data: uint8 batches held in RAM, augmented per step with the same transform the shard
+    loader applies (crop/flip/resize/normalise), so both sides do the same per-step work."""
 
-    def __init__(self, epochs: list[list[tuple[torch.Tensor, torch.Tensor]]]):
-        self.epochs, self.epoch = epochs, 0
+    def __init__(self, epochs: list[list[tuple[torch.Tensor, torch.Tensor]]], transform, seed: int):
+        self.epochs, self.transform, self.seed, self.epoch = epochs, transform, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -58,7 +59,8 @@ class InMemory:
         return len(self.epochs[self.epoch])
 
     def __iter__(self):
-        return iter(self.epochs[self.epoch])
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return (self.transform(b, g) for b in self.epochs[self.epoch])
 
 
 def config(root: Path, overrides: list[str]):
@@ -82,13 +84,11 @@ def bare_seconds(root: Path, overrides: list[str], state: dict) -> float:
     m = Manifest.load(next((Path(rc["paths"]["shards"]) / rc["benchmark"]["name"]).rglob("manifest.json")))
     tr = rc["train"]
     data = {}
-    for t in m.new_tasks:  # decode + augment up front, outside the clock
+    for t in m.new_tasks:  # read + decode up front, outside the clock
         loader = make_loader(m, t, "train", batch_size=tr["batch_size"], seed=rc["seed"])
-        epochs = []
-        for e in range(tr["epochs"]):
-            loader.set_epoch(e)
-            epochs.append(list(loader))
-        data[t] = (InMemory(epochs), list(make_loader(m, t, "test", batch_size=tr["batch_size"])))
+        epochs = [list(loader.pipeline(e)) for e in range(tr["epochs"])]
+        data[t] = (InMemory(epochs, loader.transform, rc["seed"]),
+                   list(make_loader(m, t, "test", batch_size=tr["batch_size"])))
     init = m.task(m.initial_task)
     torch.set_num_threads(1)
     tune_malloc()

@@ -370,3 +370,45 @@ def test_auto_format_picks_png_for_large_images_only():
     assert image_format("auto", (64, 64, 3)) == "png" and image_format("png", (8, 8, 1)) == "png"
     with pytest.raises(UnknownNameError, match="unknown shard image format 'jpg'; valid: 'npy', 'png', 'auto'"):
         image_format("jpg", (8, 8, 1))
+
+
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isreg()]
+
+
+def _expanded(data: bytes, url: str = "mem.tar") -> list[tuple[str, bytes]]:
+    from pipeline.data.loader import tar_expander
+
+    out = list(tar_expander(iter([{"url": url, "stream": io.BytesIO(data)}])))
+    assert out[-1] == {} and all(s["__url__"] == url for s in out[:-1])  # webdataset's end-of-shard marker
+    return [(s["fname"], s["data"]) for s in out[:-1]]
+
+
+def test_fast_tar_reader_matches_tarfile_on_real_shards(manifest):
+    for split in ("train", "test"):
+        for rel in manifest.task("t1").shards[split]:
+            data = Path(manifest.url(rel)).read_bytes()
+            assert _expanded(data) == _tarfile_members(data)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_fast_tar_reader_falls_back_to_tarfile_for_long_names(fmt):
+    buf = io.BytesIO()
+    names = ["a" * 150 + ".cls", "short.cls", "dir/x.npy"]
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for i, n in enumerate(names):
+            info = tarfile.TarInfo(n)
+            info.size = i + 1
+            tf.addfile(info, io.BytesIO(b"x" * (i + 1)))
+    data = buf.getvalue()
+    assert _expanded(data) == _tarfile_members(data) == [(n, b"x" * (i + 1)) for i, n in enumerate(names)]
+
+
+def test_fast_tar_reader_rejects_a_damaged_header(manifest):
+    from pipeline.data.loader import tar_expander
+
+    data = bytearray(Path(manifest.url(manifest.task("t1").shards["test"][0])).read_bytes())
+    data[512 * 2 + 10] ^= 0x01  # a byte of the second member's name: its header checksum no longer matches
+    with pytest.raises(ValueError, match="bad tar header checksum at byte 1024"):
+        list(tar_expander(iter([{"url": "mem.tar", "stream": io.BytesIO(bytes(data))}])))
