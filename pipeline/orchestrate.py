@@ -16,7 +16,7 @@ import numpy as np
 from ksm_core import fingerprint
 
 from .data import Manifest, ensure_shards
-from .jobs import backbone_job, result_from_run, task_job
+from .jobs import backbone_job, result_from_run, task_job, warm_worker
 from .report import write_report
 from .settings import PipelineError, check_ray_address, check_tracking_uri, stable_hash
 from .tracking import Tracker
@@ -97,8 +97,23 @@ def _remote(fn: Callable, rc: dict[str, Any]):
     import ray
 
     cl = rc["cluster"]
-    return ray.remote(fn).options(num_cpus=cl["cpus_per_task"], num_gpus=cl["gpus_per_task"] or 0,
-                                  max_retries=int(cl.get("max_retries", 2)), retry_exceptions=False)
+    # max_calls=0: Ray's default for GPU tasks is a fresh worker per task (CUDA and imports paid every time);
+    # jobs free their GPU memory on return, so workers can be reused
+    return ray.remote(max_calls=0)(fn).options(num_cpus=cl["cpus_per_task"], num_gpus=cl["gpus_per_task"] or 0,
+                                               max_retries=int(cl.get("max_retries", 2)), retry_exceptions=False)
+
+
+def _warm_workers(rc: dict[str, Any], jobs: int) -> None:
+    """One no-op job per worker slot the task jobs will use (not awaited): each worker imports the job code
+    while the driver reuses or trains the backbone."""
+    import ray
+
+    cl = rc["cluster"]
+    slots = int(ray.available_resources().get("CPU", 0) // cl["cpus_per_task"])
+    if cl["gpus_per_task"]:
+        slots = min(slots, int(ray.available_resources().get("GPU", 0) / cl["gpus_per_task"] + 1e-9))
+    for _ in range(min(jobs, slots)):
+        _remote(warm_worker, rc).remote(cl["cpus_per_task"], cl["gpus_per_task"])
 
 
 def backbone_key(rc: dict[str, Any], manifest: Manifest) -> str:
@@ -194,13 +209,14 @@ def run_sequence(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
             parent_id = tr.start(rc["run_name"], {"ksm_kind": "sequence", "ksm_sequence": key})
             tr.params(parent_id, _flat_params(rc))
         try:
-            state, fp, bb_run = backbone_stage(p, log)
-            tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp})
             done = {r.data.tags["ksm_task"]: r for r in tr.find("FINISHED", ksm_kind="task", ksm_sequence=key)}
             todo = [t for t in m.new_tasks if t not in done]
             if done:
                 log(f"[sequence] {len(done)} task(s) already finished: {', '.join(sorted(done))}; "
                     f"training {len(todo)}: {', '.join(todo) or '-'}")
+            _warm_workers(rc, len(todo))  # worker start-up overlaps the backbone stage
+            state, fp, bb_run = backbone_stage(p, log)
+            tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp})
             state_ref = ray.put(state)  # once: every job maps the same arrays zero-copy
             job_rc = _with_run(rc, p, {"sequence_key": key, "parent_run_id": parent_id,
                                        "backbone_fingerprint": fp, "backbone_run_id": bb_run})

@@ -481,25 +481,7 @@ class Loader:
         return True
 
 
-def make_loader(
-    manifest: Manifest,
-    task: str,
-    split: str = "train",
-    *,
-    batch_size: int = 32,
-    train: bool | None = None,
-    seed: int = 0,
-    image_size: int = 32,
-    channels: int = 3,
-    holdout: float = 0.0,
-    part: str = "all",
-    on_corrupt: str = "fail",
-    shuffle_buffer: int = 1000,
-    drop_last: bool = False,
-    flip: bool | None = None,
-    check_sha256: bool = True,
-    transform_threads: int | None = 1,
-) -> Loader:
+def make_loader(manifest: Manifest, task: str, split: str = "train", **options: Any) -> Loader:
     """A streaming :class:`Loader` over ``task``'s ``split`` shards (see the module doc for the stages).
 
     ``train`` (default: split == "train") turns on shard + sample shuffling and augmentation; ``flip``
@@ -510,24 +492,7 @@ def make_loader(
     ``transform_threads`` is the torch intra-op thread count used for the batch transforms (see
     :func:`intra_op_threads`; None leaves the caller's setting).
     """
-    return Loader(
-        manifest,
-        task,
-        split,
-        batch_size=batch_size,
-        train=train,
-        seed=seed,
-        image_size=image_size,
-        channels=channels,
-        holdout=holdout,
-        part=part,
-        on_corrupt=on_corrupt,
-        shuffle_buffer=shuffle_buffer,
-        drop_last=drop_last,
-        flip=flip,
-        check_sha256=check_sha256,
-        transform_threads=transform_threads,
-    )
+    return Loader(manifest, task, split, **options)
 
 
 def iter_samples(
