@@ -28,7 +28,7 @@ from .settings import mask_hparams, train_config
 from .tracking import Tracker
 
 __all__ = ["TaskOutcome", "train_task", "task_job", "backbone_job", "build_backbone", "prepare_worker",
-           "result_from_run", "state_to_numpy", "warm_worker"]
+           "result_from_run", "state_to_numpy", "warm_worker", "node_info"]
 
 _MANIFESTS: dict[str, Manifest] = {}
 
@@ -73,7 +73,8 @@ def _device_for(rc: dict[str, Any]) -> str:
     return want
 
 
-def _node() -> dict[str, str]:
+def node_info() -> dict[str, str]:
+    """Where this process runs, as run tags: host name, and inside Ray the node id and IP."""
     info = {"ksm_host": socket.gethostname()}
     try:
         import ray
@@ -162,7 +163,7 @@ def task_job(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.nd
     if done is not None:  # at-least-once execution: a retry after the run finished does nothing
         return result_from_run(done, status="reused")
     killed = tr.kill_stale(**keys)
-    node = _node()
+    node = node_info()
     run_id = tr.start(task_name, {**keys, **node, "ksm_attempt": str(len(killed) + 1)}, parent=run["parent_run_id"])
     crash = _crash_hook(rc)
     t0 = time.perf_counter()
@@ -249,4 +250,4 @@ def backbone_job(rc: dict[str, Any]) -> dict[str, Any]:
         res = train_backbone(model, train, test, cfg)
     model.cpu()
     return {"state": state_to_numpy(model), "fit": res.to_dict(), "task": init.name,
-            "classes": list(init.class_names), **_node()}
+            "classes": list(init.class_names), **node_info()}

@@ -146,6 +146,10 @@ def validate(d: dict[str, Any]) -> None:
     uri = d["tracking"].get("uri", "")
     if not uri:
         raise PipelineError("tracking.uri is empty; use tracking=local (sqlite file) or tracking.uri=http://host:port")
+    if d["mode"] == "tune":
+        from .tune import check_tune
+
+        check_tune(d)
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:

@@ -1,7 +1,7 @@
 """MLflow access for the pipeline: explicit run ids through MlflowClient (no global active run, so the same code
 is safe in Ray workers and Tune trials), tags to find a sequence's runs again, and idempotent run creation.
 
-Tags (underscored so filters need no quoting): ksm_kind = sequence | backbone | task | sweep | trial,
+Tags (underscored so filters need no quoting): ksm_kind = sequence | backbone | task | tune_sweep | tune_trial,
 ksm_sequence = the sequence key, ksm_task = task name, ksm_backbone = backbone key.
 """
 from __future__ import annotations

@@ -1,0 +1,220 @@
+"""mode=tune end to end on real Fashion-MNIST (Debian package): Hydra config -> shards -> backbone -> a Ray Tune
+sweep with ASHA over T and tau, tracked in MLflow (sqlite under tmp_path) -> best.yaml -> a sequence run that
+applies it. No mocks: real Ray (embedded, 2 CPUs, loopback), real MLflow, real WebDataset shards.
+
+Plus the bad inputs of the `tune` section: each fails before Ray starts (and before any file is written),
+naming the value at fault and the fix.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import run_pipeline  # registers the ksm_root resolver
+
+ROOT = Path(run_pipeline.__file__).resolve().parent
+
+# Tiny real data: t0 (T-shirt/top, Trouser) trains the backbone, t1 (Pullover, Dress) and t2 (Coat, Sandal) are the
+# new tasks; the default tuning tasks are the first two new ones, so both get tuned (in lockstep per trial).
+TINY = [
+    "benchmark.num_tasks=3",
+    "benchmark.caps.train=200",
+    "benchmark.caps.test=100",
+    "benchmark.initial_caps.train=600",
+    "benchmark.initial_caps.test=200",
+    "train.backbone.epochs=3",  # 1 epoch leaves BN statistics uncalibrated: a chance-level backbone (measured 0.50)
+    "model.width=0.0625",
+    "train.lr_head=1e-3",
+    "progress=false",
+]
+MAX_EPOCHS = 3
+# Three fixed points first, then one random sample (seeded). The third point is clearly bad: tau=0.02 is above every
+# mask's start value (method.init=0.01), so every kernel starts off and, at lr_mask 2e-4 for 5 steps an epoch, stays
+# off (measured: validation accuracy 0.53 = the majority class, vs 0.71 for the others). With 2 CPUs, 1 per trial,
+# it starts only after one of the first two finished, so ASHA (grace 1, rf 2) has a better rung-1 result to compare
+# it with and stops it after epoch 1.
+SWEEP = [
+    "mode=tune",
+    "tune.num_samples=4",
+    f"tune.max_epochs={MAX_EPOCHS}",
+    "tune.grace_period=1",
+    "tune.reduction_factor=2",
+    "tune.cpus_per_trial=1",
+    "tune.gpus_per_trial=0",
+    "tune.seed=0",
+    "tune.points_to_evaluate=[{T:100,tau:0.005},{T:30,tau:0.003},{T:1000,tau:0.02}]",
+]
+
+
+def compose(tmp_path: Path, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("config", overrides=[f"paths.root={tmp_path}", *TINY, *overrides])
+
+
+@pytest.fixture
+def ray_local(request):
+    """One embedded Ray runtime for the sweep and the sequence after it (ray_session reuses it)."""
+    import ray
+
+    assert not ray.is_initialized()
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, configure_logging=False)
+    request.addfinalizer(ray.shutdown)
+    return ray
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+BAD = [
+    (["tune.space.T.low=0"], ["tune.space.T.low=0", "must be > 0", "tune.space.T.low=1"]),
+    (["tune.space.T.low=-5"], ["tune.space.T.low=-5", "must be > 0"]),
+    (["tune.space.T.low=1000", "tune.space.T.high=1"], ["tune.space.T", "low=1000", "high=1", "inverted"]),
+    (["tune.space.tau.low=0.01", "tune.space.tau.high=0.01"], ["tune.space.tau", "empty range", "low < high"]),
+    (["tune.space.tau.high=0.5"], ["tune.space.tau.high=0.5", "sane range", "tau"]),
+    (["tune.space.tau.low=-0.01"], ["tune.space.tau.low=-0.01", "sane range"]),
+    (["tune.space.T.values=[1,10]"], ["tune.space.T.values", "tune.space.T.type=choice"]),
+    (["tune.space.T.type=normal"], ["tune.space.T.type='normal'", "loguniform, uniform, choice"]),
+    (["tune.space.T.type=uniform", "tune.space.T.low=0"], ["tune.space.T.low=0", "> 0"]),
+    (["+tune.space.lr={type:uniform,low:0,high:1}"], ["tune.space.lr ", "valid keys", "T, tau, k, lr_mask"]),
+    (["tune.space.T=null", "tune.space.tau=null"], ["tune.space", "nothing to search"]),
+    (["tune.space.k={type:choice,values:[]}"], ["tune.space.k.values", "non-empty"]),
+    (["tune.num_samples=0"], ["tune.num_samples=0", ">= 1"]),
+    (["tune.grace_period=5", "tune.max_epochs=3"], ["tune.grace_period=5", "tune.max_epochs=3", "<= 3"]),
+    (["tune.reduction_factor=1"], ["tune.reduction_factor=1", "> 1"]),
+    (["tune.holdout=0"], ["tune.holdout=0", "(0, 1)", "test split"]),
+    (["tune.tasks=[t9]"], ["tune.tasks", "'t9'", "split_fashion_mnist", "t1, t2"]),
+    (["tune.tasks=[t0]"], ["'t0'", "initial task", "t1, t2"]),
+    (["tune.gpus_per_trial=0.5", "cluster.num_gpus=0"], ["tune.gpus_per_trial=0.5", "no GPU", "tune.gpus_per_trial=0"]),
+    (["tune.cpus_per_trial=64", "cluster.num_cpus=2"], ["tune.cpus_per_trial=64", "2 CPU"]),
+    (["method=piggyback"], ["tune.space.T", "piggyback", "tune.space.T=null"]),
+    (["tune.points_to_evaluate=[{T:5000,tau:0.005}]"], ["tune.points_to_evaluate[0].T=5000", "outside tune.space.T"]),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_tune_input_fails_before_ray_starts(tmp_path, overrides, expected):
+    import ray
+
+    from pipeline.settings import PipelineError
+
+    assert not ray.is_initialized()
+    cfg = compose(tmp_path, "mode=tune", *overrides)
+    t0 = time.perf_counter()
+    with pytest.raises(PipelineError) as err:
+        run_pipeline.main_from_config(cfg)
+    msg = str(err.value)
+    for part in expected:
+        assert part in msg, f"{part!r} not in {msg!r}"
+    assert time.perf_counter() - t0 < 5
+    assert not ray.is_initialized()  # failed before Ray started ...
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()  # ... and before any write
+
+
+def test_bad_tune_input_on_the_command_line_exits_2_with_the_message(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "mode=tune", f"paths.root={tmp_path}",
+                        "tune.space.T.low=0"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "error: tune.space.T.low=0" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_space_overrides_from_the_command_line_parse(tmp_path):
+    """A range can become a choice (Hydra merges mappings), optional keys join the search, a bare task name works."""
+    from pipeline.settings import resolve
+    from pipeline.tune import check_tune
+
+    rc = resolve(compose(tmp_path, "mode=tune", "tune.space.T={type:choice,values:[10,100,1000]}",
+                         "tune.space.k={type:loguniform,low:100,high:5000}",
+                         "tune.space.lr_mask={type:loguniform,low:1e-5,high:1e-2}", "tune.tasks=t2",
+                         "tune.points_to_evaluate=[{T:100,tau:0.005,k:1200,lr_mask:2e-4}]"))
+    ts = check_tune(rc)
+    assert [(k, d.type) for k, d in ts.space.items()] == [("T", "choice"), ("tau", "uniform"), ("k", "loguniform"),
+                                                          ("lr_mask", "loguniform")]
+    assert ts.space["T"].values == (10.0, 100.0, 1000.0) and ts.tasks == ["t2"]
+    assert ts.points_to_evaluate == [{"T": 100.0, "tau": 0.005, "k": 1200.0, "lr_mask": 2e-4}]
+
+
+# ----------------------------------------------------------------------------------------------- the sweep
+def test_sweep_tracks_trials_stops_bad_ones_and_its_best_yaml_drives_a_sequence(tmp_path, ray_local):
+    from mlflow import MlflowClient
+
+    t0 = time.perf_counter()
+    out = run_pipeline.main_from_config(compose(tmp_path, *SWEEP))
+    sweep_seconds = time.perf_counter() - t0
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ksm")
+    sweeps = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'tune_sweep'")
+    assert len(sweeps) == 1
+    parent = sweeps[0]
+    assert parent.info.run_id == out["parent_run_id"] and parent.info.status == "FINISHED"
+    trials = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'tune_trial'")
+    assert len(trials) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    assert {r.data.tags["ksm_sweep"] for r in trials} == {parent.data.tags["ksm_sweep"]}
+
+    by_status: dict[str, list] = {}
+    for r in trials:
+        p = r.data.params
+        T, tau = float(p["T"]), float(p["tau"])
+        assert 1.0 <= T <= 1000.0 and 0.0 <= tau <= 2e-2, p
+        assert p["epochs"] == str(MAX_EPOCHS) and p["tasks"] == "t1,t2"
+        curve = client.get_metric_history(r.info.run_id, "val_acc")
+        assert all(0.0 <= m.value <= 1.0 for m in curve)
+        for task in ("t1", "t2"):  # per-task validation accuracy, every epoch
+            assert len(client.get_metric_history(r.info.run_id, f"val_acc.{task}")) == len(curve)
+        # validation is the held-out part of the TRAIN split (200 samples after the caps), never the test split
+        for task in ("t1", "t2"):
+            fit, val = int(p[f"fit_samples.{task}"]), int(p[f"val_samples.{task}"])
+            assert fit + val == 200 and 0 < val < 100
+        by_status.setdefault(r.info.status, []).append((r, len(curve)))
+    assert set(by_status) <= {"FINISHED", "KILLED"}, {r.info.run_name: r.info.status for r in trials}
+    for r, n in by_status.get("FINISHED", []):  # ran to max epochs
+        assert n == MAX_EPOCHS and r.data.tags["ksm_early_stopped"] == "false"
+        assert "val_acc_deployed" in r.data.metrics
+    stopped = by_status.get("KILLED", [])
+    assert stopped, "ASHA stopped no trial"
+    for r, n in stopped:
+        assert r.data.tags["ksm_early_stopped"] == "true" and n < MAX_EPOCHS
+    assert any(float(r.data.params["tau"]) == 0.02 for r, _ in stopped)  # the clearly bad point
+    assert parent.data.metrics["trials_early_stopped"] == len(stopped) == out["early_stopped"]
+
+    # the best: a trial that ran every epoch, with the highest mean validation accuracy
+    finished = [r for r, _ in by_status["FINISHED"]]
+    best_acc = max(r.data.metrics["val_acc"] for r in finished)
+    assert math.isclose(out["best_val_acc"], best_acc) and math.isclose(parent.data.metrics["best_val_acc"], best_acc)
+    best_path = Path(out["best_yaml"])
+    assert best_path == tmp_path / "outputs" / "tune" / "split_fashion_mnist-ksm" / "best.yaml"
+    best = yaml.safe_load(best_path.read_text())
+    assert set(best) == {"method", "train"} and best["method"]["name"] == "ksm"
+    T_best, tau_best = best["method"]["T"], best["method"]["tau"]
+    assert float(parent.data.params["best.T"]) == T_best and float(parent.data.params["best.tau"]) == tau_best
+    best_run = client.get_run(parent.data.tags["ksm_best_run"])
+    assert best_run.info.status == "FINISHED" and best_run.data.metrics["val_acc"] == best_acc
+    assert math.isclose(float(best_run.data.params["T"]), T_best, rel_tol=1e-5)
+    assert math.isclose(float(best_run.data.params["tau"]), tau_best, rel_tol=1e-5)
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
+    assert arts == {"tune/best.yaml", "tune/trials.png"}
+    assert Path(out["plot"]).stat().st_size > 10_000
+    assert Path(out["storage"]).is_relative_to(tmp_path / "outputs")  # Tune's storage, never ~/ray_results
+    assert f"overrides_file={best_path}" in out["command"]
+
+    # the sequence with overrides_file=best.yaml: its task runs carry the best T / tau, same backbone as the sweep
+    seq = run_pipeline.main_from_config(compose(tmp_path, f"overrides_file={best_path}", "train.epochs=1"))
+    assert seq["backbone_run_id"] == parent.data.tags["ksm_backbone_run"]
+    tasks = client.search_runs([exp.experiment_id], f"tags.ksm_kind = 'task' and "
+                                                   f"tags.mlflow.parentRunId = '{seq['parent_run_id']}'")
+    assert sorted(r.data.tags["ksm_task"] for r in tasks) == ["t1", "t2"]
+    for r in tasks:
+        assert r.info.status == "FINISHED"
+        assert float(r.data.params["T"]) == T_best and float(r.data.params["tau"]) == tau_best
+    seq_parent = client.get_run(seq["parent_run_id"])
+    assert float(seq_parent.data.params["method.T"]) == T_best
+    print(f"sweep: {sweep_seconds:.1f} s, best T={T_best} tau={tau_best} val_acc={best_acc:.3f}, "
+          f"{len(stopped)} stopped early")
