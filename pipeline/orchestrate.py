@@ -163,7 +163,8 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
                            "weights_path": rc["model"].get("weights_path"), "task": init,
                            "classes": ", ".join(out["classes"]), "epochs": rc["train"]["backbone"]["epochs"],
                            "lr": rc["train"]["backbone"]["lr"], "seed": rc["seed"], "fingerprint": fp})
-        tr.tags(run_id, {"ksm_fingerprint": fp, "ksm_host": out.get("ksm_host", "")})
+        tr.tags(run_id, {"ksm_fingerprint": fp,
+                         **{k: out[k] for k in ("ksm_host", "ksm_node_id", "ksm_node_ip") if k in out}})
         with tempfile.TemporaryDirectory(prefix="ksm-bb-") as tmp:
             path = Path(tmp) / "backbone.safetensors"
             save_file(state, str(path), metadata={"fingerprint": fp, "model": rc["model"]["name"]})

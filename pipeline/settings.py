@@ -167,8 +167,11 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                                 "(cluster/start_mlflow_server.sh) or fix tracking.uri") from None
     elif scheme == "sqlite":
         path = Path(uri[len("sqlite:///"):])
-        if not path.parent.is_dir():
-            raise PipelineError(f"tracking.uri={uri}: folder {path.parent} does not exist")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PipelineError(f"tracking.uri={uri}: cannot create folder {path.parent} ({e}); "
+                                "set paths.root or tracking.uri to a writable place") from None
     elif scheme not in ("file", "", "databricks", "postgresql", "mysql", "mssql"):
         raise PipelineError(f"tracking.uri={uri!r} has an unsupported scheme {scheme!r}; use sqlite:///abs/path.db "
                             "or http://host:port")

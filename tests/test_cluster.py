@@ -1,0 +1,509 @@
+"""Issue #6: the same task sequence on a multi-node Ray cluster with a real MLflow tracking server.
+
+Everything here is real, nothing is mocked: a two-node Ray cluster on loopback (``ray.cluster_utils.Cluster``:
+a head and a second node with one CPU each, so the jobs have to spread; `ray start` refuses multi-node on
+127.0.0.1), an ``mlflow server`` started by cluster/start_mlflow_server.sh (sqlite + artifact proxy), and the
+shards read over HTTP from ``python -m http.server``. Every process a test starts is ended by its own id (its
+process group) at teardown. The cluster-launcher and KubeRay files are checked against Ray's own schema and
+against this repository's configs.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_DIR = ROOT / "cluster"
+VENV_BIN = Path(sys.executable).parent
+
+# tiny sizes: 4 new tasks of 200 train / 100 test images, a 1/16-width VGG, one epoch everywhere
+TINY = ["benchmark.caps.train=200", "benchmark.caps.test=100", "benchmark.initial_caps.train=400",
+        "benchmark.initial_caps.test=200", "train.epochs=1", "train.backbone.epochs=1", "model.width=0.0625",
+        "progress=false"]
+BENCH = "split_fashion_mnist"
+
+
+def _has_fashion_mnist() -> bool:
+    from pipeline.data.sources import DEBIAN_FASHION_MNIST
+
+    return DEBIAN_FASHION_MNIST.is_dir()
+
+
+needs_data = pytest.mark.skipif(not _has_fashion_mnist(), reason="needs dataset-fashion-mnist")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compose(overrides: list[str]):
+    """The run's config exactly as `python run_pipeline.py <overrides>` composes it."""
+    import run_pipeline  # noqa: F401  (registers the ksm_root resolver)
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def run(overrides: list[str]) -> dict:
+    import run_pipeline
+
+    return run_pipeline.main_from_config(compose(overrides))
+
+
+class Proc:
+    """A server subprocess in its own process group, ended (the whole group) through its own pid."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.log = log
+        self._f = open(log, "wb")
+        self.p = subprocess.Popen(argv, stdout=self._f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                  start_new_session=True)
+
+    def wait_http(self, url: str, timeout: float = 90.0) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"{self.p.args} exited with {self.p.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{url} did not answer within {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)  # the group: mlflow's uvicorn worker too
+        except ProcessLookupError:
+            pass
+        try:
+            self.p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait(15)
+        self._f.close()
+
+
+def node_tag_keys(run_) -> set[str]:
+    return {k for k in run_.data.tags if k.startswith("ksm_")}
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="ksm-cluster-") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="module")
+def shards(workdir) -> Path:
+    """The tiny benchmark's shards, written once to a local folder (`mode=shards`)."""
+    folder = workdir / "shards"
+    run(["mode=shards", f"paths.root={workdir / 'writer'}", f"paths.shards={folder}", *TINY])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shard_server(workdir, shards):
+    """`python -m http.server` over the shard folder on 127.0.0.1: paths.shards=<its URL>."""
+    port = free_port()
+    proc = Proc([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(shards)],
+                workdir / "http.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        proc.wait_http(url + "/", timeout=30)
+        yield url
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(workdir):
+    """A real tracking server from cluster/start_mlflow_server.sh (sqlite + --serve-artifacts) on a free port."""
+    port = free_port()
+    store = workdir / "mlflow-server"
+    env = {**os.environ, "KSM_MLFLOW_DIR": str(store), "KSM_MLFLOW_PORT": str(port), "KSM_MLFLOW_WORKERS": "1",
+           "MLFLOW": str(VENV_BIN / "mlflow")}
+    env.pop("KSM_MLFLOW_HOST", None)  # the script's default: this machine only
+    proc = Proc(["bash", str(CLUSTER_DIR / "start_mlflow_server.sh")], workdir / "mlflow.log", env=env, cwd=workdir)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        proc.wait_http(uri + "/health")
+        yield {"uri": uri, "store": store, "log": proc.log}
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded_run(workdir, shards):
+    """The same tiny sequence the default way (embedded Ray, sqlite store): the reference schema."""
+    import ray
+
+    assert not ray.is_initialized(), "an earlier test left Ray initialised in this process"
+    (workdir / "embedded").mkdir()
+    out = run(["cluster=local", "cluster.num_cpus=1", "tracking=local", f"paths.root={workdir / 'embedded'}",
+               f"paths.shards={shards}", *TINY])
+    assert not ray.is_initialized()
+    from mlflow import MlflowClient
+
+    out["client"] = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'embedded' / 'mlflow.db'}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes on loopback, one CPU each: with one CPU per job, concurrent jobs must use both nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "tests/conftest.py keeps Ray on 127.0.0.1"
+    assert not ray.is_initialized(), "an earlier test left Ray initialised in this process"
+    small = {"object_store_memory": 80 * 1024**2, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"ksm_head": 1}, **small})
+    try:
+        cluster.add_node(num_cpus=1, resources={"ksm_worker": 1}, **small)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+# -------------------------------------------------------------------------------------------- the sequence
+@needs_data
+@pytest.mark.slow
+def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray_cluster, mlflow_server,
+                                                               shard_server, workdir, monkeypatch):
+    import ray
+    from mlflow import MlflowClient
+    from safetensors.numpy import load_file
+
+    from ksm_core import KSMNet, evaluate, load_task
+    from pipeline.data import Manifest, make_loader
+    from pipeline.jobs import build_backbone
+    from pipeline.settings import resolve
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    uri = mlflow_server["uri"]
+    assert f"tracking.uri={uri}" in mlflow_server["log"].read_text()  # bound to 127.0.0.1 by default
+    root = workdir / "driver"
+    overrides = ["cluster=remote", f"cluster.address={ray_cluster.address}", "cluster.cpus_per_task=1",
+                 "cluster.gpus_per_task=0", "tracking=server", f"tracking.uri={uri}", f"paths.root={root}",
+                 f"paths.shards={shard_server}", *TINY]
+    out = run(overrides)
+    assert not ray.is_initialized()  # the driver disconnected from the cluster it connected to
+
+    client = MlflowClient(tracking_uri=uri)
+    manifest = Manifest.load(f"{shard_server}/{BENCH}")  # the jobs read the shards from this URL too
+    assert [r["task"] for r in out["results"]] == manifest.new_tasks == ["t1", "t2", "t3", "t4"]
+    assert all(r["status"] == "trained" for r in out["results"])
+
+    # every run's artifacts live behind the server's proxy, not in a local folder of the driver or a worker
+    task_runs = [client.get_run(r["run_id"]) for r in out["results"]]
+    bb_run = client.get_run(out["backbone_run_id"])
+    parent = client.get_run(out["parent_run_id"])
+    for r in [bb_run, parent, *task_runs]:
+        assert r.info.artifact_uri.startswith("mlflow-artifacts:"), r.info.artifact_uri
+        assert r.info.status == "FINISHED"
+    assert not any((root / d).exists() for d in ("mlruns", "mlartifacts", "mlflow.db"))
+    stored = {p.name for p in (mlflow_server["store"] / "artifacts").rglob("*.safetensors")}
+    assert stored >= {"backbone.safetensors", *(f"{t}.safetensors" for t in manifest.new_tasks)}
+
+    # the jobs ran on both nodes, and each child run of the sequence says on which
+    node_ids = {n.node_id for n in ray_cluster.list_all_nodes()}
+    ran_on = [r.data.tags["ksm_node_id"] for r in task_runs]
+    assert set(ran_on) <= node_ids and len(set(ran_on)) == 2, ran_on
+    assert all(r.data.tags.get("mlflow.parentRunId") == out["parent_run_id"] for r in task_runs)
+
+    # every task artifact downloads through the server and loads onto the backbone downloaded from its run,
+    # giving the accuracy its job logged
+    rc = resolve(compose(overrides))
+    dl = workdir / "downloads"
+    state = load_file(client.download_artifacts(bb_run.info.run_id, "backbone/backbone.safetensors", str(dl / "bb")))
+    bb = build_backbone(rc["model"], manifest.task(manifest.initial_task).num_classes, state)
+    net = KSMNet.from_backbone(bb)
+    assert net.backbone_fingerprint == bb_run.data.tags["ksm_fingerprint"] == out["fingerprint"]
+    for r, run_ in zip(out["results"], task_runs):
+        path = client.download_artifacts(run_.info.run_id, f"task/{r['task']}.safetensors", str(dl / r["task"]))
+        net.set_task(load_task(net, path))
+        acc, _ = evaluate(net, make_loader(manifest, r["task"], "test", batch_size=64))
+        assert acc == pytest.approx(run_.data.metrics["test_acc"], abs=1e-9), r["task"]
+
+    # the same schema as the embedded run on sqlite: result fields, and each run's param / metric / ksm tag keys
+    ref = embedded_run
+    ref_client = ref["client"]
+    assert [set(r) for r in out["results"]] == [set(r) for r in ref["results"]]
+    ref_tasks = [ref_client.get_run(r["run_id"]) for r in ref["results"]]
+    pairs = [(bb_run, ref_client.get_run(ref["backbone_run_id"])), (parent, ref_client.get_run(ref["parent_run_id"])),
+             *zip(task_runs, ref_tasks)]
+    for mine, theirs in pairs:
+        assert set(mine.data.params) == set(theirs.data.params)
+        assert set(mine.data.metrics) == set(theirs.data.metrics)
+        assert node_tag_keys(mine) == node_tag_keys(theirs)
+    assert not ref_tasks[0].info.artifact_uri.startswith("mlflow-artifacts:")  # the reference is really local
+    # ... and the same numbers: the sequence is deterministic wherever it runs
+    assert out["fingerprint"] == ref["fingerprint"]
+    assert [r["test_acc"] for r in out["results"]] == [r["test_acc"] for r in ref["results"]]
+
+
+@needs_data
+@pytest.mark.slow
+def test_the_job_entrypoint_as_ray_job_submit_runs_it(ray_cluster, mlflow_server, shard_server, workdir):
+    """The entrypoint of cluster/README.md's `ray job submit ... -- python run_pipeline.py cluster=remote
+    cluster.address=auto tracking=server tracking.uri=...`, run the way Ray's job supervisor runs it: a driver
+    process in the repository folder with RAY_ADDRESS set to the cluster's address (`cluster.address=auto`).
+    (The job API itself needs ray[default]'s dashboard, which this venv does not have.)"""
+    from mlflow import MlflowClient
+
+    uri = mlflow_server["uri"]
+    argv = [sys.executable, "run_pipeline.py", "cluster=remote", "cluster.address=auto", "cluster.cpus_per_task=1",
+            "cluster.gpus_per_task=0", "tracking=server", f"tracking.uri={uri}", f"paths.shards={shard_server}",
+            f"paths.root={workdir / 'job'}", "run_name=submitted", *TINY]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"[ray] connecting to {ray_cluster.address}" in log and f"Browse the runs: open {uri}" in log
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("ksm")
+    parent = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'sequence' and attributes.run_name = 'submitted'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    # FINISHED: a job whose worker died (e.g. Ray's memory monitor on a busy machine) leaves a KILLED attempt
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent[0].info.run_id}' "
+                                                       "and attributes.status = 'FINISHED'")
+    assert sorted(r.data.tags["ksm_task"] for r in children) == ["t1", "t2", "t3", "t4"]
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in children)
+    assert {r.data.tags["ksm_node_id"] for r in children} <= {n.node_id for n in ray_cluster.list_all_nodes()}
+
+
+# ------------------------------------------------------------------------------------------- URL shards
+@needs_data
+def test_shards_from_a_url(shard_server, shards, tmp_path):
+    """The manifest and every shard read over HTTP (or through a pipe: command) give the same samples as the
+    folder; a URL is only read, never written."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from pipeline.data import ConfigError, Manifest, ensure_shards, iter_samples, make_loader
+
+    local = Manifest.load(shards / BENCH)
+    url = f"{shard_server}/{BENCH}"
+    for where in (url, url + "/", url + "/manifest.json"):
+        m = Manifest.load(where)
+        assert m.root == url and m.is_remote and m.path == url + "/manifest.json"
+        assert m.to_dict() == local.to_dict()
+    assert Manifest.load(m.path).root == url  # what a Ray job receives (str(manifest.path)) loads again
+    _, xs, ys = zip(*iter_samples(m, "t2", "test"))
+    _, lxs, lys = zip(*iter_samples(local, "t2", "test"))
+    np.testing.assert_array_equal(np.stack(xs), np.stack(lxs))
+    assert ys == lys
+    loader = make_loader(m, "t3", "train", batch_size=64)
+    assert sum(len(y) for _, y in loader) == loader.num_samples == 200
+
+    bench = OmegaConf.to_container(compose(TINY).benchmark, resolve=True)
+    assert ensure_shards(bench, shard_server, verify="sha256", log=lambda _: None).to_dict() == local.to_dict()
+    with pytest.raises(ConfigError, match=rf"no shard manifest at {re.escape(shard_server)}/other/manifest.json; "
+                                          r"shards are never written to a URL.*mode=shards"):
+        ensure_shards({**bench, "name": "other"}, shard_server, log=lambda _: None)
+    with pytest.raises(ConfigError, match=r"were made from another benchmark spec"):
+        ensure_shards({**bench, "caps": {"train": 50, "test": 10, "seed": 0}}, shard_server, log=lambda _: None)
+    with pytest.raises(ConfigError, match="cannot write the manifest"):
+        m.save()
+    # mode=shards with a URL verifies the published shards (sha256 over HTTP) instead of writing
+    out = run(["mode=shards", f"paths.root={tmp_path}", f"paths.shards={shard_server}", *TINY])
+    assert out == {"manifest": url + "/manifest.json"}
+
+    # a `pipe:` command template (here `cat`; on a cluster e.g. `aws s3 cp s3://bucket/shards/{rel} -`), given
+    # on the command line the way the README shows it (quoted: spaces and braces)
+    out = run(["mode=shards", f"paths.root={tmp_path}", f"paths.shards='pipe:cat {shards}/{{rel}}'", *TINY])
+    assert out == {"manifest": f"pipe:cat {shards}/{BENCH}/{{rel}}"}
+    piped = Manifest.load(out["manifest"])
+    assert piped.url("t1/test-000000.tar") == f"pipe:cat {shards}/{BENCH}/t1/test-000000.tar"
+    assert [s[2] for s in iter_samples(piped, "t4", "test")] == [s[2] for s in iter_samples(local, "t4", "test")]
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def _fails_fast(overrides: list[str], *needles: str) -> str:
+    import ray
+
+    from pipeline.data.errors import DataError
+    from pipeline.settings import PipelineError
+
+    assert not ray.is_initialized(), "an earlier test left Ray initialised: the driver would reuse it"
+    t0 = time.monotonic()
+    with pytest.raises((PipelineError, DataError)) as ei:
+        run(overrides)
+    elapsed = time.monotonic() - t0
+    msg = str(ei.value)
+    for n in needles:
+        assert n in msg, msg
+    assert elapsed < 15, f"took {elapsed:.1f}s to fail: {msg}"
+    assert not ray.is_initialized()
+    return msg
+
+
+def test_a_tracking_server_that_is_down_fails_within_seconds(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    msg = _fails_fast(["cluster=remote", "tracking=server", f"tracking.uri={uri}", f"paths.root={tmp_path}", *TINY],
+                      uri, "not reachable")
+    assert "start_mlflow_server.sh" in msg
+
+
+@needs_data
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_a_wrong_ray_address_fails_within_seconds(scheme, shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address = f"{scheme}127.0.0.1:{free_port()}"
+    _fails_fast(["cluster=remote", f"cluster.address={address}", "tracking=local", f"paths.root={tmp_path}",
+                 f"paths.shards={shards}", *TINY], f"Ray cluster at {address} is not reachable")
+
+
+def test_a_shard_url_that_is_down_fails_within_seconds(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/shards"
+    _fails_fast(["cluster=remote", "tracking=local", f"paths.root={tmp_path}", f"paths.shards={url}", *TINY],
+                f"{url}/{BENCH}/manifest.json is not reachable", f"paths.shards={url}")
+
+
+# --------------------------------------------------------------------------------- launcher and manifests
+def _install_sh_torch_pins() -> list[str]:
+    m = re.search(r'TORCH_SPEC=\$\{TORCH_SPEC:-"([^"]+)"\}', (ROOT / "scripts" / "install.sh").read_text())
+    assert m, "scripts/install.sh sets TORCH_SPEC"
+    return m.group(1).split()
+
+
+def test_ray_up_config_validates_against_rays_schema():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CLUSTER_DIR / "ray-cluster.yaml").read_text())
+    cfg = prepare_config(copy.deepcopy(raw))  # what `ray up` does: merge the provider's defaults, then validate
+    validate_config(cfg)
+    types = cfg["available_node_types"]
+    head, workers = types[cfg["head_node_type"]], [v for k, v in types.items() if k != cfg["head_node_type"]]
+    assert cfg["provider"]["type"] == "aws"
+    gpu_families = ("g4", "g5", "g6", "p3", "p4", "p5")  # AWS instance families with NVIDIA GPUs
+    assert head["resources"] == {"CPU": 0} and not head["node_config"]["InstanceType"].startswith(gpu_families)
+    assert len(workers) == 1 and workers[0]["node_config"]["InstanceType"].startswith(gpu_families)
+    assert 1 <= workers[0]["min_workers"] < workers[0]["max_workers"] <= cfg["max_workers"]  # autoscaling
+    # the validator is real: an unknown key or a wrong type is refused
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config({**cfg, "setup_comands": []})
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config({**cfg, "max_workers": "four"})
+
+
+def test_ray_up_config_installs_this_project_from_its_files():
+    import ray
+
+    cfg = yaml.safe_load((CLUSTER_DIR / "ray-cluster.yaml").read_text())
+    (remote, local), = cfg["file_mounts"].items()
+    assert (ROOT / local / "pyproject.toml").is_file() and ".gitignore" in cfg["rsync_filter"]
+    setup = "\n".join(cfg["setup_commands"])
+    assert "pip install -q -e ." in setup and remote in setup
+    for pin in _install_sh_torch_pins():  # the same torch as scripts/install.sh
+        assert f'"{pin}"' in setup, pin
+    assert f'"ray[default]=={ray.__version__}"' in setup  # nodes run the Ray this project is tested with
+    for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        assert cmd.startswith(f"source {remote}/.venv/bin/activate && ")  # jobs' `python` is the venv's
+
+
+def _k8s_docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER_DIR / name).read_text()) if d]
+
+
+def test_rayjob_manifest_runs_this_repos_entrypoint():
+    import ray
+
+    from pipeline.settings import resolve, validate
+
+    docs = _k8s_docs("rayjob.yaml")
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "run_pipeline.py"]
+    wd = Path(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"])
+    overrides = argv[2:]
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if (ROOT / "configs" / key).is_dir():  # a config group: its option file exists
+            assert (ROOT / "configs" / key / f"{value}.yaml").is_file(), o
+    assert {"cluster=remote", "cluster.address=auto", "tracking=server"} <= set(overrides)
+    assert any(o.startswith("tracking.uri=http://") for o in overrides)
+    rc = resolve(compose(overrides))  # Hydra accepts every override (unknown keys would raise)
+    validate(rc)
+    assert rc["cluster"]["gpus_per_task"] > 0 and rc["tracking"]["uri"].startswith("http://")
+
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups and gpu_groups[0]["minReplicas"] >= 1 and gpu_groups[0]["maxReplicas"] > gpu_groups[0]["minReplicas"]
+    # the shard folder is the same shared volume on the head and the GPU workers
+    shard_dir = Path(rc["paths"]["shards"])
+    for pod in [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in gpu_groups)]:
+        mounts = [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])]
+        assert any(shard_dir.is_relative_to(m) for m in mounts), mounts
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert claims["ksm-shared"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    # every pod runs the image of cluster/Dockerfile, which holds the repo at the job's working_dir
+    images = {c["image"] for pod in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+              for c in pod["template"]["spec"]["containers"]}
+    assert len(images) == 1
+    dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-" in dockerfile and f"WORKDIR {wd}" in dockerfile
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M):
+        for s in src.split():
+            assert (ROOT / s).exists(), s
+    assert (ROOT / "run_pipeline.py").is_file() and "run_pipeline.py" in dockerfile
+    for pin in _install_sh_torch_pins():
+        assert pin in dockerfile
+
+
+def test_k8s_mlflow_runs_the_start_script_behind_a_service():
+    docs = {d["kind"]: d for d in _k8s_docs("k8s-mlflow.yaml")}
+    job = next(d for d in _k8s_docs("rayjob.yaml") if d["kind"] == "RayJob")
+    svc, dep = docs["Service"], docs["Deployment"]
+    host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local:{svc['spec']['ports'][0]['port']}"
+    assert f"tracking.uri=http://{host}" in job["spec"]["entrypoint"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"][-1] == "/home/ray/ksm/cluster/start_mlflow_server.sh"
+    script = (CLUSTER_DIR / "start_mlflow_server.sh").read_text()
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert all(name in script for name in env)
+    assert any(re.fullmatch(p.replace(".", r"\.").replace("*", ".*"), host)
+               for p in env["KSM_MLFLOW_ALLOWED_HOSTS"].split(","))  # the server accepts the Service's name
+
+
+def test_start_script_defaults_to_loopback_sqlite_and_the_artifact_proxy(tmp_path):
+    script = (CLUSTER_DIR / "start_mlflow_server.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(CLUSTER_DIR / "start_mlflow_server.sh")]).returncode == 0
+    assert "HOST=${KSM_MLFLOW_HOST:-127.0.0.1}" in script
+    assert "sqlite:///$DIR/mlflow.db" in script and "postgresql://" in script
+    assert "--serve-artifacts" in script and "--default-artifact-root mlflow-artifacts:/" in script
+    bad = subprocess.run(["bash", str(CLUSTER_DIR / "start_mlflow_server.sh")], capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW": str(VENV_BIN / "mlflow"), "KSM_MLFLOW_PORT": "50OO",
+                              "KSM_MLFLOW_DIR": str(tmp_path)}, timeout=30)
+    assert bad.returncode == 2 and "KSM_MLFLOW_PORT=50OO is not a port number" in bad.stderr
