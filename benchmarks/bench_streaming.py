@@ -3,7 +3,7 @@
 Loader rate: images/s through the whole single-process WebDataset pipeline of one task's train split (read +
 sha256 check, tar parsing, shuffle buffer, decode, batching, resize 28->32, RandomCrop + flip, grey->3
 channels, normalisation), median over epochs. Training rate: images/s of one KSM step (forward + backward +
-Adam on masks + BN + head) of the default model, ``create_model("vgg16_bn_cifar", num_classes=2,
+Adam on masks + BN + head) of the default model, ``create_model("vgg16_bn_cifar", num_classes=<the task's>,
 width=0.125)`` wrapped with ``KSMNet.from_backbone``, on the loader's own batches, median over rounds. The
 ratio says how far ahead of training the loader runs (target >= 10x: loading is then <10% of a step).
 
@@ -38,7 +38,7 @@ def loader_epoch_rate(loader) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def make_ksm_step(width: float):
+def make_ksm_step(width: float, num_classes: int):
     """One KSM training step (forward + backward + Adam on masks, BN, head) of the default model, or None."""
     try:
         from ksm_core.backbones import create_model
@@ -47,8 +47,8 @@ def make_ksm_step(width: float):
         print(f"ksm_core not available ({exc}): loader rate only")
         return None
     torch.manual_seed(0)
-    net = KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=2, width=width))
-    t = net.add_task(2, method="ksm")
+    net = KSMNet.from_backbone(create_model("vgg16_bn_cifar", num_classes=num_classes, width=width))
+    t = net.add_task(num_classes, method="ksm")
     net.set_task(t).train()
     opt = torch.optim.Adam([p for group in net.task_parameters(t).values() for p in group], lr=2e-4)
 
@@ -97,7 +97,7 @@ def main() -> None:
     info = manifest.task(task)
     loader = make_loader(manifest, task, "train", batch_size=args.batch_size, flip=True)
     batches = [b for _, b in zip(range(8), loader, strict=False)]  # also the loader's warm-up
-    step = None if args.no_train_step else make_ksm_step(args.width)
+    step = None if args.no_train_step else make_ksm_step(args.width, info.num_classes)
     if step is not None:
         step_rate(step, batches, 3)  # warm-up
     # interleaved rounds, so drift in machine load hits both rates alike

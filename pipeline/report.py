@@ -86,7 +86,7 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     ax.set_ylabel("fraction of kept kernels (Mb = 1)")
     ax.set_ylim(0, 1.05)
     ax.set_title("mask ratio per layer")
-    if any_layers:
+    if any_layers and len(rows) <= 12:  # beyond that a legend covers the plot: the lines speak as a band
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "mask_ratio_per_layer.png")
