@@ -2,24 +2,30 @@
 
 Everything here is real, nothing is mocked: a two-node Ray cluster on loopback (``ray.cluster_utils.Cluster``:
 a head and a second node with one CPU each, so the jobs have to spread; `ray start` refuses multi-node on
-127.0.0.1), an ``mlflow server`` started by cluster/start_mlflow_server.sh (sqlite + artifact proxy), and the
-shards read over HTTP from ``python -m http.server``. Every process a test starts is ended by its own id (its
-process group) at teardown. The cluster-launcher and KubeRay files are checked against Ray's own schema and
-against this repository's configs.
+127.0.0.1), a single-node head from the Ray CLI (``ray start --head --block``) whose job API takes the READMEs'
+``ray job submit`` command, an ``mlflow server`` started by cluster/start_mlflow_server.sh (sqlite + artifact
+proxy), and the shards read over HTTP from ``python -m http.server``. Every process a test starts is ended by its
+own id (its process group, or for the Ray head its process tree) at teardown. The cluster-launcher and KubeRay
+files are checked against Ray's own schema and against this repository's configs.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
+import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -108,6 +114,138 @@ def node_tag_keys(run_) -> set[str]:
     return {k for k in run_.data.tags if k.startswith("ksm_")}
 
 
+def _procs() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, start time in clock ticks, state) of every process on this machine, from /proc."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    st = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(d)] = (int(st[1]), int(st[19]), st[0])
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def process_tree(root: int) -> dict[int, int]:
+    """root and all its descendants, pid -> start time (so that a reused pid is never taken for one of them)."""
+    procs = _procs()
+    children = defaultdict(list)
+    for pid, (ppid, _, _) in procs.items():
+        children[ppid].append(pid)
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and pid not in tree:
+            tree[pid] = procs[pid][1]
+            todo += children[pid]
+    return tree
+
+
+def still_running(tree: dict[int, int], marker: str | None = None) -> dict[int, str]:
+    """The processes of `tree` that still run (zombies excluded), plus any whose command line names `marker`."""
+    procs = _procs()
+    alive = {pid for pid, start in tree.items() if pid in procs and procs[pid][1] == start and procs[pid][2] != "Z"}
+    if marker:
+        alive |= {pid for pid, (_, _, state) in procs.items() if state != "Z" and marker in _cmdline(pid)}
+    return {pid: _cmdline(pid)[:160] for pid in sorted(alive)}
+
+
+class RayHead:
+    """A single-node Ray cluster from the Ray CLI: `ray start --head --block` with the dashboard and its job API.
+
+    Started the way cluster/README.md starts a head: with this venv active (its `bin` first on PATH), so a job's
+    `python` is the venv's. Everything of its own: 127.0.0.1, free ports, a temp dir (Ray writes its
+    `ray_current_cluster` file there, not into the shared /tmp/ray) and a token (Ray 2.60's token authentication,
+    which `ray start --head` turns on anyway when ~/.ray/auth_token exists; an explicit token keeps the test
+    independent of that file). Stopped through its own pid: SIGTERM to `ray start` alone, which stops the GCS,
+    raylet and dashboard, the raylet ending its workers (each in a process group of its own); SIGKILL for whatever
+    of its process tree outlives that. Never `ray stop`: that would end every Ray on the machine.
+    """
+
+    def __init__(self, log_dir: Path, num_cpus: int = 2):
+        # short on purpose: Ray's unix socket paths under it must stay below 108 characters
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ksm-rayhead-", dir="/tmp"))
+        self.token = secrets.token_hex(32)
+        self.gcs_address = f"127.0.0.1:{free_port()}"
+        self.dashboard_port = free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # what `source .venv/bin/activate` does, and the client side of the token (the CLI reads both variables)
+        self.env = {**env, "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+                    "VIRTUAL_ENV": str(VENV_BIN.parent), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        argv = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                f"--port={self.gcs_address.rsplit(':', 1)[1]}", "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                "--dashboard-agent-listen-port=0",  # not the fixed 52365: another Ray on this machine may hold it
+                f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                f"--object-store-memory={200 * 1024**2}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        # no drain on SIGTERM (RayService's grace period): nothing here to drain, stop at once
+        self.proc = Proc(argv, log_dir / "ray-head.log", cwd=log_dir,  # not the repository: see the probe job
+                         env={**self.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+        self.killed: dict[int, str] = {}
+        self._stopped = False
+
+    def api(self, path: str, auth: bool = True) -> dict:
+        """GET the job API (JSON) with the cluster's token."""
+        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
+        with urllib.request.urlopen(urllib.request.Request(self.address + path, headers=headers), timeout=10) as r:
+            return json.loads(r.read())
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.p.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.p.returncode}:\n"
+                                   f"{self.proc.log.read_text()[-3000:]}")
+            try:
+                version = self.api("/api/version")
+                if (self.temp_dir / "ray_current_cluster").is_file():  # written last: `ray start` is done
+                    return version
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.address} did not answer within {timeout}s:\n{self.proc.log.read_text()[-3000:]}")
+
+    def stop(self) -> dict[int, str]:
+        """End the head; returns what still ran afterwards (nothing, unless SIGKILL failed)."""
+        if self._stopped:
+            return {}
+        self._stopped = True
+        p = self.proc.p
+        tree = process_tree(p.pid)  # now, while the raylet's workers are still its children
+        p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and still_running(tree, str(self.temp_dir)):
+            time.sleep(0.2)
+        # `ray start` is our child: until it is reaped its pid, and so its process group id, cannot be reused
+        self.killed = still_running(tree, str(self.temp_dir))
+        for pid in self.killed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(15)
+        self.proc._f.close()
+        time.sleep(0.2)
+        left = still_running(tree, str(self.temp_dir))
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return left
+
+
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def workdir():
@@ -178,7 +316,10 @@ def ray_cluster():
 
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "tests/conftest.py keeps Ray on 127.0.0.1"
     assert not ray.is_initialized(), "an earlier test left Ray initialised in this process"
-    small = {"object_store_memory": 80 * 1024**2, "include_dashboard": False}
+    # dashboard_agent_listen_port=0: with ray[default] each node's agent serves HTTP; the head's default port
+    # (52365) is often taken by another Ray on this machine, and the agent then retries for ~3.5 s before start-up
+    # goes on (add_node already picks a free port)
+    small = {"object_store_memory": 80 * 1024**2, "include_dashboard": False, "dashboard_agent_listen_port": 0}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"ksm_head": 1}, **small})
     try:
         cluster.add_node(num_cpus=1, resources={"ksm_worker": 1}, **small)
@@ -190,7 +331,139 @@ def ray_cluster():
         cluster.shutdown()
 
 
+@pytest.fixture
+def ray_head(tmp_path):
+    head = RayHead(tmp_path)
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+
+
 # -------------------------------------------------------------------------------------------- the sequence
+def documented_submit(readme: Path, after: str) -> list[str]:
+    """The `ray job submit ...` command of the first bash block after the line `after` in a README, as argv."""
+    text = readme.read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index(after):], re.S).group(1)
+    (cmd,) = [c for c in block.replace("\\\n", " ").splitlines() if c.startswith("ray job submit ")]
+    return shlex.split(cmd)
+
+
+# what a job's `python` is, where it runs and what it sees there
+_PROBE = ("import json, os, sys, ksm_core; print('KSM_PROBE', json.dumps({'python': sys.executable, "
+          "'cwd': os.getcwd(), 'ksm_core': ksm_core.__file__, 'files': sorted(os.listdir())}))")
+
+
+@needs_data
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_sequence_on_a_ray_start_head(ray_head, mlflow_server, shards, tmp_path):
+    """The READMEs' submit command through the real job CLI and job API: `ray job submit --address
+    http://HEAD:8265 --working-dir . -- python run_pipeline.py cluster=remote cluster.address=auto tracking=server
+    tracking.uri=... paths.shards=...` (read from cluster/README.md and README.md, addresses filled in) to a head
+    from `ray start --head`, plus this machine's sizes (CPU only, one CPU per job, tiny tasks, a root and run name
+    of its own). (First in this section: the module's two-node cluster starts later, so one Ray runs at a time.)"""
+    from mlflow import MlflowClient
+
+    from pipeline.data import Manifest
+    from pipeline.report import COLUMNS
+
+    head, uri = ray_head, mlflow_server["uri"]
+    # the job API wants the cluster's token
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        head.api("/api/version", auth=False)
+    assert denied.value.code == 401
+    assert (head.temp_dir / "ray_current_cluster").read_text().strip() == head.gcs_address
+
+    def ray_cli(*args: str, timeout: float) -> tuple[int, str]:
+        p = subprocess.run([str(VENV_BIN / "ray"), *args], cwd=ROOT, env=head.env, capture_output=True, text=True,
+                           timeout=timeout)
+        return p.returncode, p.stdout + p.stderr
+
+    # the documented command, its addresses filled in; both READMEs show the same one
+    fill = {"http://HEAD:8265": head.address, "http://TRACKING_HOST:5000": uri, "http://MLFLOW_HOST:5000": uri,
+            "SHARDS": str(shards)}
+    documented = [re.sub("|".join(map(re.escape, fill)), lambda m: fill[m.group(0)], a)
+                  for a in documented_submit(CLUSTER_DIR / "README.md", "### 3. Submit the sequence")]
+    assert documented == [re.sub("|".join(map(re.escape, fill)), lambda m: fill[m.group(0)], a)
+                          for a in documented_submit(ROOT / "README.md", "## On a cluster")]
+    assert documented == ["ray", "job", "submit", "--address", head.address, "--working-dir", ".", "--", "python",
+                          "run_pipeline.py", "cluster=remote", "cluster.address=auto", "tracking=server",
+                          f"tracking.uri={uri}", f"paths.shards={shards}"]
+    submit, entrypoint = documented[1:documented.index("--")], documented[documented.index("--"):]
+
+    # a probe job, not waited for: it runs while the sequence is submitted
+    rc, probe_out = ray_cli(*submit, "--no-wait", "--", "python", "-c", _PROBE, timeout=60)
+    assert rc == 0, probe_out[-3000:]
+    probe_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", probe_out).group(1)
+
+    here = ["cluster.cpus_per_task=1", "cluster.gpus_per_task=0", f"paths.root={tmp_path / 'root'}",
+            "run_name=submitted-cli", *TINY]
+    rc, out = ray_cli(*submit, *entrypoint, *here, timeout=180)
+    assert rc == 0, out[-5000:]
+    job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", out).group(1)
+    assert f"Job '{job_id}' succeeded" in out
+    job = head.api(f"/api/jobs/{job_id}")
+    assert job["status"] == "SUCCEEDED" and job["driver_exit_code"] == 0, job
+    logs = head.api(f"/api/jobs/{job_id}/logs")["logs"]
+    assert "[ray] connecting to" in logs and f"Browse the runs: open {uri}" in logs, logs[-3000:]
+
+    # the working dir: the repository without what .gitignore lists, pushed once (the second submit reuses it)
+    uploaded = re.search(r"Uploading package gcs://(_ray_pkg_\w+)\.zip", probe_out)
+    assert uploaded, probe_out[-3000:]
+    head_logs = "".join(f.read_text(errors="replace")
+                        for f in (head.temp_dir / "session_latest" / "logs").glob("*.log"))
+    pushed = re.search(rf"Pushing file package 'gcs://({uploaded.group(1)})\.zip' \(([\d.]+)MiB\)", head_logs)
+    assert pushed, "the head logged no size for the working dir package"
+    assert float(pushed.group(2)) < 5, f"the working dir package is {pushed.group(2)} MiB"
+    assert job["runtime_env"]["working_dir"] == f"gcs://{pushed.group(1)}.zip"
+    for _ in range(150):
+        probe = head.api(f"/api/jobs/{probe_id}")
+        if probe["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.2)
+    probe_logs = head.api(f"/api/jobs/{probe_id}/logs")["logs"]
+    assert probe["status"] == "SUCCEEDED", probe_logs[-3000:]
+    seen = json.loads(re.search(r"^KSM_PROBE (.*)$", probe_logs, re.M).group(1))
+    assert Path(seen["python"]).parent == VENV_BIN, seen["python"]  # `python` is the venv's, from the head's PATH
+    pkg = Path(seen["cwd"])
+    assert pkg.name == pushed.group(1) and pkg.is_relative_to(head.temp_dir)  # the head's copy, not this checkout
+    assert Path(seen["ksm_core"]).is_relative_to(pkg)  # the job imports the uploaded copy, not this checkout
+    assert {"run_pipeline.py", "ksm_core", "pipeline", "configs", "cluster"} <= set(seen["files"])
+    assert not {".venv", "data", "outputs", "mlruns", "mlflow.db", "mlartifacts", ".cache"} & set(seen["files"])
+    size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
+    assert size < 10 * 1024**2, f"{pkg} holds {size / 1024**2:.1f} MiB"
+
+    # the per-task table in the job's log
+    tasks = Manifest.load(shards / BENCH).new_tasks
+    assert f"Sequence 'submitted-cli' ({BENCH}," in logs, logs[-3000:]
+    assert re.search(r"^" + r"\s+".join(re.escape(h) for _, h in COLUMNS) + r"\s*$", logs, re.M), logs[-3000:]
+
+    # MLflow: one FINISHED child run per new task, each with its artifact behind the server's proxy
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("ksm")
+    (parent,) = client.search_runs([exp.experiment_id],
+                                   "tags.ksm_kind = 'sequence' and attributes.run_name = 'submitted-cli'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                                       "and attributes.status = 'FINISHED'")
+    assert sorted(r.data.tags["ksm_task"] for r in children) == tasks == ["t1", "t2", "t3", "t4"]
+    for r in children:
+        task = r.data.tags["ksm_task"]
+        assert r.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert r.data.tags["ksm_node_id"] == job["driver_node_id"]  # trained on this head, its only node
+        path = client.download_artifacts(r.info.run_id, f"task/{task}.safetensors", str(tmp_path / "dl" / task))
+        assert os.path.getsize(path) == r.data.metrics["artifact_bytes"]
+        assert re.search(rf"^{task}\s+.*\s{r.data.metrics['test_acc']:.3f}\s.*trained\s*$", logs, re.M), task
+
+    # teardown, checked: nothing of the head runs any more, and the shared /tmp/ray does not point at it
+    left = head.stop()
+    print(f"job python {seen['python']}, working dir {pkg} ({pushed.group(2)} MiB package); head stopped, "
+          f"SIGKILL needed for: {head.killed or 'nothing'}")
+    assert not left, left
+    assert not head.temp_dir.exists()
+    shared = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    assert not (shared.exists() and shared.read_text().strip() == head.gcs_address)
 @needs_data
 @pytest.mark.slow
 def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray_cluster, mlflow_server,
@@ -272,8 +545,9 @@ def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray
 def test_the_job_entrypoint_as_ray_job_submit_runs_it(ray_cluster, mlflow_server, shard_server, workdir):
     """The entrypoint of cluster/README.md's `ray job submit ... -- python run_pipeline.py cluster=remote
     cluster.address=auto tracking=server tracking.uri=...`, run the way Ray's job supervisor runs it: a driver
-    process in the repository folder with RAY_ADDRESS set to the cluster's address (`cluster.address=auto`).
-    (The job API itself needs ray[default]'s dashboard, which this venv does not have.)"""
+    process in the repository folder with RAY_ADDRESS set to the cluster's address (`cluster.address=auto`), here
+    on the two-node cluster. (The job CLI and API themselves: test_ray_job_submit_runs_the_sequence_on_a_ray_start_head
+    above.)"""
     from mlflow import MlflowClient
 
     uri = mlflow_server["uri"]
