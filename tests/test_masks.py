@@ -158,3 +158,42 @@ def test_unknown_method_lists_valid_ones():
         mask_spec("kms")
     with pytest.raises(ValueError, match=r"unknown mask hyperparameter.*'temp'"):
         mask_spec("ksm", temp=3)
+
+
+@pytest.mark.parametrize("method", sorted(MASK_METHODS))
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_the_layers_fused_training_path_equals_the_reference_formulas(method, layer):
+    """What actually trains is the layers' fused node (``masked_weight``), not ``effective_mask``: its W_task must
+    equal W * M bit for bit, and its gradient wrt Mr the reference chain (Eq. 10, or straight-through), for
+    every variant, on masks with entries on both sides of tau."""
+    from ksm_core.layers import MaskedConv2d, MaskedLinear
+    from ksm_core.masks import masked_weight
+
+    torch.manual_seed(0)
+    m = MaskedConv2d(torch.nn.Conv2d(6, 5, 3, bias=False)) if layer == "conv" else MaskedLinear(torch.nn.Linear(6, 5))
+    spec = mask_spec(method)
+    m.add_task(1, spec)
+    mr = m.state_for(1).mask_real
+    with torch.no_grad():
+        mr.copy_(TAU + 0.08 * (torch.rand(mr.shape) - 0.5))
+    assert 0 < float((mr < TAU).float().mean()) < 1
+    g = torch.randn(m.weight.shape)
+
+    fused = masked_weight(m.weight, mr, spec, training=True)
+    gf, = torch.autograd.grad((fused * g).sum(), mr)
+    ref_m = effective_mask(mr, spec, training=True)
+    ref = m.weight * (ref_m.reshape(ref_m.shape + (1,) * (m.weight.dim() - ref_m.dim())))
+    gr, = torch.autograd.grad((ref * g).sum(), mr)
+    assert torch.equal(fused.detach(), ref.detach())
+    torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-9)
+    # and the layer's own forward uses it: the same output as a plain layer on W_task
+    m.task = 1
+    x = torch.randn(2, 6, 5, 5) if layer == "conv" else torch.randn(2, 6)
+    plain = torch.nn.functional.conv2d(x, ref.detach()) if layer == "conv" else \
+        torch.nn.functional.linear(x, ref.detach(), m.bias)
+    assert torch.equal(m(x).detach(), plain)
+
+
+def test_negative_threshold_is_refused():
+    with pytest.raises(ValueError, match=r"tau=-0.001 must be .* >= 0"):
+        mask_spec("ksm", tau=-1e-3)
