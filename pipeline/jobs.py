@@ -24,7 +24,7 @@ from ksm_core.cpu import tune_malloc
 from ksm_core.train import FitResult, TrainConfig, resolve_device
 
 from .data import Manifest, make_loader
-from .settings import mask_hparams, train_config
+from .settings import mask_hparams, method_params, train_config
 from .tracking import Tracker
 
 __all__ = ["TaskOutcome", "train_task", "task_job", "backbone_job", "build_backbone", "prepare_worker",
@@ -99,6 +99,8 @@ class TaskOutcome:
     train_samples: int
     test_samples: int
     eval_name: str
+    skipped_samples: int = 0  # lost to corrupt shards (data.on_corrupt=skip), over every pass of both loaders
+    skipped_shards: tuple[str, ...] = ()
 
 
 def train_task(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.ndarray], *,
@@ -133,7 +135,8 @@ def train_task(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.
     cfg: TrainConfig = train_config(train, device=_device_for(rc), seed=rc["seed"])
     fit = fit_task(net, t, train_loader, eval_loader, cfg, on_epoch=on_epoch)
     return TaskOutcome(net, t, fit, list(info.class_names), train_loader.num_samples, eval_loader.num_samples,
-                       evaluate_on)
+                       evaluate_on, skipped_samples=train_loader.skipped + eval_loader.skipped,
+                       skipped_shards=tuple(sorted(set(train_loader.skipped_shards + eval_loader.skipped_shards))))
 
 
 # ------------------------------------------------------------------------------------------------ task job
@@ -179,10 +182,8 @@ def task_job(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.nd
             size = save_task(out.net, out.task, path, extra={"classes": out.classes, "task": task_name,
                                                                "test_acc": out.fit.test_acc})
             tr.artifact(run_id, path, "task")
-        method = rc["method"]
         tr.params(run_id, {
-            "method": method["name"], **{k: v for k, v in mask_hparams(method).items()},
-            "lr_mask": rc["train"]["lr_mask"], "lr_head": rc["train"]["lr_head"],
+            **method_params(rc["method"], rc["train"]),
             "epochs": rc["train"]["epochs"], "batch_size": rc["train"]["batch_size"],
             "model": rc["model"]["name"], "model_width": rc["model"].get("width"),
             "backbone_fingerprint": run["backbone_fingerprint"], "backbone_run_id": run["backbone_run_id"],
@@ -193,10 +194,11 @@ def task_job(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.nd
         final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
                  "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
                  "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
-                 "mask_zeros": stats["zeros"], "steps": out.fit.steps}
+                 "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples}
         final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
         tr.metrics(run_id, final, step=rc["train"]["epochs"])
-        tr.tags(run_id, {"ksm_device": out.fit.device})
+        tr.tags(run_id, {"ksm_device": out.fit.device,
+                         **({"ksm_skipped_shards": ", ".join(out.skipped_shards)} if out.skipped_shards else {})})
         tr.finish(run_id, "FINISHED")
     except BaseException:
         tr.finish(run_id, "FAILED")
@@ -220,6 +222,7 @@ def result_from_run(run: Any, status: str) -> dict[str, Any]:
         "classes": p.get("classes", ""), "test_acc": m.get("test_acc"), "train_seconds": m.get("train_seconds"),
         "artifact_bytes": m.get("artifact_bytes"), "mask_ones": m.get("mask_ones"), "mask_soft": m.get("mask_soft"),
         "layers": layers, "node": t.get("ksm_node_ip") or t.get("ksm_host"), "device": t.get("ksm_device", ""),
+        "skipped_samples": int(m.get("skipped_samples") or 0), "skipped_shards": t.get("ksm_skipped_shards", ""),
         "start_time": run.info.start_time,
     }
 

@@ -236,7 +236,7 @@ def run_sequence(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
                         results[name] = res
                         bar.set_postfix_str(f"{name}: acc {res['test_acc']:.3f}")
                     except Exception as e:  # keep going: the other tasks' work is not lost
-                        failures[name] = f"{type(e).__name__}: {e}"
+                        failures[name] = _cause(e)
                         bar.set_postfix_str(f"{name}: FAILED")
                     bar.update(1)
             wall = time.perf_counter() - t0
@@ -255,6 +255,15 @@ def run_sequence(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
             raise
     return {"parent_run_id": parent_id, "results": ordered, "backbone_run_id": bb_run, "fingerprint": fp,
             "sequence_key": key, "report": report, "experiment_id": tr.experiment_id}
+
+
+def _cause(e: BaseException) -> str:
+    """What went wrong in a job, for the user: the job's own exception (Ray wraps it in a RayTaskError whose
+    first line is only the worker's pid and colour codes)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    return f"{type(e).__name__}: {e}"
 
 
 def _flat_params(rc: dict[str, Any]) -> dict[str, Any]:

@@ -125,9 +125,18 @@ def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc
         log(f"mean test accuracy {summary['mean_test_acc']:.3f} over {len(accs)} task(s); "
             f"total training {summary['total_train_seconds']:.1f} s; "
             f"artifacts {summary['total_artifact_bytes'] / 1024:.1f} KB")
+    lossy = [f"{r['task']}: {r['skipped_samples']} sample(s) skipped from corrupt shard(s) {r['skipped_shards']}"
+             for r in rows if r.get("skipped_samples")]
+    if lossy:  # data.on_corrupt=skip: the accuracies above saw less data than the manifest promises
+        summary["skipped_samples"] = sum(r["skipped_samples"] for r in rows)
+        log("warning: data.on_corrupt=skip dropped data; re-create the shards (mode=shards) to train on all of it")
+        for line in lossy:
+            log(f"  {line}")
     with tempfile.TemporaryDirectory(prefix="ksm-report-") as tmp:
         out = Path(tmp)
-        (out / "report.md").write_text(f"# {rc['run_name']}\n\n" + format_table(results, markdown=True) + "\n")
+        notes = "".join(f"\n- skipped: {line}" for line in lossy)
+        (out / "report.md").write_text(f"# {rc['run_name']}\n\n" + format_table(results, markdown=True) + "\n"
+                                       + (notes + "\n" if notes else ""))
         with open(out / "report.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow([k for k, _ in COLUMNS] + ["run_id"])

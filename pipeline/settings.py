@@ -19,7 +19,7 @@ from typing import Any
 from ksm_core import METHODS, TrainConfig, list_models, mask_spec
 
 __all__ = ["PipelineError", "resolve", "validate", "stable_hash", "check_tracking_uri", "check_ray_address",
-           "mask_hparams", "train_config"]
+           "mask_hparams", "method_params", "train_config"]
 
 MODES = ("sequence", "tune", "shards")
 
@@ -48,14 +48,25 @@ def resolve(cfg: Any) -> dict[str, Any]:
     tr = d.get("tracking", {})
     if tr.get("artifact_root"):
         tr["artifact_root"] = str(Path(tr["artifact_root"]).expanduser().absolute())
-    if tr.get("uri", "").startswith("sqlite:///") and not tr["uri"].startswith("sqlite:////"):
-        # sqlite:///relative.db is relative to the cwd, which Ray Tune changes per trial: make it absolute
-        tr["uri"] = "sqlite:///" + str(Path(tr["uri"][len("sqlite:///"):]).absolute())
+    tr["uri"] = absolute_tracking_uri(tr.get("uri") or "")
     if d.get("model", {}).get("weights_path"):
         d["model"]["weights_path"] = str(Path(d["model"]["weights_path"]).expanduser().absolute())
     if d.get("testing", {}).get("crash_once_marker"):
         d["testing"]["crash_once_marker"] = str(Path(d["testing"]["crash_once_marker"]).absolute())
     return d
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A local store's URI with an absolute path: a relative one is relative to the cwd, which Ray Tune changes
+    for every trial (and a Ray worker need not share). sqlite:///rel.db, file:rel, file:./rel and a plain path
+    are made absolute; server URIs and absolute paths are returned as they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().absolute())
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return Path(uri[len("file:"):]).expanduser().absolute().as_uri()
+    if uri and "://" not in uri and ":" not in uri.split("/", 1)[0] and uri not in ("databricks", "databricks-uc"):
+        return str(Path(uri).expanduser().absolute())
+    return uri
 
 
 OVERRIDABLE = ("method", "train")
@@ -91,6 +102,23 @@ def apply_overrides_file(d: dict[str, Any], path: str) -> None:
 
 def mask_hparams(method: dict[str, Any]) -> dict[str, float]:
     return {k: method[k] for k in ("tau", "k", "T", "init") if method.get(k) is not None}
+
+
+def method_params(method: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+    """The method's name and the hyperparameters it actually uses, as run params: T and k only for the softmax
+    trick, tau and the mask lr only for masked methods, lr_finetune only for the fine-tune baseline. A param
+    that had no effect would read, in the MLflow UI, as a setting that was compared."""
+    spec = mask_spec(method["name"], **mask_hparams(method))
+    out: dict[str, Any] = {"method": method["name"]}
+    if spec.masked:
+        out.update(tau=spec.tau, init=spec.init)
+        if spec.binarizer == "softmax":
+            out.update(k=spec.k, T=spec.T)
+        out["lr_mask"] = train["lr_mask"]
+    else:
+        out["lr_finetune"] = train["lr_finetune"]
+    out["lr_head"] = train["lr_head"]
+    return out
 
 
 def train_config(train: dict[str, Any], **over: Any) -> TrainConfig:
@@ -129,13 +157,17 @@ def validate(d: dict[str, Any]) -> None:
     _positive("train.backbone.lr", bb.get("lr"))
     if not (isinstance(bb.get("epochs"), int) and bb["epochs"] >= 1):
         raise PipelineError(f"train.backbone.epochs={bb.get('epochs')!r} must be an int >= 1")
-    for key in ("batch_size",):
-        v = d["train"].get(key)
-        if not (isinstance(v, int) and v >= 1):
-            raise PipelineError(f"train.{key}={v!r} must be an int >= 1")
+    for key, v in (("train.batch_size", d["train"].get("batch_size")),
+                   ("train.backbone.batch_size", bb.get("batch_size")),
+                   ("data.shuffle_buffer", d.get("data", {}).get("shuffle_buffer", 1))):
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise PipelineError(f"{key}={v!r} must be an int >= 1")
     cl = d["cluster"]
     _positive("cluster.cpus_per_task", cl.get("cpus_per_task"))
     _positive("cluster.gpus_per_task", cl.get("gpus_per_task"), allow_zero=True)
+    retries = cl.get("max_retries", 2)
+    if not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= -1):
+        raise PipelineError(f"cluster.max_retries={retries!r} must be an int >= 0 (or -1: retry forever)")
     if cl["gpus_per_task"] > 1 and cl["gpus_per_task"] != int(cl["gpus_per_task"]):
         raise PipelineError(f"cluster.gpus_per_task={cl['gpus_per_task']} must be a fraction <= 1 or a whole number")
     h = d.get("data", {}).get("holdout", 0.0)

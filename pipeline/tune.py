@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .settings import PipelineError, mask_hparams
+from .settings import PipelineError, mask_hparams, method_params
 
 __all__ = ["run_tune", "check_tune", "TuneSettings", "Dim", "benchmark_tasks", "SPACE_KEYS", "METRIC"]
 
@@ -462,8 +462,7 @@ def _trial(config: dict[str, Any], rc: dict[str, Any], refs: dict[str, Any]) -> 
     run_id = tr.start(f"trial-{trial_id}", {"ksm_kind": "tune_trial", "ksm_sweep": run["sweep_id"],
                                             "ksm_trial": trial_id, "ksm_tasks": ",".join(tasks), **node_info()},
                       parent=run["parent_run_id"])
-    tr.params(run_id, {"method": method["name"], **mask_hparams(method), "lr_mask": train["lr_mask"],
-                       "lr_head": train["lr_head"], "epochs": epochs, "batch_size": train["batch_size"],
+    tr.params(run_id, {**method_params(method, train), "epochs": epochs, "batch_size": train["batch_size"],
                        "tasks": ",".join(tasks), "holdout": run["holdout"], "seed": rc["seed"],
                        "sampled": ",".join(sorted(config)), "trial_id": trial_id,
                        **_split_sizes(manifest(run["manifest"]), tasks, run["holdout"])})

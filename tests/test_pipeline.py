@@ -182,6 +182,41 @@ def test_a_backbone_from_a_weights_file(first, tmp_path):
     assert [r["task"] for r in out["results"]] == ["t1"]
 
 
+def test_a_corrupt_shard_fails_its_task_or_is_skipped_and_counted_in_mlflow(first, tmp_path):
+    """data.on_corrupt: 'fail' stops only the task whose shard is bad (the others are saved, the error names the
+    shard); 'skip' trains on the rest and the run says how much was lost."""
+    root, _ = first
+    shards = tmp_path / "shards"
+    small = [f"paths.shards={shards}", "benchmark.shard.max_samples=128"]  # t2's train split: 3 shards
+    run(root, "mode=shards", *small)
+    manifest = Manifest.load(next(shards.rglob("manifest.json")))
+    bad = Path(manifest.url(manifest.task("t2").shards["train"][1]))
+    data = bytearray(bad.read_bytes())
+    data[512 * 3 + 128 + 400] ^= 0x01  # a pixel of the shard's first sample: the tar stays readable
+    bad.write_bytes(bytes(data))
+
+    with pytest.raises(PipelineError) as err:
+        run(root, "run_name=corrupt-fail", *small)
+    assert "1 task(s) failed" in str(err.value) and f"t2: ShardCorruptError: shard {bad} is corrupt" in str(err.value)
+    c = _client(root)
+    fail_runs = {r.data.tags["ksm_task"]: r.info.status for r in _runs(c, "tags.ksm_kind = 'task'")
+                 if r.data.tags.get("mlflow.parentRunId") and
+                 c.get_run(r.data.tags["mlflow.parentRunId"]).info.run_name == "corrupt-fail"}
+    assert fail_runs == {"t1": "FINISHED", "t2": "FAILED"}
+
+    out = run(root, "run_name=corrupt-skip", "data.on_corrupt=skip", *small)
+    res = {r["task"]: r for r in out["results"]}
+    lost = 128 * 2  # the bad shard's samples, in each of the 2 epochs
+    assert res["t1"]["skipped_samples"] == 0 and res["t2"]["skipped_samples"] == lost
+    t2 = c.get_run(res["t2"]["run_id"])
+    assert t2.info.status == "FINISHED" and t2.data.metrics["skipped_samples"] == lost
+    assert t2.data.tags["ksm_skipped_shards"] == str(bad)
+    assert t2.data.params["train_samples"] == "300"  # what the manifest promised; the metric says what was lost
+    assert out["report"]["skipped_samples"] == lost
+    md = Path(c.download_artifacts(out["parent_run_id"], "report/report.md", str(tmp_path))).read_text()
+    assert f"t2: {lost} sample(s) skipped from corrupt shard(s) {bad}" in md
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("override, names", [
     ("method.name=ksm_typo", ["ksm_typo", "piggyback", "ksm_softmax"]),
@@ -189,6 +224,10 @@ def test_a_backbone_from_a_weights_file(first, tmp_path):
     ("method.T=0", ["T"]),
     ("method.k=-1", ["k"]),
     ("train.batch_size=0", ["train.batch_size"]),
+    ("train.backbone.batch_size=0", ["train.backbone.batch_size=0"]),
+    ("data.shuffle_buffer=0", ["data.shuffle_buffer=0"]),
+    ("cluster.max_retries=-2", ["cluster.max_retries=-2"]),
+    ("method.tau=-0.001", ["tau=-0.001", ">= 0"]),
 ])
 def test_bad_values_are_named_before_any_work(tmp_path, override, names):
     with pytest.raises(PipelineError) as e:
@@ -226,3 +265,27 @@ def test_cli_reports_errors_and_lists_choices(tmp_path):
     assert "benchmark/nope" in err and "split_fashion_mnist" in err and "fashion_to_digits" in err
     bad_method_group = cli("method=nope")
     assert "ksm" in bad_method_group.stderr and "piggyback" in bad_method_group.stderr
+
+
+def test_runs_log_only_the_hyperparameters_their_method_uses():
+    from pipeline.settings import method_params
+
+    train = {"lr_mask": 1e-3, "lr_head": 2e-3, "lr_finetune": 3e-4}
+    hp = {"tau": 5e-3, "k": 1200.0, "T": 100.0, "init": 1e-2}
+    assert method_params({"name": "ksm", **hp}, train) == {
+        "method": "ksm", "tau": 5e-3, "init": 1e-2, "k": 1200.0, "T": 100.0, "lr_mask": 1e-3, "lr_head": 2e-3}
+    assert method_params({"name": "piggyback", **hp}, train) == {  # a threshold, no softmax trick: no T, no k
+        "method": "piggyback", "tau": 5e-3, "init": 1e-2, "lr_mask": 1e-3, "lr_head": 2e-3}
+    assert method_params({"name": "finetune"}, train) == {"method": "finetune", "lr_finetune": 3e-4, "lr_head": 2e-3}
+
+
+def test_local_tracking_uris_are_made_absolute(tmp_path, monkeypatch):
+    from pipeline.settings import absolute_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///runs/m.db") == f"sqlite:///{tmp_path}/runs/m.db"
+    assert absolute_tracking_uri("file:./mlruns") == (tmp_path / "mlruns").as_uri()
+    assert absolute_tracking_uri("mlruns") == str(tmp_path / "mlruns")
+    for kept in ("sqlite:////abs/m.db", "file:///abs/mlruns", "/abs/mlruns", "http://127.0.0.1:5000", "databricks",
+                 "postgresql://u@h/db"):
+        assert absolute_tracking_uri(kept) == kept
