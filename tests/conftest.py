@@ -16,3 +16,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_sessionstart(session):
+    """On CI the install step must have provided the real data: a test that skips for want of it there would
+    hide a broken install behind a green run."""
+    if not os.environ.get("CI"):
+        return
+    from data_helpers import FOOLBOX_CIFAR
+    from pipeline.data.sources import DEBIAN_FASHION_MNIST
+
+    missing = [str(p) for p in (DEBIAN_FASHION_MNIST, FOOLBOX_CIFAR) if not p.is_dir() or not any(p.iterdir())]
+    if missing:
+        pytest.exit(f"CI: real test data missing ({', '.join(missing)}); scripts/install.sh should have installed "
+                    "it (apt-get dataset-fashion-mnist, the foolbox wheel's CIFAR-100 images)", returncode=3)
