@@ -207,9 +207,13 @@ def task_job(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.nd
 
 
 def warm_worker(cpus: float, gpus: float = 0.0) -> int:
-    """A no-op job: the first job a Ray worker runs pays for importing torch, MLflow and WebDataset (~2 s).
-    The driver sends one per worker slot while it prepares the backbone, so task jobs start warm."""
+    """A no-op job: the first job a Ray worker runs pays for importing torch, MLflow and WebDataset (~2 s), and
+    its first optimizer for torch._dynamo (~1 s: ``Optimizer.add_param_group`` is wrapped by
+    ``torch._disable_dynamo``, which imports it on first call). The driver sends one per worker slot before
+    its own set-up, so task jobs start warm."""
     prepare_worker(cpus, gpus)
+    import torch._dynamo  # noqa: F401
+
     return os.getpid()
 
 

@@ -69,10 +69,10 @@ class Prepared:
         self.rc, self.manifest, self.tracker = rc, manifest, tracker
 
 
-def prepare(rc: dict[str, Any], log: Log = print) -> Prepared:
+def prepare(rc: dict[str, Any], log: Log = print, manifest: Manifest | None = None) -> Prepared:
     """Checks that need the outside world (tracking server, shards), cheapest first, before any training."""
     check_tracking_uri(rc["tracking"]["uri"])
-    manifest = ensure_shards(rc["benchmark"], rc["paths"]["shards"], log=log)
+    manifest = manifest or ensure_shards(rc["benchmark"], rc["paths"]["shards"], log=log)
     tracker = Tracker.setup(rc["tracking"]["uri"], rc["tracking"]["experiment"], rc["tracking"].get("artifact_root"))
     return Prepared(rc, manifest, tracker)
 
@@ -195,10 +195,15 @@ def run_sequence(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
     import ray
     from tqdm import tqdm
 
-    p = prepare(rc, log)
-    tr, m = p.tracker, p.manifest
+    check_tracking_uri(rc["tracking"]["uri"])  # seconds, before Ray starts
+    m = ensure_shards(rc["benchmark"], rc["paths"]["shards"], log=log)
     with ray_session(rc, log):
         _check_gpus(rc)
+        # a fresh worker spends ~3 s importing torch, MLflow and torch._dynamo before its first job: start that
+        # now, so it overlaps the MLflow set-up, the run lookups and the backbone stage
+        _warm_workers(rc, len(m.new_tasks))
+        p = prepare(rc, log, manifest=m)
+        tr = p.tracker
         bb_key = backbone_key(rc, m)
         key = sequence_key(rc, m, bb_key)
         parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
@@ -215,7 +220,6 @@ def run_sequence(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
             if done:
                 log(f"[sequence] {len(done)} task(s) already finished: {', '.join(sorted(done))}; "
                     f"training {len(todo)}: {', '.join(todo) or '-'}")
-            _warm_workers(rc, len(todo))  # worker start-up overlaps the backbone stage
             state, fp, bb_run = backbone_stage(p, log)
             tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp})
             state_ref = ray.put(state)  # once: every job maps the same arrays zero-copy
