@@ -261,7 +261,7 @@ def _mask_values(mask_real: Tensor, tau: float, soft: bool) -> Tensor:
 
 def _apply_mask(weight: Tensor, m: Tensor) -> Tensor:
     """W * M, consuming M (a fresh buffer): element-wise in place, kernel-wise broadcast over kh x kw."""
-    if m.shape == weight.shape:
+    if m.shape == weight.shape and weight.is_contiguous():  # (a channels_last W keeps its layout via W * M)
         return m.mul_(weight)
     return weight * m.reshape(m.shape + (1,) * (weight.dim() - m.dim()))
 
