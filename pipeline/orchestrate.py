@@ -21,7 +21,7 @@ from .report import write_report
 from .settings import PipelineError, check_ray_address, check_tracking_uri, stable_hash
 from .tracking import Tracker
 
-__all__ = ["run_sequence", "run_shards", "ray_session", "prepare", "Prepared", "backbone_stage"]
+__all__ = ["run_sequence", "run_shards", "ray_session", "check_inputs", "prepare", "Prepared", "backbone_stage"]
 
 Log = Callable[[str], None]
 
@@ -69,10 +69,16 @@ class Prepared:
         self.rc, self.manifest, self.tracker = rc, manifest, tracker
 
 
-def prepare(rc: dict[str, Any], log: Log = print, manifest: Manifest | None = None) -> Prepared:
-    """Checks that need the outside world (tracking server, shards), cheapest first, before any training."""
+def check_inputs(rc: dict[str, Any], log: Log = print) -> Manifest:
+    """Checks that need the outside world, cheapest first, before Ray starts: the tracking server answers
+    (seconds), the shards exist (written here if missing)."""
     check_tracking_uri(rc["tracking"]["uri"])
-    manifest = manifest or ensure_shards(rc["benchmark"], rc["paths"]["shards"], log=log)
+    return ensure_shards(rc["benchmark"], rc["paths"]["shards"], log=log)
+
+
+def prepare(rc: dict[str, Any], log: Log = print, manifest: Manifest | None = None) -> Prepared:
+    """``check_inputs`` (unless its manifest is given), then the MLflow experiment."""
+    manifest = manifest or check_inputs(rc, log)
     tracker = Tracker.setup(rc["tracking"]["uri"], rc["tracking"]["experiment"], rc["tracking"].get("artifact_root"))
     return Prepared(rc, manifest, tracker)
 
@@ -195,8 +201,7 @@ def run_sequence(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
     import ray
     from tqdm import tqdm
 
-    check_tracking_uri(rc["tracking"]["uri"])  # seconds, before Ray starts
-    m = ensure_shards(rc["benchmark"], rc["paths"]["shards"], log=log)
+    m = check_inputs(rc, log)
     with ray_session(rc, log):
         _check_gpus(rc)
         # a fresh worker spends ~3 s importing torch, MLflow and torch._dynamo before its first job: start that
