@@ -5,6 +5,7 @@
     python run_pipeline.py benchmark=fashion_to_digits method=piggyback train.epochs=30
     python run_pipeline.py mode=tune tune.num_samples=16     # Ray Tune over T and tau (ASHA)
     python run_pipeline.py mode=shards                       # write / verify the WebDataset shards only
+    python run_pipeline.py mode=evaluate                     # all of a sequence's tasks in one network, re-checked
     python run_pipeline.py cluster=remote tracking.uri=http://mlflow:5000   # an existing cluster + server
 
 The config is composed by Hydra from configs/, made absolute and validated before any Ray or MLflow work.
@@ -49,6 +50,10 @@ def main_from_config(cfg: DictConfig) -> dict:
         from pipeline.tune import run_tune
 
         out = run_tune(rc)
+    elif mode == "evaluate":
+        from pipeline.evaluate import run_evaluate
+
+        out = run_evaluate(rc)
     else:
         from pipeline.orchestrate import run_sequence
 

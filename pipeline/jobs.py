@@ -28,7 +28,7 @@ from .settings import mask_hparams, method_params, train_config
 from .tracking import Tracker
 
 __all__ = ["TaskOutcome", "train_task", "task_job", "backbone_job", "build_backbone", "prepare_worker",
-           "result_from_run", "state_to_numpy", "warm_worker", "node_info"]
+           "result_from_run", "state_to_numpy", "warm_worker", "node_info", "device_for"]
 
 _MANIFESTS: dict[str, Manifest] = {}
 
@@ -66,7 +66,7 @@ def build_backbone(model_cfg: dict[str, Any], num_classes: int, state: dict[str,
     return model
 
 
-def _device_for(rc: dict[str, Any]) -> str:
+def device_for(rc: dict[str, Any]) -> str:
     want = rc["train"].get("device", "auto")
     if want == "auto" and rc["cluster"].get("gpus_per_task", 0) <= 0:
         return "cpu"  # a job that asked Ray for no GPU must not grab one it happens to see
@@ -132,7 +132,7 @@ def train_task(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.
     else:
         train_loader = make_loader(m, task_name, "train", holdout=h, part="fit" if h > 0 else "all", **common)
         eval_loader = make_loader(m, task_name, "test", **common)
-    cfg: TrainConfig = train_config(train, device=_device_for(rc), seed=rc["seed"])
+    cfg: TrainConfig = train_config(train, device=device_for(rc), seed=rc["seed"])
     fit = fit_task(net, t, train_loader, eval_loader, cfg, on_epoch=on_epoch)
     return TaskOutcome(net, t, fit, list(info.class_names), train_loader.num_samples, eval_loader.num_samples,
                        evaluate_on, skipped_samples=train_loader.skipped + eval_loader.skipped,
@@ -239,7 +239,7 @@ def backbone_job(rc: dict[str, Any]) -> dict[str, Any]:
     init = m.task(m.initial_task)
     model_cfg = rc["model"]
     bb_cfg = rc["train"]["backbone"]
-    cfg = TrainConfig(epochs=bb_cfg["epochs"], lr_backbone=bb_cfg["lr"], device=_device_for(rc), seed=rc["seed"],
+    cfg = TrainConfig(epochs=bb_cfg["epochs"], lr_backbone=bb_cfg["lr"], device=device_for(rc), seed=rc["seed"],
                       amp=rc["train"].get("amp", True), channels_last=rc["train"].get("channels_last", True))
     test = make_loader(m, init.name, "test", batch_size=256, seed=rc["seed"])
     torch.manual_seed(rc["seed"])

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "write_report"]
+__all__ = ["format_table", "text_table", "write_report"]
 
 COLUMNS = [("task", "task"), ("classes", "classes"), ("test_acc", "test acc"), ("train_seconds", "train s"),
            ("artifact_kb", "artifact KB"), ("mask_ones", "ones"), ("mask_soft", "soft"), ("node", "node"),
@@ -39,8 +39,11 @@ def _fmt(key: str, v: Any) -> str:
 
 def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
     rows = _rows(results)
-    head = [h for _, h in COLUMNS]
-    cells = [[_fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
+    return text_table([h for _, h in COLUMNS], [[_fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows], markdown)
+
+
+def text_table(head: list[str], cells: list[list[str]], markdown: bool = False) -> str:
+    """Rows of strings as an aligned console table, or as markdown."""
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in cells]

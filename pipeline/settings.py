@@ -21,7 +21,7 @@ from ksm_core import METHODS, TrainConfig, list_models, mask_spec
 __all__ = ["PipelineError", "resolve", "validate", "stable_hash", "check_tracking_uri", "check_ray_address",
            "mask_hparams", "method_params", "train_config"]
 
-MODES = ("sequence", "tune", "shards")
+MODES = ("sequence", "tune", "shards", "evaluate")
 
 
 class PipelineError(RuntimeError):

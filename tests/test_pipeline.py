@@ -289,3 +289,31 @@ def test_local_tracking_uris_are_made_absolute(tmp_path, monkeypatch):
     for kept in ("sqlite:////abs/m.db", "file:///abs/mlruns", "/abs/mlruns", "http://127.0.0.1:5000", "databricks",
                  "postgresql://u@h/db"):
         assert absolute_tracking_uri(kept) == kept
+
+
+def test_evaluate_serves_every_task_from_one_network_unchanged(first):
+    """mode=evaluate: backbone + every task artifact into ONE network; each task, the backbone's own included,
+    scores exactly what it scored when trained, and the backbone's tensors still hash to its fingerprint."""
+    root, out = first
+    ev = run(root, "mode=evaluate")
+    rows = {r["task"]: r for r in ev["rows"]}
+    assert sorted(rows) == ["t0", "t1", "t2"] and rows["t0"]["index"] == 0
+    assert ev["backbone_unchanged"] and ev["max_abs_delta"] == 0.0 and ev["missing"] == []
+    c = _client(root)
+    for name in ("t1", "t2"):
+        trained = [r for r in _runs(c, f"tags.ksm_kind = 'task' and tags.ksm_task = '{name}'", "FINISHED")
+                   if r.data.tags["ksm_sequence"] == out["sequence_key"]][0]
+        assert rows[name]["acc"] == trained.data.metrics["test_acc"]
+    run_ = c.get_run(ev["run_id"])
+    assert run_.data.tags["mlflow.parentRunId"] == out["parent_run_id"] == ev["parent_run_id"]
+    assert run_.data.tags["ksm_kind"] == "evaluation" and run_.info.status == "FINISHED"
+    assert run_.data.metrics["max_abs_delta"] == 0.0 and run_.data.metrics["backbone_unchanged"] == 1.0
+    assert run_.data.metrics["test_acc.t1"] == rows["t1"]["acc"]
+    assert [a.path for a in c.list_artifacts(ev["run_id"], "report")] == ["report/evaluation.md"]
+
+
+def test_evaluate_without_a_trained_sequence_says_what_to_run(first):
+    root, _ = first
+    with pytest.raises(PipelineError, match=r"no trained sequence matches this config \(run_name='never-trained'.*"
+                                            r"without mode=evaluate first"):
+        run(root, "mode=evaluate", "run_name=never-trained")

@@ -1,0 +1,110 @@
+"""mode=evaluate: serve a finished sequence from ONE network and check that no task degraded.
+
+The backbone and every task artifact of the sequence are downloaded from MLflow and loaded into a single
+KSMNet (one frozen backbone, one mask + BN + head per task). Each task, and the backbone's own initial task, is
+then evaluated on its test shards and compared with the accuracy its run logged when it was trained: KSM's
+promise is that adding tasks never changes an earlier one, so the two must be equal. The result is an
+``evaluation`` run under the sequence's parent run (per-task metrics, a markdown table).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .orchestrate import backbone_key, check_inputs, prepare, sequence_key
+from .report import text_table
+from .settings import PipelineError, train_config
+
+__all__ = ["run_evaluate"]
+
+Log = Callable[[str], None]
+
+
+def run_evaluate(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
+    """Load the sequence that this config names (same run name and spec) and re-evaluate all of its tasks."""
+    from safetensors.numpy import load_file
+
+    from ksm_core import KSMNet, evaluate, load_task
+    from ksm_core.train import resolve_device
+
+    from .data import make_loader
+    from .jobs import build_backbone, device_for
+
+    m = check_inputs(rc, log)
+    p = prepare(rc, log, manifest=m)
+    tr = p.tracker
+    key = sequence_key(rc, m, backbone_key(rc, m))
+    parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
+    if parent is None or not parent.data.tags.get("ksm_backbone_run"):
+        raise PipelineError(f"no trained sequence matches this config (run_name={rc['run_name']!r}, benchmark "
+                            f"{rc['benchmark']['name']}, method {rc['method']['name']}) in {rc['tracking']['uri']}; "
+                            "run the same command without mode=evaluate first")
+    done = {r.data.tags["ksm_task"]: r for r in tr.find("FINISHED", ksm_kind="task", ksm_sequence=key)}
+    missing = [t for t in m.new_tasks if t not in done]
+    bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
+    init = m.task(m.initial_task)
+    cfg = train_config(rc["train"], device=device_for(rc))
+    dev = resolve_device(cfg.device)
+    log(f"[evaluate] sequence run {parent.info.run_id}: backbone + {len(done)} task(s) into one network on {dev}"
+        + (f"; not trained yet: {', '.join(missing)}" if missing else ""))
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ksm-eval-") as tmp:
+        state = load_file(tr.download(bb_run.info.run_id, "backbone/backbone.safetensors", tmp))
+        net = KSMNet.from_backbone(build_backbone(rc["model"], init.num_classes, state))
+        if net.backbone_fingerprint != bb_run.data.tags.get("ksm_fingerprint"):
+            raise PipelineError(f"backbone run {bb_run.info.run_id}: its weights do not hash to its logged "
+                                "fingerprint; the run's artifact was changed")
+        index = {m.initial_task: 0}
+        for t in m.new_tasks:
+            if t in done:
+                index[t] = load_task(net, tr.download(done[t].info.run_id, f"task/{t}.safetensors", tmp), name=t)
+    net.to(dev)
+
+    rows = []
+    logged = {m.initial_task: bb_run.data.metrics.get("test_acc"), **{t: r.data.metrics.get("test_acc")
+                                                                       for t, r in done.items()}}
+    for t, i in index.items():
+        # the batch sizes the accuracies were logged with (the backbone job evaluates in batches of 256)
+        bs = 256 if i == 0 else rc["train"]["batch_size"]
+        acc, _ = evaluate(net.set_task(i), make_loader(m, t, "test", batch_size=bs, seed=rc["seed"],
+                                                       on_corrupt=rc["data"]["on_corrupt"]), cfg)
+        rows.append({"task": t, "index": i, "logged_acc": logged[t], "acc": acc,
+                     "delta": None if logged[t] is None else acc - logged[t]})
+    unchanged = net.fingerprint() == net.backbone_fingerprint
+    seconds = time.perf_counter() - t0
+    worst = max((abs(r["delta"]) for r in rows if r["delta"] is not None), default=0.0)
+
+    table = _table(rows)
+    log("")
+    log(f"One network, {len(index)} tasks (task 0 = the backbone's own, {m.initial_task}):")
+    log(table)
+    log(f"largest |accuracy now - accuracy when trained| = {worst:.4f}; backbone tensors "
+        f"{'bit-identical to' if unchanged else 'CHANGED from'} the logged fingerprint; {seconds:.1f} s")
+
+    run_id = tr.start("evaluation", {"ksm_kind": "evaluation", "ksm_sequence": key}, parent=parent.info.run_id)
+    try:
+        tr.metrics(run_id, {**{f"test_acc.{r['task']}": r["acc"] for r in rows},
+                            **{f"delta.{r['task']}": r["delta"] for r in rows},
+                            "max_abs_delta": worst, "tasks": len(index), "backbone_unchanged": float(unchanged),
+                            "seconds": seconds})
+        tr.params(run_id, {"device": str(dev), "not_trained": ", ".join(missing) or "-"})
+        with tempfile.TemporaryDirectory(prefix="ksm-eval-") as tmp:
+            path = Path(tmp) / "evaluation.md"
+            path.write_text(f"# {rc['run_name']}: all tasks in one network\n\n{_table(rows, markdown=True)}\n")
+            tr.artifact(run_id, path, "report")
+        tr.finish(run_id)
+    except BaseException:
+        tr.finish(run_id, "FAILED")
+        raise
+    return {"rows": rows, "max_abs_delta": worst, "backbone_unchanged": unchanged, "missing": missing,
+            "run_id": run_id, "parent_run_id": parent.info.run_id}
+
+
+def _table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    head = ["task", "index", "acc when trained", "acc now", "delta"]
+    return text_table(head, [[r["task"], str(r["index"]), "-" if r["logged_acc"] is None else f"{r['logged_acc']:.4f}",
+                              f"{r['acc']:.4f}", "-" if r["delta"] is None else f"{r['delta']:+.4f}"] for r in rows],
+                      markdown)
