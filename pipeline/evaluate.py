@@ -30,7 +30,7 @@ def run_evaluate(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
     from ksm_core.train import resolve_device
 
     from .data import make_loader
-    from .jobs import build_backbone, device_for
+    from .jobs import BACKBONE_EVAL_BATCH, build_backbone, device_for
 
     m = check_inputs(rc, log)
     p = prepare(rc, log, manifest=m)
@@ -67,8 +67,7 @@ def run_evaluate(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
     logged = {m.initial_task: bb_run.data.metrics.get("test_acc"), **{t: r.data.metrics.get("test_acc")
                                                                        for t, r in done.items()}}
     for t, i in index.items():
-        # the batch sizes the accuracies were logged with (the backbone job evaluates in batches of 256)
-        bs = 256 if i == 0 else rc["train"]["batch_size"]
+        bs = BACKBONE_EVAL_BATCH if i == 0 else rc["train"]["batch_size"]  # as when the accuracy was logged
         acc, _ = evaluate(net.set_task(i), make_loader(m, t, "test", batch_size=bs, seed=rc["seed"],
                                                        on_corrupt=rc["data"]["on_corrupt"]), cfg)
         rows.append({"task": t, "index": i, "logged_acc": logged[t], "acc": acc,

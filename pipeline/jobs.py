@@ -31,6 +31,7 @@ __all__ = ["TaskOutcome", "train_task", "task_job", "backbone_job", "build_backb
            "result_from_run", "state_to_numpy", "warm_worker", "node_info", "device_for"]
 
 _MANIFESTS: dict[str, Manifest] = {}
+BACKBONE_EVAL_BATCH = 256  # the backbone's logged test accuracy is measured in batches of this size
 
 
 def prepare_worker(cpus: float, gpus: float = 0.0) -> None:
@@ -241,7 +242,7 @@ def backbone_job(rc: dict[str, Any]) -> dict[str, Any]:
     bb_cfg = rc["train"]["backbone"]
     cfg = TrainConfig(epochs=bb_cfg["epochs"], lr_backbone=bb_cfg["lr"], device=device_for(rc), seed=rc["seed"],
                       amp=rc["train"].get("amp", True), channels_last=rc["train"].get("channels_last", True))
-    test = make_loader(m, init.name, "test", batch_size=256, seed=rc["seed"])
+    test = make_loader(m, init.name, "test", batch_size=BACKBONE_EVAL_BATCH, seed=rc["seed"])
     torch.manual_seed(rc["seed"])
     if model_cfg.get("weights_path"):
         kw = {k: v for k, v in model_cfg.items() if k != "name" and v is not None}
