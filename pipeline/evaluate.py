@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .orchestrate import backbone_key, check_inputs, prepare, sequence_key
+from .orchestrate import backbone_key, prepare, sequence_key
 from .report import text_table
 from .settings import PipelineError, train_config
 
@@ -32,9 +32,8 @@ def run_evaluate(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
     from .data import make_loader
     from .jobs import BACKBONE_EVAL_BATCH, build_backbone, device_for
 
-    m = check_inputs(rc, log)
-    p = prepare(rc, log, manifest=m)
-    tr = p.tracker
+    p = prepare(rc, log)
+    tr, m = p.tracker, p.manifest
     key = sequence_key(rc, m, backbone_key(rc, m))
     parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
     if parent is None or not parent.data.tags.get("ksm_backbone_run"):

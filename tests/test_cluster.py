@@ -464,6 +464,8 @@ def test_ray_job_submit_runs_the_sequence_on_a_ray_start_head(ray_head, mlflow_s
     assert not head.temp_dir.exists()
     shared = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     assert not (shared.exists() and shared.read_text().strip() == head.gcs_address)
+
+
 @needs_data
 @pytest.mark.slow
 def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray_cluster, mlflow_server,
