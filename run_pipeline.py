@@ -64,7 +64,7 @@ def main_from_config(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pipeline.data.errors import DataError
+    from pipeline.errors import DataError
     from pipeline.settings import PipelineError
 
     try:

@@ -18,14 +18,12 @@ from typing import Any
 
 from ksm_core import METHODS, TrainConfig, list_models, mask_spec
 
+from .errors import PipelineError
+
 __all__ = ["PipelineError", "resolve", "validate", "stable_hash", "check_tracking_uri", "check_ray_address",
            "mask_hparams", "method_params", "train_config"]
 
 MODES = ("sequence", "tune", "shards", "evaluate")
-
-
-class PipelineError(RuntimeError):
-    """A problem with the run's configuration or environment, explained for the user (no traceback needed)."""
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:

@@ -624,7 +624,7 @@ def test_shards_from_a_url(shard_server, shards, tmp_path):
 def _fails_fast(overrides: list[str], *needles: str) -> str:
     import ray
 
-    from pipeline.data.errors import DataError
+    from pipeline.errors import DataError
     from pipeline.settings import PipelineError
 
     assert not ray.is_initialized(), "an earlier test left Ray initialised: the driver would reuse it"

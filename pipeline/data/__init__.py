@@ -14,7 +14,7 @@ Typical use (driver, then each Ray job)::
 from .arrays import ArraySplit, TaskData, stratified_split, stratified_subset
 from .benchmarks import BENCHMARK_KINDS, build_tasks, list_benchmarks, load_benchmark_config, register_kind
 from .cifar100 import CPG_ORDER, FINE_NAMES, SUPERCLASSES, superclass_of
-from .errors import ConfigError, DataError, ShardCorruptError, SourceNotFoundError, UnknownNameError
+from ..errors import ConfigError, DataError, ShardCorruptError, SourceNotFoundError, UnknownNameError
 from .loader import Loader, in_holdout, iter_samples, make_loader
 from .manifest import Manifest, TaskInfo, sha256_file
 from .shards import ensure_shards, spec_hash, write_shards

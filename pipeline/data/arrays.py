@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError, unknown_name
+from ..errors import ConfigError, unknown_name
 
 #: ITU-R 601 luma weights (what PIL's ``convert("L")`` uses) for RGB -> grey.
 LUMA = np.array([0.299, 0.587, 0.114])

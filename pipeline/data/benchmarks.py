@@ -28,7 +28,7 @@ from typing import Any
 
 from .arrays import ArraySplit, TaskData, cap_split, resolve_classes, select_classes, shuffle_split
 from .cifar100 import CPG_ORDER, superclass_split
-from .errors import ConfigError, unknown_name
+from ..errors import ConfigError, unknown_name
 from .sources import SPLITS, load_source, source_kind
 
 #: configs/benchmark/ of this project (where :func:`load_benchmark_config` looks by default)

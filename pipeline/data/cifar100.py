@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import ArraySplit
-from .errors import DataError, SourceNotFoundError, unknown_name
+from ..errors import DataError, SourceNotFoundError, unknown_name
 
 #: superclass -> its 5 fine classes (alphabetical); dict order = coarse label order = CPG's task order.
 SUPERCLASSES: dict[str, tuple[str, ...]] = {

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .errors import SHARDS_COMMAND, ConfigError, ShardCorruptError, corrupt_shard, missing_shard, unknown_name
+from ..errors import SHARDS_COMMAND, ConfigError, ShardCorruptError, corrupt_shard, missing_shard, unknown_name
 from .manifest import Manifest, TaskInfo, sample_key
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SHARDS_COMMAND, ConfigError, corrupt_shard, missing_shard, unknown_name
+from ..errors import SHARDS_COMMAND, ConfigError, corrupt_shard, missing_shard, unknown_name
 
 MANIFEST_NAME = "manifest.json"
 #: seconds to wait for a remote manifest (the shards themselves are streamed by webdataset's gopen)

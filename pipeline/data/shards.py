@@ -40,7 +40,7 @@ import webdataset as wds
 
 from .arrays import ArraySplit, TaskData, channel_stats
 from .benchmarks import build_tasks, spec_of
-from .errors import ConfigError, unknown_name
+from ..errors import ConfigError, unknown_name
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, TaskInfo, is_local, join_url, sample_key, sha256_file
 
 #: benchmark keys that only change how shards are read, not what they hold: not part of the spec hash

@@ -36,7 +36,7 @@ import numpy as np
 
 from .arrays import ArraySplit, as_nhwc_uint8, stratified_split
 from .cifar100 import cifar100_files, read_cifar100
-from .errors import ConfigError, SourceNotFoundError, unknown_name
+from ..errors import ConfigError, SourceNotFoundError, unknown_name
 
 #: Folder of the Debian package ``dataset-fashion-mnist`` (IDX files, gzipped).
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

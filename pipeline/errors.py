@@ -1,6 +1,7 @@
-"""Errors raised by the data layer.
+"""Every error the pipeline raises on purpose: the bottom floor, imported by every other module, importing none.
 
-Every message names the thing at fault and the fix, so a failed Ray job's log is enough to act on.
+Every message names the thing at fault and the fix, so a failed Ray job's log (or the console) is enough to act
+on. ``run_pipeline.py`` turns a :class:`PipelineError` or :class:`DataError` into one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from collections.abc import Iterable
 
 #: The command that (re)writes shards; quoted in every "run this to fix it" message.
 SHARDS_COMMAND = "python run_pipeline.py mode=shards"
+
+
+class PipelineError(RuntimeError):
+    """A problem with the run's configuration or environment, explained for the user (no traceback needed)."""
 
 
 class DataError(Exception):
