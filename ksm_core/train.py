@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -127,8 +127,21 @@ def _steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int | None:
     return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
 
 
-def _fit(model: nn.Module, groups: list[dict], train_loader: Iterable, test_loader: Iterable | None,
-         cfg: TrainConfig, dev: torch.device, on_epoch: EpochCallback | None) -> FitResult:
+def _drain(epochs: Generator[dict[str, float], None, FitResult], on_epoch: EpochCallback | None) -> FitResult:
+    """Run an epoch generator to its end, showing every epoch's record to ``on_epoch``; its FitResult."""
+    while True:
+        try:
+            rec = next(epochs)
+        except StopIteration as stop:
+            return stop.value
+        if on_epoch is not None:
+            on_epoch(int(rec["epoch"]), rec)
+
+
+def _fit_epochs(model: nn.Module, groups: list[dict], train_loader: Iterable, test_loader: Iterable | None,
+                cfg: TrainConfig, dev: torch.device) -> Generator[dict[str, float], None, FitResult]:
+    """The training loop, one epoch per ``next()``: it yields each epoch's record and returns the FitResult.
+    A generator so that a caller can step several tasks in lockstep in one thread (Tune trials do)."""
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay, foreach=True)
     spe = _steps_per_epoch(train_loader, cfg)
@@ -168,8 +181,7 @@ def _fit(model: nn.Module, groups: list[dict], train_loader: Iterable, test_load
         if test_loader is not None:
             rec["test_acc"], rec["test_loss"] = evaluate(model, test_loader, cfg)
         res.history.append(rec)
-        if on_epoch is not None:
-            on_epoch(epoch, rec)
+        yield rec
     res.total_seconds = time.perf_counter() - t_start
     return res
 
@@ -181,6 +193,13 @@ def fit_task(net: KSMNet, task: int, train_loader: Iterable, test_loader: Iterab
     With ``deploy`` (default) the task is fixed afterwards and the final test accuracy is measured on the
     deployed task: the number its artifact reproduces. ``on_epoch(epoch, record)`` sees every epoch's metrics.
     """
+    return _drain(fit_task_epochs(net, task, train_loader, test_loader, cfg, deploy), on_epoch)
+
+
+def fit_task_epochs(net: KSMNet, task: int, train_loader: Iterable, test_loader: Iterable | None = None,
+                    cfg: TrainConfig | None = None, deploy: bool = True) -> Generator[dict[str, float], None, FitResult]:
+    """:func:`fit_task`, one epoch per ``next()``: yields each epoch's record, returns the FitResult (after the
+    deploy and the final evaluation, which run on the ``next()`` after the last epoch)."""
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     dev = resolve_device(cfg.device)
@@ -196,7 +215,7 @@ def fit_task(net: KSMNet, task: int, train_loader: Iterable, test_loader: Iterab
         groups = [{"params": p["masks"] + p["bn"], "lr": cfg.lr_finetune}, {"params": p["head"], "lr": cfg.lr_head}]
     else:
         groups = [{"params": p["masks"] + p["bn"], "lr": cfg.lr_mask}, {"params": p["head"], "lr": cfg.lr_head}]
-    res = _fit(net, groups, train_loader, test_loader, cfg, dev, on_epoch)
+    res = yield from _fit_epochs(net, groups, train_loader, test_loader, cfg, dev)
     if deploy:
         net.deploy(task)
     if test_loader is not None:
@@ -213,8 +232,8 @@ def train_backbone(model: nn.Module, train_loader: Iterable, test_loader: Iterab
     model.to(dev)
     if dev.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    res = _fit(model, [{"params": [q for q in model.parameters() if q.requires_grad], "lr": cfg.lr_backbone}],
-               train_loader, test_loader, cfg, dev, on_epoch)
+    res = _drain(_fit_epochs(model, [{"params": [q for q in model.parameters() if q.requires_grad],
+                                      "lr": cfg.lr_backbone}], train_loader, test_loader, cfg, dev), on_epoch)
     if test_loader is not None:
         res.test_acc, res.test_loss = evaluate(model, test_loader, cfg)
     return res
