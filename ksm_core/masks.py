@@ -154,7 +154,6 @@ MASK_METHODS: dict[str, MaskSpec] = {
     "ksm_elementwise": MaskSpec("ksm_elementwise", binarizer="softmax", granularity="element", soft=True),
     "ksm": MaskSpec("ksm", binarizer="softmax", granularity="kernel", soft=True),
 }
-ALIASES = {"ksm_full": "ksm", "piggyback_kernel": "piggyback_kernelwise"}
 # Everything a task can be trained with: the mask variants plus the whole-net fine-tuning baseline.
 METHODS: tuple[str, ...] = tuple(MASK_METHODS) + ("finetune",)
 
@@ -164,7 +163,7 @@ def mask_spec(method: str = "ksm", **hparams: Any) -> MaskSpec:
 
     Raises ValueError naming the method and the valid ones, or the out-of-range hyperparameter.
     """
-    name = ALIASES.get(method, method)
+    name = method
     if name == "finetune":
         base = MaskSpec("finetune", binarizer="none", granularity="none", soft=False)
     elif name == "base":

@@ -124,7 +124,6 @@ def test_six_ablation_variants_by_name_differ_where_they_should():
     assert s["ksm_softmax"].binarizer == "softmax" and not s["ksm_softmax"].soft
     assert s["ksm_elementwise"].granularity == "element" and s["ksm_elementwise"].soft
     assert (s["ksm"].binarizer, s["ksm"].granularity, s["ksm"].soft) == ("softmax", "kernel", True)
-    assert mask_spec("ksm_full") == s["ksm"]
     # behaviour: same Mr, soft vs not changes forward; softmax vs STE changes the gradient
     mr = _mr()
     a = effective_mask(mr, s["ksm"], training=True)
