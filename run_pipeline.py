@@ -17,11 +17,9 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parent
-if not OmegaConf.has_resolver("ksm_root"):
-    OmegaConf.register_new_resolver("ksm_root", lambda: str(ROOT))
+import pipeline.config  # noqa: F401  (registers the config schema and the ${ksm_root:} resolver with Hydra)
 
 # Ray's and MLflow's phone-home features have nothing to reach on an offline machine; off unless set.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -35,22 +33,24 @@ def ui_command(uri: str) -> str:
 
 
 def main_from_config(cfg: DictConfig) -> dict:
-    """Run the configured mode; raises PipelineError (and data errors) with a message for the user."""
-    from pipeline.settings import resolve, validate
+    """Validate once (the shared checks, then the mode's own), run the mode; raises PipelineError (and data
+    errors) with a message for the user."""
+    from pipeline.config import resolve, validate
 
     rc = resolve(cfg)
     validate(rc)
-    mode = rc["mode"]
-    if mode == "shards":
+    if rc.mode == "shards":
         from pipeline.orchestrate import run_shards
 
-        m = run_shards(rc)
-        return {"manifest": str(m.path)}
-    if mode == "tune":
-        from pipeline.tune import run_tune
+        return {"manifest": str(run_shards(rc).path)}
+    if rc.mode == "tune":
+        from pipeline.tune import check_tune
 
-        out = run_tune(rc)
-    elif mode == "evaluate":
+        settings = check_tune(rc)  # before any work: a typo in the tune section costs no backbone training
+        from pipeline.tune.driver import run_tune
+
+        out = run_tune(rc, settings)
+    elif rc.mode == "evaluate":
         from pipeline.evaluate import run_evaluate
 
         out = run_evaluate(rc)
@@ -58,14 +58,13 @@ def main_from_config(cfg: DictConfig) -> dict:
         from pipeline.orchestrate import run_sequence
 
         out = run_sequence(rc)
-    print(f"\nBrowse the runs: {ui_command(rc['tracking']['uri'])}")
+    print(f"\nBrowse the runs: {ui_command(rc.tracking.uri)}")
     return out
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pipeline.errors import DataError
-    from pipeline.settings import PipelineError
+    from pipeline.errors import DataError, PipelineError
 
     try:
         main_from_config(cfg)

@@ -45,7 +45,7 @@ from ksm_core import KSMNet, fit_task  # noqa: E402
 from ksm_core.cpu import tune_malloc  # noqa: E402
 from pipeline.data import Manifest, make_loader  # noqa: E402
 from pipeline.jobs import build_backbone  # noqa: E402
-from pipeline.settings import mask_hparams, resolve, train_config  # noqa: E402
+from pipeline.config import resolve  # noqa: E402
 
 
 class InMemory:
@@ -86,14 +86,14 @@ def bare_seconds(root: Path, overrides: list[str], state: dict, tasks: list[str]
     """The same tasks with ksm_core alone: in-memory batches, one thread, one task after another.
     ``start`` (a multiprocessing barrier) lines up the clocks of processes run side by side."""
     rc = resolve(config(root, overrides))
-    m = Manifest.load(next((Path(rc["paths"]["shards"]) / rc["benchmark"]["name"]).rglob("manifest.json")))
+    m = Manifest.load(next((Path(rc.paths.shards) / rc.benchmark["name"]).rglob("manifest.json")))
     tasks = tasks or m.new_tasks
-    tr = rc["train"]
+    tr = rc.train
     data = {}
     for t in tasks:  # read + decode up front, outside the clock
-        loader = make_loader(m, t, "train", batch_size=tr["batch_size"], seed=rc["seed"])
+        loader = make_loader(m, t, "train", batch_size=tr.batch_size, seed=rc.seed)
         epochs = [list(loader.pipeline(e)) for e in range(tr["epochs"])]
-        data[t] = (InMemory(epochs, loader.transform, rc["seed"]),
+        data[t] = (InMemory(epochs, loader.transform, rc.seed),
                    list(make_loader(m, t, "test", batch_size=tr["batch_size"])))
     init = m.task(m.initial_task)
     torch.set_num_threads(1)
@@ -102,11 +102,11 @@ def bare_seconds(root: Path, overrides: list[str], state: dict, tasks: list[str]
         start.wait()
     t0 = time.perf_counter()
     for t in tasks:
-        bb = build_backbone(rc["model"], init.num_classes, state)
+        bb = build_backbone(rc.model, init.num_classes, state)
         net = KSMNet.from_backbone(bb, copy_backbone=False)
-        torch.manual_seed(rc["seed"])
-        idx = net.add_task(m.task(t).num_classes, method=rc["method"]["name"], name=t, **mask_hparams(rc["method"]))
-        fit_task(net, idx, data[t][0], data[t][1], train_config(tr, device="cpu", seed=rc["seed"]))
+        torch.manual_seed(rc.seed)
+        idx = net.add_task(m.task(t).num_classes, method=rc.method.name, name=t, **rc.method.hparams())
+        fit_task(net, idx, data[t][0], data[t][1], tr.to_core(device="cpu", seed=rc.seed))
     return time.perf_counter() - t0
 
 

@@ -13,16 +13,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import RunConfig
+from .errors import PipelineError
 from .orchestrate import backbone_key, prepare, sequence_key
-from .report import text_table
-from .settings import PipelineError, train_config
+from .present import text_table
 
 __all__ = ["run_evaluate"]
 
 Log = Callable[[str], None]
 
 
-def run_evaluate(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
+def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """Load the sequence that this config names (same run name and spec) and re-evaluate all of its tasks."""
     from safetensors.numpy import load_file
 
@@ -30,21 +31,21 @@ def run_evaluate(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
     from ksm_core.train import resolve_device
 
     from .data import make_loader
-    from .jobs import BACKBONE_EVAL_BATCH, build_backbone, device_for
+    from .jobs import BACKBONE_EVAL_BATCH, build_backbone
 
     p = prepare(rc, log)
     tr, m = p.tracker, p.manifest
     key = sequence_key(rc, m, backbone_key(rc, m))
     parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
     if parent is None or not parent.data.tags.get("ksm_backbone_run"):
-        raise PipelineError(f"no trained sequence matches this config (run_name={rc['run_name']!r}, benchmark "
-                            f"{rc['benchmark']['name']}, method {rc['method']['name']}) in {rc['tracking']['uri']}; "
+        raise PipelineError(f"no trained sequence matches this config (run_name={rc.run_name!r}, benchmark "
+                            f"{rc.benchmark['name']}, method {rc.method.name}) in {rc.tracking.uri}; "
                             "run the same command without mode=evaluate first")
     done = {r.data.tags["ksm_task"]: r for r in tr.find("FINISHED", ksm_kind="task", ksm_sequence=key)}
     missing = [t for t in m.new_tasks if t not in done]
     bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
     init = m.task(m.initial_task)
-    cfg = train_config(rc["train"], device=device_for(rc))
+    cfg = rc.train.to_core(device=rc.device())
     dev = resolve_device(cfg.device)
     log(f"[evaluate] sequence run {parent.info.run_id}: backbone + {len(done)} task(s) into one network on {dev}"
         + (f"; not trained yet: {', '.join(missing)}" if missing else ""))
@@ -52,7 +53,7 @@ def run_evaluate(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ksm-eval-") as tmp:
         state = load_file(tr.download(bb_run.info.run_id, "backbone/backbone.safetensors", tmp))
-        net = KSMNet.from_backbone(build_backbone(rc["model"], init.num_classes, state))
+        net = KSMNet.from_backbone(build_backbone(rc.model, init.num_classes, state))
         if net.backbone_fingerprint != bb_run.data.tags.get("ksm_fingerprint"):
             raise PipelineError(f"backbone run {bb_run.info.run_id}: its weights do not hash to its logged "
                                 "fingerprint; the run's artifact was changed")
@@ -66,9 +67,9 @@ def run_evaluate(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
     logged = {m.initial_task: bb_run.data.metrics.get("test_acc"), **{t: r.data.metrics.get("test_acc")
                                                                        for t, r in done.items()}}
     for t, i in index.items():
-        bs = BACKBONE_EVAL_BATCH if i == 0 else rc["train"]["batch_size"]  # as when the accuracy was logged
-        acc, _ = evaluate(net.set_task(i), make_loader(m, t, "test", batch_size=bs, seed=rc["seed"],
-                                                       on_corrupt=rc["data"]["on_corrupt"]), cfg)
+        bs = BACKBONE_EVAL_BATCH if i == 0 else rc.train.batch_size  # as when the accuracy was logged
+        acc, _ = evaluate(net.set_task(i), make_loader(m, t, "test", batch_size=bs, seed=rc.seed,
+                                                       on_corrupt=rc.data.on_corrupt), cfg)
         rows.append({"task": t, "index": i, "logged_acc": logged[t], "acc": acc,
                      "delta": None if logged[t] is None else acc - logged[t]})
     unchanged = net.fingerprint() == net.backbone_fingerprint
@@ -91,7 +92,7 @@ def run_evaluate(rc: dict[str, Any], log: Log = print) -> dict[str, Any]:
         tr.params(run_id, {"device": str(dev), "not_trained": ", ".join(missing) or "-"})
         with tempfile.TemporaryDirectory(prefix="ksm-eval-") as tmp:
             path = Path(tmp) / "evaluation.md"
-            path.write_text(f"# {rc['run_name']}: all tasks in one network\n\n{_table(rows, markdown=True)}\n")
+            path.write_text(f"# {rc.run_name}: all tasks in one network\n\n{_table(rows, markdown=True)}\n")
             tr.artifact(run_id, path, "report")
         tr.finish(run_id)
     except BaseException:

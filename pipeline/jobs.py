@@ -1,8 +1,12 @@
 """What runs inside a Ray worker: train the backbone, or adapt it to one task and track that in MLflow.
 
-``train_task`` is the one training path (the sequence's jobs and Tune's trials both call it). ``task_job`` wraps
-it with MLflow bookkeeping and is idempotent: a task that already has a FINISHED run in its sequence is not
-trained again, and a RUNNING run left by a worker that died is marked KILLED before the retry starts its own.
+``task_epochs`` is the one training path (the sequence's jobs through ``train_task``, and Tune's trials, which
+step several tasks one epoch at a time). ``task_job`` wraps it with MLflow bookkeeping and is idempotent: a task
+that already has a FINISHED run in its sequence is not trained again, and a RUNNING run left by a worker that
+died is marked KILLED before the retry starts its own.
+
+A job receives the RunConfig and a small :class:`JobContext` made by the driver: where the shards' manifest is,
+which experiment and parent run to log into, and which backbone it adapts.
 """
 from __future__ import annotations
 
@@ -11,24 +15,38 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ksm_core import KSMNet, create_model, evaluate, fit_task, save_task, train_backbone
+from ksm_core import KSMNet, create_model, evaluate, fit_task_epochs, save_task, train_backbone
 from ksm_core.cpu import tune_malloc
 from ksm_core.train import FitResult, TrainConfig, resolve_device
 
+from .config import MethodCfg, ModelCfg, RunConfig, TrainCfg
 from .data import Manifest, make_loader
-from .settings import mask_hparams, method_params, train_config
+from .params import method_params
 from .tracking import Tracker
 
-__all__ = ["TaskOutcome", "train_task", "task_job", "backbone_job", "build_backbone", "prepare_worker",
-           "result_from_run", "state_to_numpy", "warm_worker", "node_info", "device_for"]
+__all__ = ["JobContext", "TaskOutcome", "task_epochs", "train_task", "task_job", "backbone_job", "build_backbone",
+           "prepare_worker", "result_from_run", "state_to_numpy", "warm_worker", "node_info", "manifest"]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What the driver tells a task job beyond the RunConfig: where to read, where to log, what it adapts."""
+
+    manifest: str                      # the shards' manifest.json (a path or URL)
+    experiment_id: str = ""
+    parent_run_id: str = ""            # the sequence's run: task runs are its children
+    sequence_key: str = ""
+    backbone_fingerprint: str = ""
+    backbone_run_id: str = ""
 
 _MANIFESTS: dict[str, Manifest] = {}
 BACKBONE_EVAL_BATCH = 256  # the backbone's logged test accuracy is measured in batches of this size
@@ -55,23 +73,19 @@ def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
 
 
-def build_backbone(model_cfg: dict[str, Any], num_classes: int, state: dict[str, np.ndarray] | None = None) -> nn.Module:
+def _width(model_cfg: ModelCfg) -> dict[str, float]:
+    return {"width": model_cfg.width} if model_cfg.width is not None else {}
+
+
+def build_backbone(model_cfg: ModelCfg, num_classes: int, state: dict[str, np.ndarray] | None = None) -> nn.Module:
     """The backbone network; with ``state`` (numpy, e.g. read zero-copy from Ray's object store) its tensors
     are adopted without a copy (they are never written: the KSMNet keeps them frozen)."""
-    kw = {k: v for k, v in model_cfg.items() if k not in ("name", "weights_path") and v is not None}
-    model = create_model(model_cfg["name"], num_classes=num_classes, **kw)
+    model = create_model(model_cfg.name, num_classes=num_classes, **_width(model_cfg))
     if state is not None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, assign=True)
     return model
-
-
-def device_for(rc: dict[str, Any]) -> str:
-    want = rc["train"].get("device", "auto")
-    if want == "auto" and rc["cluster"].get("gpus_per_task", 0) <= 0:
-        return "cpu"  # a job that asked Ray for no GPU must not grab one it happens to see
-    return want
 
 
 def node_info() -> dict[str, str]:
@@ -104,79 +118,72 @@ class TaskOutcome:
     skipped_shards: tuple[str, ...] = ()
 
 
-def train_task(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.ndarray], *,
-               method: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
-               on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-               holdout: float | None = None, evaluate_on: str = "test") -> TaskOutcome:
-    """Adapt the backbone to one task: stream its shards, fit masks + BN + head, deploy, evaluate.
+def task_epochs(rc: RunConfig, manifest_path: str, task_name: str, backbone_state: dict[str, np.ndarray], *,
+                method: MethodCfg | None = None, train: TrainCfg | None = None, holdout: float | None = None,
+                evaluate_on: str = "test") -> Generator[dict[str, float], None, TaskOutcome]:
+    """Adapt the backbone to one task, one epoch per ``next()``: stream its shards, fit masks + BN + head; the
+    last ``next()`` deploys, evaluates and returns the TaskOutcome (as StopIteration's value).
 
     ``evaluate_on``: "test" (the sequence) or "holdout" (Tune: a held-out part of the TRAIN split; the task
     trains on the rest). ``method`` / ``train`` override the run's sections (Tune's sampled values).
     """
-    method = method or rc["method"]
-    train = train or rc["train"]
-    run = rc["_run"]
-    m = manifest(run["manifest"])
+    method = method or rc.method
+    train = train or rc.train
+    m = manifest(manifest_path)
     info = m.task(task_name)
     init = m.task(m.initial_task)
-    bb = build_backbone(rc["model"], init.num_classes, backbone_state)
+    bb = build_backbone(rc.model, init.num_classes, backbone_state)
     net = KSMNet.from_backbone(bb, copy_backbone=False)
-    torch.manual_seed(rc["seed"])
-    t = net.add_task(info.num_classes, method=method["name"], name=task_name, **mask_hparams(method))
+    torch.manual_seed(rc.seed)
+    t = net.add_task(info.num_classes, method=method.name, name=task_name, **method.hparams())
 
-    h = rc.get("data", {}).get("holdout", 0.0) if holdout is None else holdout
-    common = dict(batch_size=train["batch_size"], seed=rc["seed"], on_corrupt=rc["data"]["on_corrupt"],
-                  shuffle_buffer=rc["data"]["shuffle_buffer"])
+    h = rc.data.holdout if holdout is None else holdout
+    common = dict(batch_size=train.batch_size, seed=rc.seed, on_corrupt=rc.data.on_corrupt,
+                  shuffle_buffer=rc.data.shuffle_buffer)
     if evaluate_on == "holdout":
         train_loader = make_loader(m, task_name, "train", holdout=h, part="fit", **common)
         eval_loader = make_loader(m, task_name, "train", train=False, holdout=h, part="holdout", **common)
     else:
         train_loader = make_loader(m, task_name, "train", holdout=h, part="fit" if h > 0 else "all", **common)
         eval_loader = make_loader(m, task_name, "test", **common)
-    cfg: TrainConfig = train_config(train, device=device_for(rc), seed=rc["seed"])
-    fit = fit_task(net, t, train_loader, eval_loader, cfg, on_epoch=on_epoch)
+    cfg: TrainConfig = train.to_core(device=rc.device(), seed=rc.seed)
+    fit = yield from fit_task_epochs(net, t, train_loader, eval_loader, cfg)
     return TaskOutcome(net, t, fit, list(info.class_names), train_loader.num_samples, eval_loader.num_samples,
                        evaluate_on, skipped_samples=train_loader.skipped + eval_loader.skipped,
                        skipped_shards=tuple(sorted(set(train_loader.skipped_shards + eval_loader.skipped_shards))))
 
 
+def train_task(rc: RunConfig, manifest_path: str, task_name: str, backbone_state: dict[str, np.ndarray],
+               on_epoch: Callable[[int, dict[str, float]], None] | None = None, **kw: Any) -> TaskOutcome:
+    """:func:`task_epochs` run to its end, each epoch's record shown to ``on_epoch``."""
+    epochs = task_epochs(rc, manifest_path, task_name, backbone_state, **kw)
+    while True:
+        try:
+            rec = next(epochs)
+        except StopIteration as done:
+            return done.value
+        if on_epoch is not None:
+            on_epoch(int(rec["epoch"]), rec)
+
+
 # ------------------------------------------------------------------------------------------------ task job
-def _crash_hook(rc: dict[str, Any]) -> Callable[[int], None]:
-    marker = rc.get("testing", {}).get("crash_once_marker")
-
-    def hook(epoch: int) -> None:
-        if marker and epoch == 0:
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one job wins
-            except FileExistsError:
-                return
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            os._exit(1)  # the worker dies mid-training, as on a lost node; Ray retries the job
-
-    return hook
-
-
-def task_job(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.ndarray]) -> dict[str, Any]:
+def task_job(rc: RunConfig, ctx: JobContext, task_name: str, backbone_state: dict[str, np.ndarray]) -> dict[str, Any]:
     """One new task, end to end, tracked as a child run of the sequence. Safe to run more than once."""
-    run = rc["_run"]
-    prepare_worker(rc["cluster"]["cpus_per_task"], rc["cluster"]["gpus_per_task"])
-    tr = Tracker(rc["tracking"]["uri"], run["experiment_id"])
-    keys = {"ksm_kind": "task", "ksm_sequence": run["sequence_key"], "ksm_task": task_name}
+    prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
+    tr = Tracker(rc.tracking.uri, ctx.experiment_id)
+    keys = {"ksm_kind": "task", "ksm_sequence": ctx.sequence_key, "ksm_task": task_name}
     done = tr.find_one("FINISHED", **keys)
     if done is not None:  # at-least-once execution: a retry after the run finished does nothing
         return result_from_run(done, status="reused")
     killed = tr.kill_stale(**keys)
     node = node_info()
-    run_id = tr.start(task_name, {**keys, **node, "ksm_attempt": str(len(killed) + 1)}, parent=run["parent_run_id"])
-    crash = _crash_hook(rc)
+    run_id = tr.start(task_name, {**keys, **node, "ksm_attempt": str(len(killed) + 1)}, parent=ctx.parent_run_id)
     t0 = time.perf_counter()
     try:
         def on_epoch(epoch: int, rec: dict[str, float]) -> None:
             tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
-            crash(epoch)
 
-        out = train_task(rc, task_name, backbone_state, on_epoch=on_epoch)
+        out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
         stats = out.net.mask_stats(out.task)
         with tempfile.TemporaryDirectory(prefix="ksm-task-") as tmp:
             path = Path(tmp) / f"{task_name}.safetensors"
@@ -184,12 +191,12 @@ def task_job(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.nd
                                                                "test_acc": out.fit.test_acc})
             tr.artifact(run_id, path, "task")
         tr.params(run_id, {
-            **method_params(rc["method"], rc["train"]),
-            "epochs": rc["train"]["epochs"], "batch_size": rc["train"]["batch_size"],
-            "model": rc["model"]["name"], "model_width": rc["model"].get("width"),
-            "backbone_fingerprint": run["backbone_fingerprint"], "backbone_run_id": run["backbone_run_id"],
+            **method_params(rc.method, rc.train),
+            "epochs": rc.train.epochs, "batch_size": rc.train.batch_size,
+            "model": rc.model.name, "model_width": rc.model.width,
+            "backbone_fingerprint": ctx.backbone_fingerprint, "backbone_run_id": ctx.backbone_run_id,
             "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
-            "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc["seed"],
+            "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc.seed,
             "device": out.fit.device,
         })
         final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
@@ -197,7 +204,7 @@ def task_job(rc: dict[str, Any], task_name: str, backbone_state: dict[str, np.nd
                  "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
                  "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples}
         final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
-        tr.metrics(run_id, final, step=rc["train"]["epochs"])
+        tr.metrics(run_id, final, step=rc.train.epochs)
         tr.tags(run_id, {"ksm_device": out.fit.device,
                          **({"ksm_skipped_shards": ", ".join(out.skipped_shards)} if out.skipped_shards else {})})
         tr.finish(run_id, "FINISHED")
@@ -233,28 +240,27 @@ def result_from_run(run: Any, status: str) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- backbone job
-def backbone_job(rc: dict[str, Any]) -> dict[str, Any]:
+def backbone_job(rc: RunConfig, manifest_path: str) -> dict[str, Any]:
     """Train the backbone on the initial task (or load model.weights_path); returns numpy state + metrics."""
-    prepare_worker(rc["cluster"]["cpus_per_task"], rc["cluster"]["gpus_per_task"])
-    m = manifest(rc["_run"]["manifest"])
+    prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
+    m = manifest(manifest_path)
     init = m.task(m.initial_task)
-    model_cfg = rc["model"]
-    bb_cfg = rc["train"]["backbone"]
-    cfg = TrainConfig(epochs=bb_cfg["epochs"], lr_backbone=bb_cfg["lr"], device=device_for(rc), seed=rc["seed"],
-                      amp=rc["train"].get("amp", True), channels_last=rc["train"].get("channels_last", True))
-    test = make_loader(m, init.name, "test", batch_size=BACKBONE_EVAL_BATCH, seed=rc["seed"])
-    torch.manual_seed(rc["seed"])
-    if model_cfg.get("weights_path"):
-        kw = {k: v for k, v in model_cfg.items() if k != "name" and v is not None}
-        model = create_model(model_cfg["name"], num_classes=init.num_classes, **kw)
+    bb = rc.train.backbone
+    cfg = TrainConfig(epochs=bb.epochs, lr_backbone=bb.lr, device=rc.device(), seed=rc.seed,
+                      amp=rc.train.amp, channels_last=rc.train.channels_last)
+    test = make_loader(m, init.name, "test", batch_size=BACKBONE_EVAL_BATCH, seed=rc.seed)
+    torch.manual_seed(rc.seed)
+    if rc.model.weights_path:
+        model = create_model(rc.model.name, num_classes=init.num_classes, weights_path=rc.model.weights_path,
+                             **_width(rc.model))
         dev = resolve_device(cfg.device)
         model.to(dev)
         acc, loss = evaluate(model, test, cfg)  # the loaded weights' accuracy on the initial task, for the record
         res = FitResult(test_acc=acc, test_loss=loss, device=str(dev))
     else:
-        model = build_backbone(model_cfg, init.num_classes)
-        train = make_loader(m, init.name, "train", batch_size=bb_cfg["batch_size"], seed=rc["seed"],
-                            on_corrupt=rc["data"]["on_corrupt"], shuffle_buffer=rc["data"]["shuffle_buffer"])
+        model = build_backbone(rc.model, init.num_classes)
+        train = make_loader(m, init.name, "train", batch_size=bb.batch_size, seed=rc.seed,
+                            on_corrupt=rc.data.on_corrupt, shuffle_buffer=rc.data.shuffle_buffer)
         res = train_backbone(model, train, test, cfg)
     model.cpu()
     return {"state": state_to_numpy(model), "fit": res.to_dict(), "task": init.name,

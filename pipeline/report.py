@@ -11,7 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "text_table", "write_report"]
+from .config import RunConfig
+from .present import pyplot, text_table
+
+__all__ = ["format_table", "write_report"]
 
 COLUMNS = [("task", "task"), ("classes", "classes"), ("test_acc", "test acc"), ("train_seconds", "train s"),
            ("artifact_kb", "artifact KB"), ("mask_ones", "ones"), ("mask_soft", "soft"), ("node", "node"),
@@ -42,26 +45,8 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
     return text_table([h for _, h in COLUMNS], [[_fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows], markdown)
 
 
-def text_table(head: list[str], cells: list[list[str]], markdown: bool = False) -> str:
-    """Rows of strings as an aligned console table, or as markdown."""
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(c) + " |" for c in cells]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*c) for c in cells])
-
-
 def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    import logging
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    for noisy in ("matplotlib", "matplotlib.font_manager", "matplotlib.category"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     names = [r["task"] for r in rows]
@@ -107,13 +92,13 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc: dict[str, Any],
+def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc: RunConfig,
                  log: Callable[[str], None] = print, wall_seconds: float | None = None) -> dict[str, Any]:
     """Print the table and log report.md / report.csv / plots to the parent run; returns summary numbers."""
     rows = _rows(results)
     table = format_table(results)
     log("")
-    log(f"Sequence '{rc['run_name']}' ({rc['benchmark']['name']}, {rc['method']['name']}, {rc['model']['name']}):")
+    log(f"Sequence '{rc.run_name}' ({rc.benchmark['name']}, {rc.method.name}, {rc.model.name}):")
     log(table)
     accs = [r["test_acc"] for r in rows if r.get("test_acc") is not None]
     summary = {
@@ -138,7 +123,7 @@ def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc
     with tempfile.TemporaryDirectory(prefix="ksm-report-") as tmp:
         out = Path(tmp)
         notes = "".join(f"\n- skipped: {line}" for line in lossy)
-        (out / "report.md").write_text(f"# {rc['run_name']}\n\n" + format_table(results, markdown=True) + "\n"
+        (out / "report.md").write_text(f"# {rc.run_name}\n\n" + format_table(results, markdown=True) + "\n"
                                        + (notes + "\n" if notes else ""))
         with open(out / "report.csv", "w", newline="") as f:
             w = csv.writer(f)

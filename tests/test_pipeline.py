@@ -23,7 +23,8 @@ from ksm_core import KSMNet, load_task, read_metadata
 from ksm_core.train import TrainConfig, evaluate
 from pipeline.data import Manifest, make_loader
 from pipeline.jobs import build_backbone
-from pipeline.settings import PipelineError
+from pipeline.config import ModelCfg
+from pipeline.errors import PipelineError
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
 
@@ -53,8 +54,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+def crash_dir(tmp_path_factory) -> Path:
+    """Where tests/crash_hook.py looks for its `armed` file (see test_a_worker_killed_mid_training...)."""
+    return tmp_path_factory.mktemp("crash")
+
+
+@pytest.fixture(scope="module")
+def ray_local(crash_dir):
+    tests = str(Path(__file__).resolve().parent)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "crash_hook.install",
+                          "env_vars": {"KSM_TEST_CRASH_DIR": str(crash_dir), "PYTHONPATH": tests}})
     yield
     ray.shutdown()
 
@@ -89,7 +99,7 @@ def test_end_to_end_runs_artifacts_and_report(first, tmp_path):
 
     # the backbone as every job saw it: logged once, fingerprint tag = hash of its tensors
     state = load_file(c.download_artifacts(bb.info.run_id, "backbone/backbone.safetensors", str(tmp_path)))
-    backbone = build_backbone({"name": "vgg16_bn_cifar", "width": 0.0625}, manifest.task("t0").num_classes, state)
+    backbone = build_backbone(ModelCfg("vgg16_bn_cifar", width=0.0625), manifest.task("t0").num_classes, state)
     fp = bb.data.tags["ksm_fingerprint"]
     assert KSMNet.from_backbone(backbone).fingerprint() == fp == parent.data.tags["ksm_fingerprint"]
 
@@ -149,12 +159,12 @@ def test_resume_trains_only_the_missing_task(first):
     assert len(_runs(c, "tags.ksm_kind = 'task'", "FINISHED")) == 2
 
 
-def test_a_worker_killed_mid_training_is_retried_once(first):
+def test_a_worker_killed_mid_training_is_retried_once(first, crash_dir):
     root, _ = first
-    marker = root / "crash-once"
-    out = run(root, "run_name=crash-test", f"testing.crash_once_marker={marker}")
-    assert marker.exists()  # a worker really died (the file holds its pid)
-    killed_pid = int(marker.read_text())
+    (crash_dir / "armed").touch()  # the first job to finish an epoch kills its own worker (tests/crash_hook.py)
+    out = run(root, "run_name=crash-test")
+    assert not (crash_dir / "armed").exists()  # a worker really died (`fired` holds its pid)
+    killed_pid = int((crash_dir / "fired").read_text())
     c = _client(root)
     key = out["sequence_key"]
     runs = _runs(c, f"tags.ksm_kind = 'task' and tags.ksm_sequence = '{key}'")
@@ -268,19 +278,20 @@ def test_cli_reports_errors_and_lists_choices(tmp_path):
 
 
 def test_runs_log_only_the_hyperparameters_their_method_uses():
-    from pipeline.settings import method_params
+    from pipeline.config import MethodCfg, TrainCfg
+    from pipeline.params import method_params
 
-    train = {"lr_mask": 1e-3, "lr_head": 2e-3, "lr_finetune": 3e-4}
+    train = TrainCfg(lr_mask=1e-3, lr_head=2e-3, lr_finetune=3e-4)
     hp = {"tau": 5e-3, "k": 1200.0, "T": 100.0, "init": 1e-2}
-    assert method_params({"name": "ksm", **hp}, train) == {
+    assert method_params(MethodCfg("ksm", **hp), train) == {
         "method": "ksm", "tau": 5e-3, "init": 1e-2, "k": 1200.0, "T": 100.0, "lr_mask": 1e-3, "lr_head": 2e-3}
-    assert method_params({"name": "piggyback", **hp}, train) == {  # a threshold, no softmax trick: no T, no k
+    assert method_params(MethodCfg("piggyback", **hp), train) == {  # a threshold, no softmax trick: no T, no k
         "method": "piggyback", "tau": 5e-3, "init": 1e-2, "lr_mask": 1e-3, "lr_head": 2e-3}
-    assert method_params({"name": "finetune"}, train) == {"method": "finetune", "lr_finetune": 3e-4, "lr_head": 2e-3}
+    assert method_params(MethodCfg("finetune"), train) == {"method": "finetune", "lr_finetune": 3e-4, "lr_head": 2e-3}
 
 
 def test_local_tracking_uris_are_made_absolute(tmp_path, monkeypatch):
-    from pipeline.settings import absolute_tracking_uri
+    from pipeline.config import absolute_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     assert absolute_tracking_uri("sqlite:///runs/m.db") == f"sqlite:///{tmp_path}/runs/m.db"

@@ -12,7 +12,7 @@ Typical use (driver, then each Ray job)::
 """
 
 from .arrays import ArraySplit, TaskData, stratified_split, stratified_subset
-from .benchmarks import BENCHMARK_KINDS, build_tasks, list_benchmarks, load_benchmark_config, register_kind
+from .benchmarks import BENCHMARK_KINDS, build_tasks, list_benchmarks, load_benchmark_config, register_kind, task_names
 from .cifar100 import CPG_ORDER, FINE_NAMES, SUPERCLASSES, superclass_of
 from ..errors import ConfigError, DataError, ShardCorruptError, SourceNotFoundError, UnknownNameError
 from .loader import Loader, in_holdout, iter_samples, make_loader
@@ -52,5 +52,6 @@ __all__ = [
     "stratified_split",
     "stratified_subset",
     "superclass_of",
+    "task_names",
     "write_shards",
 ]

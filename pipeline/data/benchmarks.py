@@ -167,8 +167,30 @@ def class_split(bench: dict[str, Any]) -> list[TaskData]:
     for i, wanted in enumerate(lists):
         labels = resolve_classes(wanted, names)
         splits = {split: select_classes(d, labels) for split, d in data.items()}
-        tasks.append(TaskData(f"t{i}", splits["train"], splits["test"], kind.flip, kind.name))
+        tasks.append(TaskData(_class_split_name(i), splits["train"], splits["test"], kind.flip, kind.name))
     return tasks
+
+
+def _class_split_name(i: int) -> str:
+    return f"t{i}"
+
+
+def task_names(bench: dict[str, Any]) -> list[str] | None:
+    """The benchmark's task names (initial task first) as far as its config says without loading any data;
+    None where only the data knows (e.g. sequence entries named after their source)."""
+    kind = bench.get("kind")
+    if kind == "class_split":
+        lists = bench.get("class_lists")
+        n = len(lists) if lists is not None else bench.get("num_tasks")
+        return [_class_split_name(i) for i in range(n)] if isinstance(n, int) else None
+    if kind == "sequence":
+        entries = bench.get("tasks") or []
+        if entries and all(isinstance(e, dict) and e.get("name") for e in entries):
+            return [str(e["name"]) for e in entries]
+        return None
+    if kind == "cifar100_superclass":
+        return list(bench.get("superclasses") or CPG_ORDER)
+    return None
 
 
 @register_kind("sequence")

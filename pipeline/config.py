@@ -1,0 +1,303 @@
+"""The run's configuration, typed: one dataclass per Hydra group, registered in Hydra's ConfigStore as the schema
+that ``configs/config.yaml`` extends, and ``RunConfig``: the validated object every mode and job receives.
+
+Hydra/OmegaConf enforce the schema while composing: an unknown key (``train.epoch=3``) or a wrong type
+(``train.epochs=abc``) is refused with their own message, naming the key. What a type cannot say (ranges, a
+method that ignores T, cluster resources) is checked by :func:`validate`, once, before any work starts, with a
+message that names the key and the fix. The benchmark section stays a plain mapping: its shape depends on its
+``kind`` and the data layer checks it (``pipeline.data.benchmarks``).
+
+Workers receive a ``RunConfig`` (plain dataclasses, picklable; no OmegaConf, every path absolute).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ksm_core import METHODS, TrainConfig, list_models, mask_spec
+
+from .errors import PipelineError
+
+__all__ = ["RunConfig", "ModelCfg", "MethodCfg", "TrainCfg", "BackboneCfg", "ClusterCfg", "TrackingCfg", "DataCfg",
+           "PathsCfg", "TuneCfg", "MODES", "ROOT", "register", "resolve", "validate", "stable_hash",
+           "absolute_tracking_uri"]
+
+#: the project folder (where run_pipeline.py and configs/ live)
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("sequence", "tune", "shards", "evaluate")
+#: the sections an ``overrides_file`` may hold (what a Tune sweep's best.yaml sets)
+OVERRIDABLE = ("method", "train")
+
+
+# ------------------------------------------------------------------------------------------------ schemas
+@dataclass
+class ModelCfg:
+    name: str = MISSING                  # a ksm_core.create_model name
+    width: Optional[float] = None        # channel multiplier (VGG)
+    weights_path: Optional[str] = None   # a local state_dict: skip backbone training
+
+
+@dataclass
+class MethodCfg:
+    name: str = MISSING                  # a ksm_core.METHODS name
+    tau: Optional[float] = None          # None = the method's reference value
+    k: Optional[float] = None
+    T: Optional[float] = None
+    init: Optional[float] = None
+
+    def hparams(self) -> dict[str, float]:
+        """The mask hyperparameters that are set, as ksm_core.mask_spec takes them."""
+        return {k: getattr(self, k) for k in ("tau", "k", "T", "init") if getattr(self, k) is not None}
+
+
+@dataclass
+class BackboneCfg:
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_size: int = 64
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 3
+    batch_size: int = 32
+    lr_mask: float = 1e-3
+    lr_head: float = 1e-3
+    lr_finetune: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    backbone: BackboneCfg = field(default_factory=BackboneCfg)
+
+    def to_core(self, **over: Any) -> TrainConfig:
+        """ksm_core's TrainConfig for a task (``over``: device, seed, ...); raises ValueError on bad values."""
+        keys = ("epochs", "lr_mask", "lr_head", "lr_finetune", "weight_decay", "schedule", "device", "amp",
+                "channels_last")
+        return TrainConfig(**{**{k: getattr(self, k) for k in keys}, **over})
+
+
+@dataclass
+class ClusterCfg:
+    address: str = "local"               # local | auto | host:port | ray://host:10001 (RAY_ADDRESS wins)
+    num_cpus: Optional[int] = None       # embedded only
+    num_gpus: Optional[int] = None       # embedded only
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
+    max_retries: int = 2
+    connect_timeout_s: float = 5.0
+
+
+@dataclass
+class TrackingCfg:
+    uri: str = MISSING
+    artifact_root: Optional[str] = None
+    experiment: str = "ksm"
+
+
+@dataclass
+class DataCfg:
+    holdout: float = 0.0
+    on_corrupt: str = "fail"             # fail | skip
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class PathsCfg:
+    root: str = MISSING
+    data: str = MISSING
+    shards: str = MISSING
+    output: str = MISSING
+
+
+@dataclass
+class TuneCfg:
+    num_samples: int = 8
+    tasks: Any = None                    # a list of task names, one bare name, or null (the first two new tasks)
+    holdout: float = 0.2
+    max_epochs: int = 4
+    grace_period: int = 2
+    reduction_factor: float = 2.0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: Optional[int] = None
+    seed: int = 0
+    points_to_evaluate: List[Dict[str, Any]] = field(default_factory=list)  # numbers, checked by tune.space
+    # key -> {type, low, high, values} or null. Untyped here: OmegaConf cannot merge a mapping given on the command
+    # line into a typed entry that is null; pipeline.tune.space checks each entry instead.
+    space: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """The whole run: what ``python run_pipeline.py ...`` composed, made absolute and validated."""
+
+    mode: str = "sequence"
+    run_name: str = MISSING
+    seed: int = 0
+    progress: bool = True
+    overrides_file: Optional[str] = None
+    paths: PathsCfg = field(default_factory=PathsCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    benchmark: Dict[str, Any] = field(default_factory=dict)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    method: MethodCfg = field(default_factory=MethodCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    cluster: ClusterCfg = field(default_factory=ClusterCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+    tune: TuneCfg = field(default_factory=TuneCfg)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as plain data (for hashing and for MLflow params)."""
+        return dataclasses.asdict(getattr(self, name))
+
+    def device(self) -> str:
+        """The torch device a job uses: a job that asked Ray for no GPU must not grab one it happens to see."""
+        if self.train.device == "auto" and self.cluster.gpus_per_task <= 0:
+            return "cpu"
+        return self.train.device
+
+
+def register() -> None:
+    """The schema in Hydra's ConfigStore (``ksm_schema``, first in configs/config.yaml's defaults) and the
+    ``${ksm_root:}`` resolver the configs use. Idempotent; done on import."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="ksm_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("ksm_root"):
+        OmegaConf.register_new_resolver("ksm_root", lambda: str(ROOT))
+
+
+register()
+
+
+# ------------------------------------------------------------------------------------------------ resolve
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """A short hash of a JSON-able object, independent of dict order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def resolve(cfg: Any) -> RunConfig:
+    """Hydra's composed config -> RunConfig: the overrides file merged in, every local path made absolute (from
+    the cwd: Ray workers and Tune trials run elsewhere)."""
+    rc = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+    if not isinstance(rc, RunConfig):
+        raise PipelineError("the config was not composed over the ksm schema; keep `- ksm_schema` first in "
+                            "configs/config.yaml's defaults")
+    if rc.overrides_file:
+        apply_overrides_file(rc, rc.overrides_file)
+    for k in ("root", "data", "shards", "output"):
+        v = getattr(rc.paths, k)
+        if "://" not in v and not v.startswith("pipe:"):
+            setattr(rc.paths, k, str(Path(v).expanduser().absolute()))
+    if rc.tracking.artifact_root:
+        rc.tracking.artifact_root = str(Path(rc.tracking.artifact_root).expanduser().absolute())
+    rc.tracking.uri = absolute_tracking_uri(rc.tracking.uri or "")
+    if rc.model.weights_path:
+        rc.model.weights_path = str(Path(rc.model.weights_path).expanduser().absolute())
+    return rc
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A local store's URI with an absolute path: a relative one is relative to the cwd, which Ray Tune changes
+    for every trial (and a Ray worker need not share). sqlite:///rel.db, file:rel, file:./rel and a plain path
+    are made absolute; server URIs and absolute paths are returned as they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().absolute())
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return Path(uri[len("file:"):]).expanduser().absolute().as_uri()
+    if uri and "://" not in uri and ":" not in uri.split("/", 1)[0] and uri not in ("databricks", "databricks-uc"):
+        return str(Path(uri).expanduser().absolute())
+    return uri
+
+
+def apply_overrides_file(rc: RunConfig, path: str) -> None:
+    """Merge a YAML file's ``method:`` / ``train:`` sections over the config (a Tune sweep writes such a file).
+
+    Keys in the file win over the composed config; keys the file lacks keep their config value; another method
+    name starts that method from its defaults (the old method's hyperparameters do not carry over)."""
+    import yaml
+
+    p = Path(path).expanduser().absolute()
+    if not p.is_file():
+        raise PipelineError(f"overrides_file={path!r} does not exist (resolved to {p}); give the path of a YAML "
+                            "with method:/train: sections, e.g. the best.yaml a `mode=tune` run printed")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict) or not set(data) <= set(OVERRIDABLE) or not data:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise PipelineError(f"overrides_file {p} must be a mapping with only these sections: "
+                            f"{', '.join(OVERRIDABLE)}; found: {found}")
+    for sec, vals in data.items():
+        if not isinstance(vals, dict):
+            raise PipelineError(f"overrides_file {p}: section {sec!r} must be a mapping")
+        current = getattr(rc, sec)
+        valid = [f.name for f in dataclasses.fields(current)]
+        unknown = set(vals) - set(valid)
+        if unknown:
+            raise PipelineError(f"overrides_file {p}: unknown key(s) {sorted(unknown)} in {sec!r}; valid: {sorted(valid)}")
+        if sec == "method" and vals.get("name") not in (None, current.name):
+            current = MethodCfg(name=vals["name"])
+        try:  # through OmegaConf, so the file's values are type-checked like the command line's
+            merged = OmegaConf.merge(OmegaConf.structured(current), vals)
+        except OmegaConfBaseException as e:
+            raise PipelineError(f"overrides_file {p}: {e}") from None
+        setattr(rc, sec, OmegaConf.to_object(merged))
+    rc.overrides_file = str(p)
+
+
+# ----------------------------------------------------------------------------------------------- validate
+def _number(name: str, v: float, lo: float, *, strict: bool) -> None:
+    if not (math.isfinite(v) and (v > lo if strict else v >= lo)):
+        raise PipelineError(f"{name}={v!r} must be a number {'>' if strict else '>='} {lo:g}")
+
+
+def _at_least(name: str, v: int, lo: int, hint: str = "") -> None:
+    if v < lo:
+        raise PipelineError(f"{name}={v!r} must be an int >= {lo}{hint}")
+
+
+def validate(rc: RunConfig) -> None:
+    """The domain checks every mode shares (types were checked by the schema); needs neither Ray nor MLflow.
+    Raises PipelineError naming the key and the fix. Mode-specific checks live with their mode."""
+    if rc.mode not in MODES:
+        raise PipelineError(f"mode={rc.mode!r} is not a mode; valid modes: {', '.join(MODES)}")
+    if rc.model.name not in list_models():
+        raise PipelineError(f"model.name={rc.model.name!r} is unknown; valid models: {', '.join(list_models())}")
+    if rc.model.weights_path and not os.path.isfile(rc.model.weights_path):
+        raise PipelineError(f"model.weights_path={rc.model.weights_path!r} does not exist; give a local state_dict "
+                            "file or set model.weights_path=null to train the backbone on the initial task")
+    if rc.method.name not in METHODS:
+        raise PipelineError(f"method.name={rc.method.name!r} is unknown; valid methods: {', '.join(METHODS)}")
+    try:
+        mask_spec(rc.method.name, **rc.method.hparams())
+        rc.train.to_core()
+    except ValueError as e:
+        raise PipelineError(f"invalid method/train setting: {e}") from None
+    bb = rc.train.backbone
+    _number("train.backbone.lr", bb.lr, 0, strict=True)
+    _at_least("train.backbone.epochs", bb.epochs, 1)
+    _at_least("train.batch_size", rc.train.batch_size, 1)
+    _at_least("train.backbone.batch_size", bb.batch_size, 1)
+    _at_least("data.shuffle_buffer", rc.data.shuffle_buffer, 1)
+    cl = rc.cluster
+    _number("cluster.cpus_per_task", cl.cpus_per_task, 0, strict=True)
+    _number("cluster.gpus_per_task", cl.gpus_per_task, 0, strict=False)
+    _at_least("cluster.max_retries", cl.max_retries, -1, " (0 = no retry, -1 = retry forever)")
+    if cl.gpus_per_task > 1 and cl.gpus_per_task != int(cl.gpus_per_task):
+        raise PipelineError(f"cluster.gpus_per_task={cl.gpus_per_task} must be a fraction <= 1 or a whole number")
+    if not 0 <= rc.data.holdout < 1:
+        raise PipelineError(f"data.holdout={rc.data.holdout!r} must be in [0, 1)")
+    if rc.data.on_corrupt not in ("fail", "skip"):
+        raise PipelineError(f"data.on_corrupt={rc.data.on_corrupt!r}; valid: fail, skip")
+    if not rc.tracking.uri:
+        raise PipelineError("tracking.uri is empty; use tracking=local (sqlite file) or tracking.uri=http://host:port")
