@@ -1,0 +1,142 @@
+"""benchmarks/gpu_check.sh: the prepared GPU device check (issue 13).
+
+The smoke run goes through the shell script exactly as the GPU machine would start it, with the pipeline's
+packages made unimportable: the check must run where only torch, numpy and safetensors are installed.
+Values are asserted, never wall-clock times.
+"""
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def _load_gpu_check():
+    """benchmarks/ is not a package: load the script as a module (registered first, as dataclasses need)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = _load_gpu_check()
+HAVE_DATA = gc.DEFAULT_DATA.is_file() or gc.DEBIAN_FASHION_MNIST.is_dir()
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="no Fashion-MNIST: neither the prepared npz nor the Debian "
+                                                      "package (CI installs the package)")
+
+# Installed here but absent from the GPU machine: made unimportable for the smoke run's processes.
+BLOCKER = '''
+import importlib.machinery, sys
+BANNED = {"ray", "mlflow", "hydra", "omegaconf", "webdataset", "sklearn", "matplotlib", "pandas", "pipeline"}
+class _Absent:
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r} (absent on the GPU machine)", name=spec.name)
+    def exec_module(self, module):
+        pass
+class _Block:  # a spec without origin: importlib.util.find_spec probes (torch._dynamo's) see no file to skip
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BANNED:
+            return importlib.machinery.ModuleSpec(name, _Absent(), origin=None)
+        return None
+sys.meta_path.insert(0, _Block())
+'''
+
+
+def test_missing_data_names_both_paths_and_the_prepare_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(gc, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    with pytest.raises(SystemExit) as err:
+        gc.load_raw(tmp_path / "missing.npz")
+    msg = str(err.value)
+    assert str(tmp_path / "missing.npz") in msg and str(tmp_path / "no-debian-package") in msg
+    assert "benchmarks/gpu_check.sh --prepare" in msg
+
+
+def test_peak_table_tells_the_h100_parts_apart_and_leaves_others_unknown():
+    assert gc.peak_bf16("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert gc.peak_bf16("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert gc.peak_bf16("NVIDIA H200") == pytest.approx(989.4)
+    assert gc.peak_bf16("NVIDIA A100-SXM4-80GB") == pytest.approx(312.0)
+    assert gc.peak_bf16("NVIDIA GeForce RTX 4090") is None
+
+
+@pytest.mark.skipif(not gc.DEBIAN_FASHION_MNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_prepared_npz_holds_exactly_what_the_full_check_carves(tmp_path):
+    path = tmp_path / "data.npz"
+    gc.prepare(path)
+    assert path.stat().st_size < 10e6
+    from_npz, _ = gc.load_raw(path)
+    direct = gc.carve(gc.read_debian(gc.DEBIAN_FASHION_MNIST), gc.FULL)
+    for name, (x, y) in gc.carve(from_npz, gc.FULL).items():
+        assert x.dtype == np.uint8 and x.shape[1:] == (28, 28)
+        np.testing.assert_array_equal(x, direct[name][0])
+        np.testing.assert_array_equal(y, direct[name][1])
+        assert sorted(set(y.tolist())) == [0, 1, 2, 3, 4]
+    assert len(direct["task_train"][1]) == 2500
+
+
+@pytest.mark.slow
+@needs_data
+def test_smoke_run_writes_both_summaries_without_the_pipeline_packages(tmp_path):
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "block")}
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(SCRIPT), "--smoke", "--out", str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s) == {"smoke", "finished", "total_seconds", "device", "setup", "single_task", "utilisation",
+                      "packed", "targets"}
+    assert s["smoke"] is True and s["finished"] is True and s["device"]["type"] == "cpu"
+    assert s["setup"]["backbone"]["init"] == "pretrained" and 0 <= s["setup"]["backbone"]["test_acc"] <= 1
+    n_train = s["setup"]["train_images"]
+    assert [(r["method"], r["precision"]) for r in s["single_task"]] == [
+        ("finetune", "fp32"), ("piggyback", "fp32"), ("ksm", "fp32")]
+    for r in s["single_task"]:
+        assert r["seconds_per_task"] > 0 and 0 <= r["test_acc"] <= 1
+        assert r["samples"] == n_train and r["steps"] == math.ceil(n_train / s["setup"]["batch"])
+    runs = s["packed"]["runs"]
+    assert [r["tasks"] for r in runs] == [1, 2]
+    for r in runs:
+        assert r["wall_seconds"] > 0 and r["tasks_per_hour"] > 0 and 0 <= r["mean_test_acc"] <= 1
+        assert r["wall_with_startup_seconds"] >= r["wall_seconds"]
+    assert s["packed"]["projection_20_tasks_s"] > 0 and s["packed"]["projection_packing"] in (1, 2)
+    for u in s["utilisation"]:
+        assert u["gflop_per_step"] > 0 and u["achieved_tflops"] > 0
+        assert u["fraction_of_bf16_peak"] is None  # a CPU has no entry in the bf16 peak table
+    t = s["targets"]
+    assert t["ksm_task_s"] == 10.0 and t["twenty_tasks_wall_s"] == 60.0
+    assert isinstance(t["ksm_task_met"], bool) and isinstance(t["twenty_tasks_met"], bool)
+    md = (out / "summary.md").read_text()
+    assert "| method | precision | s/task | target | test acc | steps |" in md
+    assert "| tasks at once | wall s |" in md and "CPU smoke run" in md
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the bf16 autocast path is CUDA-only)")
+@needs_data
+def test_bf16_task_trains_on_cuda_and_reports_its_share_of_the_peak():
+    scale = dataclasses.replace(gc.SMOKE, precisions=("bf16",))
+    raw, _ = gc.load_raw(gc.DEFAULT_DATA)
+    data = gc.carve(raw, scale)
+    dev = torch.device("cuda")
+    train, _ = gc.loaders(data["task_train"], scale.batch, dev, seed=0)
+    batches = list(train)
+    assert all(x.is_cuda and x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32) for x, _ in batches)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(data["task_train"][1].tolist())
+    backbone = gc.create_model(gc.MODEL, num_classes=5, width=scale.width)
+    row = gc.single_task(backbone, "ksm", "bf16", data, scale, dev)
+    assert row["flops_per_sample"] > 0 and 0 <= row["test_acc"] <= 1 and row["samples"] == len(data["task_train"][1])
+    u = gc.utilisation(row, scale.batch, gc.peak_bf16(torch.cuda.get_device_name(dev)))
+    assert u["achieved_tflops"] > 0
+    assert u["fraction_of_bf16_peak"] is None or 0 < u["fraction_of_bf16_peak"] < 1
