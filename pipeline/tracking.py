@@ -16,6 +16,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
+from .store import ensure_store
+
 __all__ = ["Tracker", "PARENT_TAG"]
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -42,6 +44,9 @@ class Tracker:
     @classmethod
     def setup(cls, uri: str, experiment: str, artifact_root: str | None = None) -> "Tracker":
         _http_limits()
+        # A fresh sqlite store must exist complete before MlflowClient opens it: MlflowClient would migrate it in
+        # place, and another process opening the file meanwhile (mlflow ui, a notebook) collides with that.
+        ensure_store(uri)
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
