@@ -1,12 +1,16 @@
 # The two commands of the README: `make run` (the embedded default pipeline) and `make test`.
 VENV_PY := .venv/bin/python
 
-.PHONY: run test install
+.PHONY: run test test-fast install
 run: .install-stamp
 	$(VENV_PY) run_pipeline.py
 
 test: .install-stamp
 	$(VENV_PY) -m pytest -q
+
+# the tests that start nothing (no Ray, MLflow or subprocess): well under a minute, for the edit-test loop
+test-fast: .install-stamp
+	$(VENV_PY) -m pytest -q -m "not slow"
 
 install: .install-stamp
 

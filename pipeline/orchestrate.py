@@ -17,6 +17,7 @@ from .config import RunConfig, stable_hash
 from .data import Manifest, ensure_shards
 from .errors import PipelineError
 from .jobs import JobContext, backbone_job, result_from_run, task_job, warm_worker
+from .params import method_params
 from .probes import check_tracking_uri
 from .report import write_report
 from .runtime import Log, check_fits, check_fits_before_ray, ray_session, remote, warm_workers
@@ -219,11 +220,16 @@ def _cause(e: BaseException) -> str:
 
 
 def _flat_params(rc: RunConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {"run_name": rc.run_name, "seed": rc.seed, "benchmark": rc.benchmark["name"]}
-    for sec in ("model", "method", "train", "cluster"):
+    """The sequence run's params: every model/train/cluster setting, and of the method only what it uses (as the
+    task runs log it: no T or k for Piggyback, no tau for fine-tune)."""
+    used = method_params(rc.method, rc.train)
+    out: dict[str, Any] = {"run_name": rc.run_name, "seed": rc.seed, "benchmark": rc.benchmark["name"],
+                           "method.name": rc.method.name,
+                           **{f"method.{k}": used[k] for k in ("tau", "k", "T", "init") if k in used}}
+    for sec in ("model", "train", "cluster"):
         for k, v in rc.section(sec).items():
             if isinstance(v, dict):
-                out.update({f"{sec}.{k}.{k2}": v2 for k2, v2 in v.items() if v2 is not None})
-            elif v is not None:  # an unset field (e.g. tau for finetune) is no setting
+                out.update({f"{sec}.{k}.{k2}": v2 for k2, v2 in v.items()})
+            else:
                 out[f"{sec}.{k}"] = v
     return out

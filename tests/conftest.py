@@ -1,4 +1,4 @@
-"""Shared test set-up. Ray must bind loopback only (see shared/DESIGN.md, 'Known traps')."""
+"""Shared test set-up. Ray must bind loopback only (ARCHITECTURE.md, "Known traps")."""
 import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -30,3 +30,22 @@ def pytest_sessionstart(session):
     if missing:
         pytest.exit(f"CI: real test data missing ({', '.join(missing)}); scripts/install.sh should have installed "
                     "it (apt-get dataset-fashion-mnist, the foolbox wheel's CIFAR-100 images)", returncode=3)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_nothing(request, monkeypatch):
+    """A test not marked `slow` may start no process (Ray, an MLflow server, a CLI run): `make test-fast` relies
+    on it. Such a test fails here, naming the command, instead of silently slowing the fast tier."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import subprocess
+
+    real_init = subprocess.Popen.__init__
+
+    def refuse(self, args, *a, **kw):
+        pytest.fail(f"{request.node.nodeid} starts a process ({args!r:.200}): mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
+    monkeypatch.setattr(subprocess.Popen, "__init__", real_init)

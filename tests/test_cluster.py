@@ -605,6 +605,7 @@ def test_the_job_entrypoint_as_ray_job_submit_runs_it(ray_cluster, mlflow_server
 
 
 # ------------------------------------------------------------------------------------------- URL shards
+@pytest.mark.slow
 @needs_data
 def test_shards_from_a_url(shard_server, shards, tmp_path):
     """The manifest and every shard read over HTTP (or through a pipe: command) give the same samples as the
@@ -802,6 +803,7 @@ def test_k8s_mlflow_runs_the_start_script_behind_a_service():
                for p in env["KSM_MLFLOW_ALLOWED_HOSTS"].split(","))  # the server accepts the Service's name
 
 
+@pytest.mark.slow
 def test_start_script_defaults_to_loopback_sqlite_and_the_artifact_proxy(tmp_path):
     script = (CLUSTER_DIR / "start_mlflow_server.sh").read_text()
     assert subprocess.run(["bash", "-n", str(CLUSTER_DIR / "start_mlflow_server.sh")]).returncode == 0

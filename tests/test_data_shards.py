@@ -351,7 +351,7 @@ def test_batch_transform_equals_resize_pad_crop_flip_step_by_step(tasks, size):
     assert 0 < int(flipped.sum()) < 24
 
 
-@pytest.mark.parametrize("scheme", ["file", "pipe"])
+@pytest.mark.parametrize("scheme", ["file", pytest.param("pipe", marks=pytest.mark.slow)])  # pipe: runs `cat`
 def test_shards_stream_from_any_url_webdataset_opens(manifest, tasks, scheme):
     """A manifest whose root is a URL (object storage later) streams and verifies through webdataset's gopen."""
     root = f"file://{manifest.root}" if scheme == "file" else f"pipe:cat {manifest.root}/{{rel}}"

@@ -85,6 +85,7 @@ def _runs(client: MlflowClient, filt: str = "", status: str | None = None):
     return [r for r in runs if status is None or r.info.status == status]
 
 
+@pytest.mark.slow
 def test_end_to_end_runs_artifacts_and_report(first, tmp_path):
     root, out = first
     c = _client(root)
@@ -137,6 +138,7 @@ def test_end_to_end_runs_artifacts_and_report(first, tmp_path):
     assert [r["task"] for r in out["results"]] == ["t1", "t2"]
 
 
+@pytest.mark.slow
 def test_resume_trains_only_the_missing_task(first):
     root, out = first
     c = _client(root)
@@ -159,6 +161,7 @@ def test_resume_trains_only_the_missing_task(first):
     assert len(_runs(c, "tags.ksm_kind = 'task'", "FINISHED")) == 2
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_training_is_retried_once(first, crash_dir):
     root, _ = first
     (crash_dir / "armed").touch()  # the first job to finish an epoch kills its own worker (tests/crash_hook.py)
@@ -177,6 +180,7 @@ def test_a_worker_killed_mid_training_is_retried_once(first, crash_dir):
     assert killed_pid != os.getpid()
 
 
+@pytest.mark.slow
 def test_a_backbone_from_a_weights_file(first, tmp_path):
     root, _ = first
     c = _client(root)
@@ -192,6 +196,7 @@ def test_a_backbone_from_a_weights_file(first, tmp_path):
     assert [r["task"] for r in out["results"]] == ["t1"]
 
 
+@pytest.mark.slow
 def test_a_corrupt_shard_fails_its_task_or_is_skipped_and_counted_in_mlflow(first, tmp_path):
     """data.on_corrupt: 'fail' stops only the task whose shard is bad (the others are saved, the error names the
     shard); 'skip' trains on the rest and the run says how much was lost."""
@@ -247,6 +252,7 @@ def test_bad_values_are_named_before_any_work(tmp_path, override, names):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_gpus_requested_on_a_cluster_without_gpus_fails_fast(first):
     root, _ = first
     with pytest.raises(PipelineError, match=r"gpus_per_task=1.*no GPU"):
@@ -259,6 +265,7 @@ def test_unreachable_tracking_server_is_named(tmp_path):
         run(tmp_path, "tracking=server", f"tracking.uri={uri}")
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_and_lists_choices(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -302,6 +309,7 @@ def test_local_tracking_uris_are_made_absolute(tmp_path, monkeypatch):
         assert absolute_tracking_uri(kept) == kept
 
 
+@pytest.mark.slow
 def test_evaluate_serves_every_task_from_one_network_unchanged(first):
     """mode=evaluate: backbone + every task artifact into ONE network; each task, the backbone's own included,
     scores exactly what it scored when trained, and the backbone's tensors still hash to its fingerprint."""
@@ -323,6 +331,7 @@ def test_evaluate_serves_every_task_from_one_network_unchanged(first):
     assert [a.path for a in c.list_artifacts(ev["run_id"], "report")] == ["report/evaluation.md"]
 
 
+@pytest.mark.slow
 def test_evaluate_without_a_trained_sequence_says_what_to_run(first):
     root, _ = first
     with pytest.raises(PipelineError, match=r"no trained sequence matches this config \(run_name='never-trained'.*"

@@ -133,6 +133,7 @@ def test_two_drivers_create_the_same_store_at_once(tmp_path):
         assert sorted(os.listdir(folder)) == ["mlflow.db"], f"round {i}: left beside the store"
 
 
+@pytest.mark.slow
 def test_waits_for_the_lock_and_gives_up_with_a_clear_error(tmp_path):
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -151,6 +152,7 @@ def test_waits_for_the_lock_and_gives_up_with_a_clear_error(tmp_path):
 
 
 # -- creation -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_creates_a_complete_store_and_leaves_an_existing_one_alone(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     db = tmp_path / "sub" / "mlflow.db"
@@ -167,6 +169,7 @@ def test_creates_a_complete_store_and_leaves_an_existing_one_alone(tmp_path, mon
     assert sorted(os.listdir(db.parent)) == ["mlflow.db"]
 
 
+@pytest.mark.slow
 def test_empty_file_and_stale_temporaries_are_replaced(tmp_path):
     db = tmp_path / "mlflow.db"
     db.touch()  # e.g. a bare `sqlite3.connect` made it
@@ -178,6 +181,7 @@ def test_empty_file_and_stale_temporaries_are_replaced(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["mlflow.db"]
 
 
+@pytest.mark.slow
 def test_relative_sqlite_uri_is_relative_to_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ensure_store("sqlite:///rel/mlflow.db")
@@ -222,6 +226,7 @@ def _set_revision(db: Path, rev: str) -> None:
     conn.close()
 
 
+@pytest.mark.slow
 def test_old_or_unknown_schema_is_refused_with_the_fix(tmp_path):
     from alembic.script import ScriptDirectory
     from mlflow.store.db.utils import _get_alembic_config

@@ -32,6 +32,7 @@ def fmnist():
     return load_source({"name": "fashion_mnist"}, "train"), load_source({"name": "fashion_mnist"}, "test")
 
 
+@pytest.mark.slow
 def test_ksm_learns_an_unseen_fashion_mnist_task(fmnist, tmp_path):
     train, test = fmnist
     torch.manual_seed(0)

@@ -113,6 +113,7 @@ def test_bad_tune_input_fails_before_ray_starts(tmp_path, overrides, expected):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()  # ... and before any write
 
 
+@pytest.mark.slow
 def test_bad_tune_input_on_the_command_line_exits_2_with_the_message(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "mode=tune", f"paths.root={tmp_path}",
                         "tune.space.T.low=0"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -137,6 +138,7 @@ def test_space_overrides_from_the_command_line_parse(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- the sweep
+@pytest.mark.slow
 def test_sweep_tracks_trials_stops_bad_ones_and_its_best_yaml_drives_a_sequence(tmp_path, ray_local):
     from mlflow import MlflowClient
 
