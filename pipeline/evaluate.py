@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import PipelineError
-from .orchestrate import backbone_key, prepare, sequence_key
+from .orchestrate import backbone_key, prepare, result_key, sequence_key, trained_runs
 from .present import text_table
 
 __all__ = ["run_evaluate"]
@@ -35,15 +35,16 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
 
     p = prepare(rc, log)
     tr, m = p.tracker, p.manifest
-    key = sequence_key(rc, m, backbone_key(rc, m))
+    key = sequence_key(rc, backbone_key(rc, m))
     parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
     if parent is None or not parent.data.tags.get("ksm_backbone_run"):
         raise PipelineError(f"no trained sequence matches this config (run_name={rc.run_name!r}, benchmark "
                             f"{rc.benchmark['name']}, method {rc.method.name}) in {rc.tracking.uri}; "
                             "run the same command without mode=evaluate first")
-    done = {r.data.tags["ksm_task"]: r for r in tr.find("FINISHED", ksm_kind="task", ksm_sequence=key)}
-    missing = [t for t in m.new_tasks if t not in done]
     bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
+    fp = bb_run.data.tags.get("ksm_fingerprint", "")
+    done = trained_runs(tr, {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks})
+    missing = [t for t in m.new_tasks if t not in done]
     init = m.task(m.initial_task)
     cfg = rc.train.to_core(device=rc.device())
     dev = resolve_device(cfg.device)

@@ -48,7 +48,7 @@ class JobContext:
     backbone_fingerprint: str = ""
     backbone_run_id: str = ""
 
-_MANIFESTS: dict[str, Manifest] = {}
+_MANIFESTS: dict[tuple[str, int], Manifest] = {}
 BACKBONE_EVAL_BATCH = 256  # the backbone's logged test accuracy is measured in batches of this size
 
 
@@ -64,9 +64,12 @@ def prepare_worker(cpus: float, gpus: float = 0.0) -> None:
 
 
 def manifest(path: str) -> Manifest:
-    if path not in _MANIFESTS:
-        _MANIFESTS[path] = Manifest.load(path)
-    return _MANIFESTS[path]
+    """The shards' manifest, read once per worker while it is unchanged: a reused worker must see a stream's
+    manifest rewritten since (a task appended), so a local file is keyed by its modification time too."""
+    key = (path, os.stat(path).st_mtime_ns if os.path.isfile(path) else 0)
+    if key not in _MANIFESTS:
+        _MANIFESTS[key] = Manifest.load(path)
+    return _MANIFESTS[key]
 
 
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
@@ -167,17 +170,22 @@ def train_task(rc: RunConfig, manifest_path: str, task_name: str, backbone_state
 
 
 # ------------------------------------------------------------------------------------------------ task job
-def task_job(rc: RunConfig, ctx: JobContext, task_name: str, backbone_state: dict[str, np.ndarray]) -> dict[str, Any]:
-    """One new task, end to end, tracked as a child run of the sequence. Safe to run more than once."""
+def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
+             backbone_state: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One new task, end to end, tracked as a child run of the sequence. ``result`` is its result key (backbone,
+    task content, method, training, seed): a FINISHED run with it, from any stream, is the task's result. Safe to
+    run more than once."""
     prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
     tr = Tracker(rc.tracking.uri, ctx.experiment_id)
-    keys = {"ksm_kind": "task", "ksm_sequence": ctx.sequence_key, "ksm_task": task_name}
+    keys = {"ksm_kind": "task", "ksm_result": result}
     done = tr.find_one("FINISHED", **keys)
     if done is not None:  # at-least-once execution: a retry after the run finished does nothing
         return result_from_run(done, status="reused")
     killed = tr.kill_stale(**keys)
-    node = node_info()
-    run_id = tr.start(task_name, {**keys, **node, "ksm_attempt": str(len(killed) + 1)}, parent=ctx.parent_run_id)
+    tags = {**keys, "ksm_sequence": ctx.sequence_key, "ksm_task": task_name,
+            "ksm_task_id": manifest(ctx.manifest).task(task_name).identity, **node_info(),
+            "ksm_attempt": str(len(killed) + 1)}
+    run_id = tr.start(task_name, tags, parent=ctx.parent_run_id)
     t0 = time.perf_counter()
     try:
         def on_epoch(epoch: int, rec: dict[str, float]) -> None:

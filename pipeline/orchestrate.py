@@ -24,7 +24,7 @@ from .runtime import Log, check_fits, check_fits_before_ray, ray_session, remote
 from .tracking import Tracker
 
 __all__ = ["run_sequence", "run_shards", "check_inputs", "prepare", "Prepared", "backbone_stage", "backbone_key",
-           "sequence_key"]
+           "sequence_key", "result_key", "trained_runs"]
 
 
 def run_shards(rc: RunConfig, log: Log = print) -> Manifest:
@@ -72,11 +72,21 @@ def _remote(fn: Any, rc: RunConfig) -> Any:
 
 
 def backbone_key(rc: RunConfig, manifest: Manifest) -> str:
+    """What makes two backbones the same: the model, where its weights come from (its training config or a weights
+    file), the initial task's content identity and the seed. Nothing about the other tasks: appending a task to a
+    stream keeps its backbone."""
     init = manifest.task(manifest.initial_task)
     wp = rc.model.weights_path
     src = {"file": wp, "size": os.path.getsize(wp), "mtime": int(os.path.getmtime(wp))} if wp else rc.section("train")["backbone"]
     return stable_hash({"model": {k: v for k, v in rc.section("model").items() if k != "weights_path"}, "source": src,
-                        "data": manifest.spec_hash, "task": init.name, "seed": rc.seed})
+                        "task": init.identity, "seed": rc.seed})
+
+
+def result_key(rc: RunConfig, fingerprint: str, task_identity: str) -> str:
+    """What makes two trained tasks the same result, whichever stream or launch made it: the backbone's weights,
+    the task's content, the method, the training config, the data options and the seed."""
+    return stable_hash({"backbone": fingerprint, "task": task_identity, "method": rc.section("method"),
+                        "train": rc.section("train"), "data_opts": rc.section("data"), "seed": rc.seed})
 
 
 def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray], str, str]:
@@ -132,11 +142,26 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
     return state, fp, run_id
 
 
-def sequence_key(rc: RunConfig, manifest: Manifest, bb_key: str) -> str:
-    """What makes two runs the same sequence: name, data, backbone, method, training (not where it runs)."""
-    return stable_hash({"name": rc.run_name, "data": manifest.spec_hash, "backbone": bb_key,
-                        "model": rc.section("model"), "method": rc.section("method"), "train": rc.section("train"),
-                        "seed": rc.seed, "data_opts": rc.section("data")})
+def sequence_key(rc: RunConfig, bb_key: str) -> str:
+    """What makes two runs the same stream run (one parent run in MLflow): its name, backbone, model, method,
+    training and seed; not its task list, which may grow."""
+    return stable_hash({"name": rc.run_name, "backbone": bb_key, "model": rc.section("model"),
+                        "method": rc.section("method"), "train": rc.section("train"), "seed": rc.seed,
+                        "data_opts": rc.section("data")})
+
+
+def _check_same_initial_task(tr: Tracker, rc: RunConfig, manifest: Manifest) -> None:
+    """A stream whose initial task changed needs a new backbone, and so retrains every task: say so instead of
+    quietly starting over under the same name."""
+    init = manifest.task(manifest.initial_task)
+    for r in tr.find(None, ksm_kind="sequence", ksm_run_name=rc.run_name):
+        before = r.data.tags.get("ksm_initial_task_id")
+        if before and before != init.identity:
+            raise PipelineError(
+                f"the initial task of stream {rc.run_name!r} changed ({r.data.tags.get('ksm_initial_task', '?')} "
+                f"{before} -> {init.name} {init.identity}; e.g. the first catalogue line was edited): that changes "
+                f"the backbone, so every task would train again. Restore it, or start a new stream with "
+                f"run_name=<a new name> (run {r.info.run_id} keeps the old one)")
 
 
 def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
@@ -154,28 +179,34 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
         p = prepare(rc, log, manifest=m)
         tr = p.tracker
         bb_key = backbone_key(rc, m)
-        key = sequence_key(rc, m, bb_key)
+        key = sequence_key(rc, bb_key)
         parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
         if parent is not None:
             parent_id = parent.info.run_id
             tr.reopen(parent_id)
             log(f"[sequence] resuming run {parent_id} ({rc.run_name})")
         else:
-            parent_id = tr.start(rc.run_name, {"ksm_kind": "sequence", "ksm_sequence": key})
+            _check_same_initial_task(tr, rc, m)
+            init = m.task(m.initial_task)
+            parent_id = tr.start(rc.run_name, {"ksm_kind": "sequence", "ksm_sequence": key,
+                                               "ksm_run_name": rc.run_name, "ksm_initial_task": init.name,
+                                               "ksm_initial_task_id": init.identity})
             tr.params(parent_id, _flat_params(rc))
         try:
-            done = {r.data.tags["ksm_task"]: r for r in tr.find("FINISHED", ksm_kind="task", ksm_sequence=key)}
-            todo = [t for t in m.new_tasks if t not in done]
-            if done:
-                log(f"[sequence] {len(done)} task(s) already finished: {', '.join(sorted(done))}; "
-                    f"training {len(todo)}: {', '.join(todo) or '-'}")
             state, fp, bb_run = backbone_stage(p, log)
             tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp})
+            wanted = {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
+            done = trained_runs(tr, wanted)
+            todo = [t for t in m.new_tasks if t not in done]
+            _supersede(tr, key, wanted)
+            if done:
+                log(f"[sequence] {len(done)} task(s) already trained: {', '.join(sorted(done))}; "
+                    f"training {len(todo)}: {', '.join(todo) or '-'}")
             state_ref = ray.put(state)  # once: every job maps the same arrays zero-copy
             ctx = JobContext(manifest=str(m.path), experiment_id=tr.experiment_id, parent_run_id=parent_id,
                              sequence_key=key, backbone_fingerprint=fp, backbone_run_id=bb_run)
             job = _remote(task_job, rc)
-            pending = {job.remote(rc, ctx, t, state_ref): t for t in todo}
+            pending = {job.remote(rc, ctx, t, wanted[t], state_ref): t for t in todo}
             results = {t: result_from_run(r, "reused") for t, r in done.items()}
             failures: dict[str, str] = {}
             t0 = time.perf_counter()
@@ -208,6 +239,21 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             raise
     return {"parent_run_id": parent_id, "results": ordered, "backbone_run_id": bb_run, "fingerprint": fp,
             "sequence_key": key, "report": report, "experiment_id": tr.experiment_id}
+
+
+def trained_runs(tr: Tracker, wanted: dict[str, str]) -> dict[str, Any]:
+    """task -> its FINISHED run with the wanted result key (from any stream), for the tasks that have one."""
+    found = {t: tr.find_one("FINISHED", ksm_kind="task", ksm_result=k) for t, k in wanted.items()}
+    return {t: r for t, r in found.items() if r is not None}
+
+
+def _supersede(tr: Tracker, key: str, wanted: dict[str, str]) -> None:
+    """Tag this stream's FINISHED task runs whose task has since changed (same name, other result key) as
+    superseded: they stay in MLflow, but no report or evaluation takes them for the task's current result."""
+    for r in tr.find("FINISHED", ksm_kind="task", ksm_sequence=key):
+        name = r.data.tags.get("ksm_task")
+        if name in wanted and r.data.tags.get("ksm_result") != wanted[name] and r.data.tags.get("ksm_superseded") != "true":
+            tr.tags(r.info.run_id, {"ksm_superseded": "true", "ksm_superseded_by_result": wanted[name]})
 
 
 def _cause(e: BaseException) -> str:

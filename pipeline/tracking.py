@@ -1,8 +1,10 @@
 """MLflow access for the pipeline: explicit run ids through MlflowClient (no global active run, so the same code
 is safe in Ray workers and Tune trials), tags to find a sequence's runs again, and idempotent run creation.
 
-Tags (underscored so filters need no quoting): ksm_kind = sequence | backbone | task | tune_sweep | tune_trial,
-ksm_sequence = the sequence key, ksm_task = task name, ksm_backbone = backbone key.
+Tags (underscored so filters need no quoting): ksm_kind = sequence | backbone | task | tune_sweep | tune_trial |
+evaluation, ksm_sequence = the stream run's key, ksm_task = task name, ksm_task_id = its content identity,
+ksm_result = a task result's key (backbone, task, method, training, seed), ksm_backbone = backbone key,
+ksm_superseded = true on a task run whose task has changed since (ARCHITECTURE.md, "Identity and resume").
 """
 from __future__ import annotations
 

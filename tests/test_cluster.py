@@ -428,7 +428,7 @@ def test_ray_job_submit_runs_the_sequence_on_a_ray_start_head(ray_head, mlflow_s
     probe_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", probe_out).group(1)
 
     here = ["cluster.cpus_per_task=1", "cluster.gpus_per_task=0", f"paths.root={tmp_path / 'root'}",
-            "run_name=submitted-cli", *TINY]
+            "run_name=submitted-cli", *TINY, "train.lr_head=1.1e-3"]  # a result of its own on the shared server
     rc, out = ray_cli(*submit, *entrypoint, *here, timeout=180)
     assert rc == 0, out[-5000:]
     job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", out).group(1)
@@ -585,7 +585,8 @@ def test_the_job_entrypoint_as_ray_job_submit_runs_it(ray_cluster, mlflow_server
     uri = mlflow_server["uri"]
     argv = [sys.executable, "run_pipeline.py", "cluster=remote", "cluster.address=auto", "cluster.cpus_per_task=1",
             "cluster.gpus_per_task=0", "tracking=server", f"tracking.uri={uri}", f"paths.shards={shard_server}",
-            f"paths.root={workdir / 'job'}", "run_name=submitted", *TINY]
+            f"paths.root={workdir / 'job'}", "run_name=submitted", *TINY,
+            "train.lr_head=1.2e-3"]  # results of its own: the module's server already holds the default TINY ones
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     log = proc.stdout + proc.stderr

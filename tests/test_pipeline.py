@@ -165,7 +165,7 @@ def test_resume_trains_only_the_missing_task(first):
 def test_a_worker_killed_mid_training_is_retried_once(first, crash_dir):
     root, _ = first
     (crash_dir / "armed").touch()  # the first job to finish an epoch kills its own worker (tests/crash_hook.py)
-    out = run(root, "run_name=crash-test")
+    out = run(root, "run_name=crash-test", "train.lr_head=1.1e-3")  # another result: train again, not reuse
     assert not (crash_dir / "armed").exists()  # a worker really died (`fired` holds its pid)
     killed_pid = int((crash_dir / "fired").read_text())
     c = _client(root)

@@ -20,11 +20,14 @@ capped task keeps its class balance; the train split is then written in a seeded
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .arrays import ArraySplit, TaskData, cap_split, resolve_classes, select_classes, shuffle_split
 from .cifar100 import CPG_ORDER, superclass_split
@@ -71,8 +74,104 @@ def load_benchmark_config(name: str | Path, config_dir: str | Path | None = None
 
 
 def spec_of(benchmark: dict[str, Any]) -> dict[str, Any]:
-    """The benchmark as canonical JSON-able data (copies, so callers may keep mutating theirs)."""
-    return json.loads(json.dumps(benchmark, sort_keys=True))
+    """The benchmark as canonical JSON-able data (copies, so callers may keep mutating theirs), with a stream
+    kind (``catalogue``, ``class_subsets``) expanded into the fixed list of tasks it holds now."""
+    return expand(json.loads(json.dumps(benchmark, sort_keys=True)))[0]
+
+
+# ------------------------------------------------------------------------------------------------ streams
+#: stream kinds: benchmark -> (the same stream as a fixed benchmark of a built-in kind, problems found)
+Expander = Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]]
+STREAM_KINDS: dict[str, Expander] = {}
+
+
+def expand(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A stream (``catalogue``: a JSONL file that grows; ``class_subsets``: N seeded class subsets of one
+    source) as the fixed benchmark it is right now, and the problems found on the way (a malformed catalogue
+    line: named by its line number and left out, so the other lines still run)."""
+    kind = bench.get("kind")
+    return STREAM_KINDS[kind](bench) if kind in STREAM_KINDS else (bench, [])
+
+
+def _catalogue(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``kind: catalogue``: ``path`` is a JSONL file, one task per line, the first the initial (backbone) task::
+
+        {"name": "shirts", "source": {"name": "fashion_mnist"}, "classes": ["Shirt", "Coat"], "caps": {"train": 500}}
+
+    Becomes a ``sequence`` benchmark; a line's ``caps`` become its ``task_caps`` entry."""
+    _require(bench, "path")
+    path = Path(str(bench["path"])).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"catalogue {path} does not exist; set benchmark.path to a JSONL file with one task per "
+                          'line, e.g. {"name": "t1", "source": {"name": "fashion_mnist"}, "classes": [0, 1]}')
+    entries: list[dict[str, Any]] = []
+    lines: dict[str, tuple[int, str]] = {}
+    problems: list[str] = []
+    for no, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not a JSON object")
+            unknown = set(entry) - {"name", "source", "classes", "caps", "flip"}
+            if unknown:
+                raise ValueError(f"unknown key(s) {sorted(unknown)}; valid: name, source, classes, caps, flip")
+            if not isinstance(entry.get("name"), str) or not TASK_NAME.match(entry["name"]):
+                raise ValueError(f"`name` must be a string matching {TASK_NAME.pattern}")
+            if not isinstance(entry.get("source"), dict):
+                raise ValueError("`source` must be a mapping such as {\"name\": \"fashion_mnist\"}")
+        except ValueError as exc:
+            if not entries:
+                raise ConfigError(f"catalogue {path} line {no} (the initial task: it trains the backbone) is "
+                                  f"malformed: {exc}") from None
+            problems.append(f"catalogue {path} line {no} is malformed ({exc}); left out, the other lines run")
+            continue
+        name = entry["name"]
+        if name in lines:
+            first_no, first = lines[name]
+            if json.loads(first) != entry:
+                raise ConfigError(f"catalogue {path}: task {name!r} is on line {first_no} and line {no} with "
+                                  "different specs; give one of them another name")
+            problems.append(f"catalogue {path} line {no} repeats line {first_no} ({name!r}); left out")
+            continue
+        lines[name] = (no, line)
+        entries.append(entry)
+    if not entries:
+        raise ConfigError(f"catalogue {path} has no task; add one JSON object per line")
+    fixed = {k: v for k, v in bench.items() if k not in ("kind", "path")}
+    fixed.update(kind="sequence", catalogue=str(path.absolute()),
+                 tasks=[{k: e[k] for k in ("name", "source", "classes", "flip") if k in e} for e in entries],
+                 task_caps={e["name"]: e["caps"] for e in entries if e.get("caps")} or None)
+    return fixed, problems
+
+
+def _class_subsets(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``kind: class_subsets``: ``num_tasks`` tasks of ``classes_per_task`` classes of ``source``, each drawn
+    with its own seed (``seed`` + its index), so raising ``num_tasks`` appends tasks and leaves the earlier
+    ones as they were. The initial task t0 has ``initial_classes`` (default: every class of the source)."""
+    _require(bench, "source", "num_tasks", "classes_per_task")
+    n, k = int(bench["num_tasks"]), int(bench["classes_per_task"])
+    total = _class_count(json.dumps(bench["source"], sort_keys=True))
+    if not 1 <= k <= total:
+        raise ConfigError(f"benchmark.classes_per_task={k} must be in [1, {total}] (source classes)")
+    seed = int(bench.get("draw_seed", 0))
+    lists = [bench.get("initial_classes") or list(range(total))]
+    # task i's own stream of the seed (spawn_key): independent of how many tasks there are
+    lists += [sorted(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
+                     .choice(total, size=k, replace=False).tolist()) for i in range(1, n + 1)]
+    fixed = {key: v for key, v in bench.items() if key not in ("kind", "num_tasks", "classes_per_task",
+                                                                "initial_classes", "draw_seed")}
+    fixed.update(kind="class_split", class_lists=lists)
+    return fixed, []
+
+
+@functools.lru_cache(maxsize=8)
+def _class_count(source_json: str) -> int:
+    return len(load_source(json.loads(source_json), "test").class_names)
+
+
+STREAM_KINDS.update(catalogue=_catalogue, class_subsets=_class_subsets)
 
 
 def build_tasks(benchmark: dict[str, Any]) -> list[TaskData]:
@@ -178,6 +277,7 @@ def _class_split_name(i: int) -> str:
 def task_names(bench: dict[str, Any]) -> list[str] | None:
     """The benchmark's task names (initial task first) as far as its config says without loading any data;
     None where only the data knows (e.g. sequence entries named after their source)."""
+    bench = spec_of(bench)
     kind = bench.get("kind")
     if kind == "class_split":
         lists = bench.get("class_lists")

@@ -124,6 +124,16 @@ class TaskInfo:
         d["image_shape"] = list(self.image_shape)
         return d
 
+    @property
+    def identity(self) -> str:
+        """The task's content identity: a hash of its name, classes, image format and every shard's sha256, in
+        order. The same task written for any stream hashes the same (shards are byte-identical for the same
+        data); any change to its data, caps or order changes it. Results are found by it, not by the stream."""
+        blob = json.dumps({"name": self.name, "classes": self.class_names, "format": self.image_format,
+                           "shards": {split: [self.sha256[rel] for rel in rels]
+                                      for split, rels in sorted(self.shards.items())}}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def split_shards(self, split: str) -> list[str]:
         """Relative paths of the shards of ``split``; an unknown split lists the known ones."""
         if split not in self.shards:

@@ -39,7 +39,7 @@ import numpy as np
 import webdataset as wds
 
 from .arrays import ArraySplit, TaskData, channel_stats
-from .benchmarks import build_tasks, spec_of
+from .benchmarks import build_tasks, expand, spec_of
 from ..errors import ConfigError, unknown_name
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, TaskInfo, is_local, join_url, sample_key, sha256_file
 
@@ -201,6 +201,8 @@ def ensure_shards(
     if verify not in ("size", "sha256"):
         raise unknown_name("verify mode", verify, ("size", "sha256"))
     spec = spec_of(benchmark)
+    for problem in expand(benchmark)[1]:
+        log(f"[shards] warning: {problem}")
     name = spec.get("name")
     if not name or not isinstance(name, str) or "/" in name or name.startswith("."):
         raise ConfigError(f"benchmark needs a plain `name` (it names the shard folder), got {name!r}")

@@ -1,0 +1,124 @@
+"""Task streams on real Fashion-MNIST: a JSONL catalogue that grows, a task that changes, bad lines, a generated
+stream. Embedded Ray, MLflow on a sqlite file; every claim is read back from MLflow (runs, tags, start times)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+import run_pipeline
+from pipeline.data.benchmarks import expand, load_benchmark_config, task_names
+from pipeline.errors import ConfigError, PipelineError
+
+ROOT = Path(run_pipeline.__file__).resolve().parent
+TINY = ["train.epochs=1", "train.backbone.epochs=1", "model.width=0.0625", "progress=false", "cluster.num_cpus=2"]
+FM = {"name": "fashion_mnist"}
+LINES = [
+    {"name": "base", "source": FM, "classes": [0, 1, 2, 3], "caps": {"train": 400, "test": 100}},
+    {"name": "shoes", "source": FM, "classes": ["Sandal", "Sneaker"], "caps": {"train": 120, "test": 40}},
+    {"name": "tops", "source": FM, "classes": ["Shirt", "Bag"], "caps": {"train": 120, "test": 40}},
+]
+NEW = {"name": "boots", "source": FM, "classes": ["Ankle boot", "Trouser"], "caps": {"train": 120, "test": 40}}
+
+
+def write(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def run(root: Path, catalogue: Path, *over: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["benchmark=catalogue", f"benchmark.path={catalogue}",
+                                            f"paths.root={root}", *TINY, *over])
+    return run_pipeline.main_from_config(cfg)
+
+
+def task_runs(root: Path) -> list:
+    c = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = c.get_experiment_by_name("ksm")
+    return c.search_runs([exp.experiment_id], "tags.ksm_kind = 'task'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_catalogue_grows_and_changes_and_only_new_work_is_done(tmp_path, ray_local, capsys):
+    cat = write(tmp_path / "tasks.jsonl", LINES)
+    first = run(tmp_path, cat)
+    assert [r["status"] for r in first["results"]] == ["trained", "trained"]
+    before = {r.data.tags["ksm_task"]: r for r in task_runs(tmp_path)}
+
+    # a 4th line: only it trains; the backbone and the parent run are the same
+    write(cat, [*LINES, NEW])
+    second = run(tmp_path, cat)
+    assert {r["task"]: r["status"] for r in second["results"]} == {"shoes": "reused", "tops": "reused",
+                                                                    "boots": "trained"}
+    assert second["backbone_run_id"] == first["backbone_run_id"]
+    assert second["parent_run_id"] == first["parent_run_id"]
+    runs = task_runs(tmp_path)
+    finished = sorted(r.data.tags["ksm_task"] for r in runs if r.info.status == "FINISHED")
+    assert finished == ["boots", "shoes", "tops"]  # exactly one FINISHED run per task
+    now = {r.data.tags["ksm_task"]: r for r in runs}
+    for t in ("shoes", "tops"):  # untouched: the same runs, started before the second launch
+        assert now[t].info.run_id == before[t].info.run_id and now[t].info.start_time == before[t].info.start_time
+    assert now["boots"].info.start_time > max(r.info.end_time for r in before.values())
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = c.get_experiment_by_name("ksm")
+    assert len(c.search_runs([exp.experiment_id], "tags.ksm_kind = 'backbone'")) == 1
+
+    # one line changed: only that task trains again; its old run stays, tagged superseded
+    changed = {**LINES[2], "caps": {"train": 100, "test": 40}}
+    write(cat, [LINES[0], LINES[1], changed, NEW])
+    third = run(tmp_path, cat)
+    assert {r["task"]: r["status"] for r in third["results"]} == {"shoes": "reused", "tops": "trained",
+                                                                   "boots": "reused"}
+    tops = [r for r in task_runs(tmp_path) if r.data.tags["ksm_task"] == "tops"]
+    old = [r for r in tops if r.info.run_id == before["tops"].info.run_id][0]
+    assert old.data.tags.get("ksm_superseded") == "true" and old.info.status == "FINISHED"
+    assert [r.data.tags.get("ksm_superseded") for r in tops if r is not old] == [None]
+    assert third["results"][1]["run_id"] != old.info.run_id
+
+    # a malformed line is named by its number and left out; the others run (nothing to train: all reused)
+    write(cat, [LINES[0], LINES[1], changed, NEW, "{not json"])
+    capsys.readouterr()
+    fourth = run(tmp_path, cat)
+    assert f"[shards] warning: catalogue {cat} line 5 is malformed" in capsys.readouterr().out
+    assert {r["status"] for r in fourth["results"]} == {"reused"} and len(fourth["results"]) == 3
+
+    # the first line changed: that is another backbone, so the stream needs a new name
+    write(cat, [{**LINES[0], "caps": {"train": 300, "test": 100}}, LINES[1]])
+    with pytest.raises(PipelineError, match=r"initial task of stream 'catalogue-ksm' changed.*run_name=<a new name>"):
+        run(tmp_path, cat)
+    assert len(c.search_runs([exp.experiment_id], "tags.ksm_kind = 'backbone'")) == 1  # refused before training
+
+
+def test_duplicate_task_names_with_different_specs_are_refused_naming_both_lines(tmp_path):
+    cat = write(tmp_path / "tasks.jsonl", [*LINES, {**LINES[1], "classes": [7, 9]}])
+    bench = {**load_benchmark_config("catalogue"), "path": str(cat)}
+    with pytest.raises(ConfigError, match=r"task 'shoes' is on line 2 and line 4 with different specs"):
+        expand(bench)
+
+
+def test_a_malformed_first_line_is_an_error_not_a_skip(tmp_path):
+    cat = write(tmp_path / "tasks.jsonl", ['{"name": "base"}', LINES[1]])
+    with pytest.raises(ConfigError, match=r"line 1 \(the initial task: it trains the backbone\) is malformed"):
+        expand({**load_benchmark_config("catalogue"), "path": str(cat)})
+
+
+def test_a_generated_stream_appends_tasks_as_it_grows():
+    bench = load_benchmark_config("fashion_stream")
+    small, _ = expand({**bench, "num_tasks": 5})
+    big, _ = expand({**bench, "num_tasks": 1000})
+    assert big["class_lists"][:6] == small["class_lists"]  # the first tasks do not change as the stream grows
+    assert len(task_names({**bench, "num_tasks": 1000})) == 1001
+    assert all(len(c) == 2 and len(set(c)) == 2 and all(0 <= x < 10 for x in c) for c in big["class_lists"][1:])
+    assert len({tuple(c) for c in big["class_lists"][1:]}) == 45  # every pair of 10 classes turns up
