@@ -96,6 +96,7 @@ class ClusterCfg:
     gpus_per_task: float = 0.0
     max_retries: int = 2
     connect_timeout_s: float = 5.0
+    claim_timeout_s: float = 60.0        # a claim (another launch training it) whose heartbeat is older is taken over
 
 
 @dataclass
@@ -293,6 +294,7 @@ def validate(rc: RunConfig) -> None:
     _number("cluster.cpus_per_task", cl.cpus_per_task, 0, strict=True)
     _number("cluster.gpus_per_task", cl.gpus_per_task, 0, strict=False)
     _at_least("cluster.max_retries", cl.max_retries, -1, " (0 = no retry, -1 = retry forever)")
+    _number("cluster.claim_timeout_s", cl.claim_timeout_s, 0, strict=True)
     if cl.gpus_per_task > 1 and cl.gpus_per_task != int(cl.gpus_per_task):
         raise PipelineError(f"cluster.gpus_per_task={cl.gpus_per_task} must be a fraction <= 1 or a whole number")
     if not 0 <= rc.data.holdout < 1:

@@ -28,6 +28,7 @@ from ksm_core import KSMNet, create_model, evaluate, fit_task_epochs, save_task,
 from ksm_core.cpu import tune_malloc
 from ksm_core.train import FitResult, TrainConfig, resolve_device
 
+from .claims import Heartbeat, acquire
 from .config import MethodCfg, ModelCfg, RunConfig, TrainCfg
 from .data import Manifest, make_loader
 from .params import method_params
@@ -178,15 +179,17 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
     tr = Tracker(rc.tracking.uri, ctx.experiment_id)
     keys = {"ksm_kind": "task", "ksm_result": result}
-    done = tr.find_one("FINISHED", **keys)
-    if done is not None:  # at-least-once execution: a retry after the run finished does nothing
+    tags = {"ksm_sequence": ctx.sequence_key, "ksm_task": task_name,
+            "ksm_task_id": manifest(ctx.manifest).task(task_name).identity, **node_info()}
+    # a FINISHED run with this result (a retry after the run finished, another stream, another launch) is the
+    # result; another live launch training it is waited for; a dead attempt's run is closed KILLED
+    run_id, done = acquire(tr, keys, task_name, tags, parent=ctx.parent_run_id, stale_s=rc.cluster.claim_timeout_s)
+    if done is not None:
         return result_from_run(done, status="reused")
-    killed = tr.kill_stale(**keys)
-    tags = {**keys, "ksm_sequence": ctx.sequence_key, "ksm_task": task_name,
-            "ksm_task_id": manifest(ctx.manifest).task(task_name).identity, **node_info(),
-            "ksm_attempt": str(len(killed) + 1)}
-    run_id = tr.start(task_name, tags, parent=ctx.parent_run_id)
+    assert run_id is not None
+    tr.tags(run_id, {"ksm_attempt": str(len(tr.find("KILLED", **keys)) + 1)})
     t0 = time.perf_counter()
+    heartbeat = Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6).__enter__()
     try:
         def on_epoch(epoch: int, rec: dict[str, float]) -> None:
             tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
@@ -219,6 +222,8 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     except BaseException:
         tr.finish(run_id, "FAILED")
         raise
+    finally:
+        heartbeat.__exit__()
     return result_from_run(tr.client.get_run(run_id), status="trained")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from ksm_core import fingerprint
 
+from .claims import Heartbeat, acquire
 from .config import RunConfig, stable_hash
 from .data import Manifest, ensure_shards
 from .errors import PipelineError
@@ -97,7 +98,10 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
 
     rc, tr = p.rc, p.tracker
     key = backbone_key(rc, p.manifest)
-    found = tr.find_one("FINISHED", ksm_kind="backbone", ksm_backbone=key)
+    init = p.manifest.initial_task
+    # another launch may be training this very backbone: wait for its run instead of training it twice
+    run_id, found = acquire(tr, {"ksm_kind": "backbone", "ksm_backbone": key}, f"backbone-{init}", {"ksm_task": init},
+                            stale_s=rc.cluster.claim_timeout_s, log=log)
     if found is not None:
         with tempfile.TemporaryDirectory(prefix="ksm-bb-") as tmp:
             path = tr.download(found.info.run_id, "backbone/backbone.safetensors", tmp)
@@ -109,9 +113,8 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
         log(f"[backbone] reusing run {found.info.run_id} (fingerprint {fp[:12]})")
         return state, fp, found.info.run_id
 
-    tr.kill_stale(ksm_kind="backbone", ksm_backbone=key)
-    init = p.manifest.initial_task
-    run_id = tr.start(f"backbone-{init}", {"ksm_kind": "backbone", "ksm_backbone": key, "ksm_task": init})
+    assert run_id is not None
+    heartbeat = Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6).__enter__()
     try:
         what = f"loading {rc.model.weights_path}" if rc.model.weights_path else \
             f"training on {init} for {rc.train.backbone.epochs} epochs"
@@ -138,6 +141,8 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
     except BaseException:
         tr.finish(run_id, "FAILED")
         raise
+    finally:
+        heartbeat.__exit__()
     log(f"[backbone] test accuracy on {init}: {fit['test_acc']:.3f} (fingerprint {fp[:12]})")
     return state, fp, run_id
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 
 from .store import ensure_store
 
@@ -92,13 +92,6 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
-
-    def kill_stale(self, **tags: str) -> list[str]:
-        """Mark RUNNING runs with these tags KILLED (left by a worker that died); returns their ids."""
-        ids = [r.info.run_id for r in self.find("RUNNING", **tags)]
-        for rid in ids:
-            self.client.set_terminated(rid, RunStatus.to_string(RunStatus.KILLED))
-        return ids
 
     def params(self, run_id: str, params: Mapping[str, Any]) -> None:
         ps = [Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items()]

@@ -122,3 +122,38 @@ def test_a_generated_stream_appends_tasks_as_it_grows():
     assert len(task_names({**bench, "num_tasks": 1000})) == 1001
     assert all(len(c) == 2 and len(set(c)) == 2 and all(0 <= x < 10 for x in c) for c in big["class_lists"][1:])
     assert len({tuple(c) for c in big["class_lists"][1:]}) == 45  # every pair of 10 classes turns up
+
+
+@pytest.mark.slow
+def test_two_launches_at_the_same_moment_train_everything_once(tmp_path):
+    """Two drivers (two terminals, two `ray job submit`s) start the same stream on a fresh store together: the
+    backbone and each task are trained exactly once; the other launch waits for and reuses those runs."""
+    import os
+    import subprocess
+    import sys
+
+    cat = write(tmp_path / "tasks.jsonl", LINES)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    argv = [sys.executable, str(ROOT / "run_pipeline.py"), "benchmark=catalogue", f"benchmark.path={cat}",
+            f"paths.root={tmp_path}", *[o for o in TINY if not o.startswith("cluster.num_cpus")], "cluster.num_cpus=1"]
+    # each launch writes the shards into its own folder: two writers of one folder is the shard claim's job,
+    # not built yet
+    procs = [subprocess.Popen([*argv, f"paths.shards={tmp_path / f'shards{i}'}"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = c.get_experiment_by_name("ksm")
+    runs = [r for kind in ("backbone", "task")
+            for r in c.search_runs([exp.experiment_id], f"tags.ksm_kind = '{kind}'", max_results=1000)]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    finished = sorted((r.data.tags["ksm_kind"], r.data.tags["ksm_task"]) for r in runs if r.info.status == "FINISHED")
+    assert finished == [("backbone", "base"), ("task", "shoes"), ("task", "tops")]
+    assert any("[backbone] reusing run" in out for out in outs)  # one launch waited for the other's backbone
