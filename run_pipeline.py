@@ -6,6 +6,7 @@
     python run_pipeline.py mode=tune tune.num_samples=16     # Ray Tune over T and tau (ASHA)
     python run_pipeline.py mode=shards                       # write / verify the WebDataset shards only
     python run_pipeline.py mode=evaluate                     # all of a sequence's tasks in one network, re-checked
+    python run_pipeline.py mode=compare compare.seeds=[0,1,2] # every method x seed on one backbone, one table
     python run_pipeline.py cluster=remote tracking.uri=http://mlflow:5000   # an existing cluster + server
 
 The config is composed by Hydra from configs/, made absolute and validated before any Ray or MLflow work.
@@ -50,6 +51,11 @@ def main_from_config(cfg: DictConfig) -> dict:
         from pipeline.tune.driver import run_tune
 
         out = run_tune(rc, settings)
+    elif rc.mode == "compare":
+        from pipeline.compare import check_compare, run_compare
+
+        check_compare(rc)
+        out = run_compare(rc)
     elif rc.mode == "evaluate":
         from pipeline.evaluate import run_evaluate
 

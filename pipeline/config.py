@@ -28,12 +28,12 @@ from ksm_core import METHODS, TrainConfig, list_models, mask_spec
 from .errors import PipelineError
 
 __all__ = ["RunConfig", "ModelCfg", "MethodCfg", "TrainCfg", "BackboneCfg", "ClusterCfg", "TrackingCfg", "DataCfg",
-           "PathsCfg", "TuneCfg", "MODES", "ROOT", "register", "resolve", "validate", "stable_hash",
+           "PathsCfg", "TuneCfg", "CompareCfg", "MODES", "ROOT", "register", "resolve", "validate", "stable_hash",
            "absolute_tracking_uri"]
 
 #: the project folder (where run_pipeline.py and configs/ live)
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("sequence", "tune", "shards", "evaluate")
+MODES = ("sequence", "tune", "shards", "evaluate", "compare")
 #: the sections an ``overrides_file`` may hold (what a Tune sweep's best.yaml sets)
 OVERRIDABLE = ("method", "train")
 
@@ -140,6 +140,15 @@ class TuneCfg:
 
 
 @dataclass
+class CompareCfg:
+    """mode=compare: the methods and the task seeds, every pair on one backbone (checked by pipeline.compare)."""
+
+    methods: List[str] = field(default_factory=lambda: ["ksm", "ksm_softmax", "ksm_elementwise", "piggyback",
+                                                        "piggyback_kernelwise", "piggyback_soft", "finetune"])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
 class RunConfig:
     """The whole run: what ``python run_pipeline.py ...`` composed, made absolute and validated."""
 
@@ -157,6 +166,7 @@ class RunConfig:
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
     tune: TuneCfg = field(default_factory=TuneCfg)
+    compare: CompareCfg = field(default_factory=CompareCfg)
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain data (for hashing and for MLflow params)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from .runtime import Log, check_fits, check_fits_before_ray, ray_session, remote
 from .tracking import Tracker
 
 __all__ = ["run_sequence", "run_shards", "check_inputs", "prepare", "Prepared", "backbone_stage", "backbone_key",
-           "sequence_key", "result_key", "trained_runs"]
+           "sequence_key", "result_key", "trained_runs", "fan_out", "Job", "job_resources", "check_cluster"]
 
 
 def run_shards(rc: RunConfig, log: Log = print) -> Manifest:
@@ -56,15 +57,17 @@ def prepare(rc: RunConfig, log: Log = print, manifest: Manifest | None = None) -
     return Prepared(rc, manifest, tracker)
 
 
-def _job_resources(rc: RunConfig) -> tuple[tuple[str, float], tuple[str, float]]:
+def job_resources(rc: RunConfig) -> tuple[tuple[str, float], tuple[str, float]]:
+    """A task job's (key, amount) of CPUs and GPUs, as runtime.check_fits takes them."""
     return ("cluster.cpus_per_task", rc.cluster.cpus_per_task), ("cluster.gpus_per_task", rc.cluster.gpus_per_task)
 
 
-def _check_cluster(rc: RunConfig) -> None:
+def check_cluster(rc: RunConfig) -> None:
+    """A task job fits the connected Ray cluster."""
     import ray
 
     res = ray.cluster_resources()
-    check_fits(*_job_resources(rc), res.get("CPU", 0), res.get("GPU", 0), f"the Ray cluster (resources: {res})")
+    check_fits(*job_resources(rc), res.get("CPU", 0), res.get("GPU", 0), f"the Ray cluster (resources: {res})")
 
 
 def _remote(fn: Any, rc: RunConfig) -> Any:
@@ -171,13 +174,11 @@ def _check_same_initial_task(tr: Tracker, rc: RunConfig, manifest: Manifest) -> 
 
 def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """mode=sequence: the whole task sequence; returns {"parent_run_id", "results": [per-task dicts], ...}."""
-    import ray
-    from tqdm import tqdm
 
-    check_fits_before_ray(rc.cluster, *_job_resources(rc))
+    check_fits_before_ray(rc.cluster, *job_resources(rc))
     m = check_inputs(rc, log)
     with ray_session(rc.cluster, log):
-        _check_cluster(rc)
+        check_cluster(rc)
         # a fresh worker spends ~3 s importing torch, MLflow and torch._dynamo before its first job: start that
         # now, so it overlaps the MLflow set-up, the run lookups and the backbone stage
         warm_workers(warm_worker, rc.cluster, len(m.new_tasks))
@@ -201,34 +202,11 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             state, fp, bb_run = backbone_stage(p, log)
             tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp})
             wanted = {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
-            done = trained_runs(tr, wanted)
-            todo = [t for t in m.new_tasks if t not in done]
             _supersede(tr, key, wanted)
-            if done:
-                log(f"[sequence] {len(done)} task(s) already trained: {', '.join(sorted(done))}; "
-                    f"training {len(todo)}: {', '.join(todo) or '-'}")
-            state_ref = ray.put(state)  # once: every job maps the same arrays zero-copy
             ctx = JobContext(manifest=str(m.path), experiment_id=tr.experiment_id, parent_run_id=parent_id,
                              sequence_key=key, backbone_fingerprint=fp, backbone_run_id=bb_run)
-            job = _remote(task_job, rc)
-            pending = {job.remote(rc, ctx, t, wanted[t], state_ref): t for t in todo}
-            results = {t: result_from_run(r, "reused") for t, r in done.items()}
-            failures: dict[str, str] = {}
-            t0 = time.perf_counter()
-            with tqdm(total=len(m.new_tasks), initial=len(done), desc="tasks", unit="task",
-                      disable=not rc.progress) as bar:
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=1)
-                    name = pending.pop(ready[0])
-                    try:
-                        res = ray.get(ready[0])
-                        results[name] = res
-                        bar.set_postfix_str(f"{name}: acc {res['test_acc']:.3f}")
-                    except Exception as e:  # keep going: the other tasks' work is not lost
-                        failures[name] = _cause(e)
-                        bar.set_postfix_str(f"{name}: FAILED")
-                    bar.update(1)
-            wall = time.perf_counter() - t0
+            results, failures, wall = fan_out([Job(t, t, rc, wanted[t]) for t in m.new_tasks], ctx, state, tr,
+                                              rc.progress, log)
             ordered = [results[t] for t in m.new_tasks if t in results]
             report = write_report(tr, parent_id, ordered, rc, log=log, wall_seconds=wall)
             if failures:
@@ -244,6 +222,50 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             raise
     return {"parent_run_id": parent_id, "results": ordered, "backbone_run_id": bb_run, "fingerprint": fp,
             "sequence_key": key, "report": report, "experiment_id": tr.experiment_id}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One task job of a fan-out: its label for the driver (the task, or method/seed/task), the task, the config
+    it trains with, and its result key."""
+
+    label: str
+    task: str
+    rc: RunConfig
+    result: str
+
+
+def fan_out(jobs: list[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: Tracker, progress: bool,
+            log: Log = print) -> tuple[dict[str, dict[str, Any]], dict[str, str], float]:
+    """Every job whose result has no FINISHED run yet, as one Ray task each, in the given order, with a progress
+    bar; a failed job does not stop the others. Returns the results and the failures by label, and the wall
+    seconds of the fan-out."""
+    import ray
+    from tqdm import tqdm
+
+    done = trained_runs(tr, {j.label: j.result for j in jobs})
+    todo = [j for j in jobs if j.label not in done]
+    if done:
+        log(f"[fan-out] {len(done)} job(s) already trained: {', '.join(sorted(done))[:300]}; "
+            f"training {len(todo)}: {', '.join(j.label for j in todo)[:300] or '-'}")
+    state_ref = ray.put(state)  # once: every job maps the same arrays zero-copy
+    pending = {_remote(task_job, j.rc).remote(j.rc, ctx, j.task, j.result, state_ref): j.label for j in todo}
+    results = {label: result_from_run(r, "reused") for label, r in done.items()}
+    failures: dict[str, str] = {}
+    t0 = time.perf_counter()
+    with tqdm(total=len(jobs), initial=len(done), desc="tasks", unit="task", disable=not progress) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            label = pending.pop(ready[0])
+            try:
+                res = ray.get(ready[0])
+                results[label] = res
+                bar.set_postfix_str(f"{label}: acc {res['test_acc']:.3f}")
+            except Exception as e:  # keep going: the other tasks' work is not lost
+                failures[label] = _cause(e)
+                bar.set_postfix_str(f"{label}: FAILED")
+            bar.update(1)
+    return results, failures, time.perf_counter() - t0
 
 
 def trained_runs(tr: Tracker, wanted: dict[str, str]) -> dict[str, Any]:

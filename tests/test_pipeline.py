@@ -252,6 +252,34 @@ def test_bad_values_are_named_before_any_work(tmp_path, override, names):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()  # nothing started
 
 
+@pytest.mark.parametrize("override, says", [
+    ("train.epoch=3", ["Key 'epoch' not in 'TrainCfg'", "full_key: train.epoch"]),               # unknown key
+    ("train.epochs=abc", ["'abc'", "could not be converted to Integer", "full_key: train.epochs"]),  # wrong type
+    ("cluster.num_cpus=1.5", ["1.5", "full_key: cluster.num_cpus"]),
+    ("method.T=hot", ["'hot'", "full_key: method.T"]),
+])
+def test_the_schema_refuses_unknown_keys_and_wrong_types_while_composing(tmp_path, override, says):
+    """Typos and wrong types are Hydra/OmegaConf's own errors (pipeline/config.py's schema), naming the key."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        config(tmp_path, override)
+    msg = str(e.value) + str(e.value.__cause__)
+    for part in says:
+        assert part in msg, msg
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()
+
+
+def test_an_overrides_file_is_type_checked_like_the_command_line(tmp_path):
+    bad = tmp_path / "best.yaml"
+    bad.write_text("method: {name: ksm, T: hot}\n")
+    with pytest.raises(PipelineError, match=rf"overrides_file {bad}: .*'hot'"):
+        run(tmp_path, f"overrides_file={bad}")
+    bad.write_text("train: {epoch: 3}\n")
+    with pytest.raises(PipelineError, match=r"unknown key\(s\) \['epoch'\] in 'train'; valid: .*'epochs'"):
+        run(tmp_path, f"overrides_file={bad}")
+
+
 @pytest.mark.slow
 def test_gpus_requested_on_a_cluster_without_gpus_fails_fast(first):
     root, _ = first

@@ -1,0 +1,78 @@
+"""mode=compare on real Fashion-MNIST: 2 methods x 2 seeds on one backbone, one parent run with the per-method
+metrics, normal task runs as children; a second compare trains nothing. Plus its bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+import run_pipeline
+from pipeline.errors import PipelineError
+
+ROOT = Path(run_pipeline.__file__).resolve().parent
+TINY = ["benchmark.num_tasks=3", "benchmark.caps.train=200", "benchmark.caps.test=100",
+        "benchmark.initial_caps.train=600", "benchmark.initial_caps.test=200", "train.epochs=1",
+        "train.backbone.epochs=2", "model.width=0.0625", "progress=false"]
+COMPARE = ["mode=compare", "compare.methods=[ksm,piggyback]", "compare.seeds=[0,1]"]
+
+
+def run(root: Path, *over: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.root={root}", *TINY, *over])
+    return run_pipeline.main_from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_compare_logs_one_parent_with_per_method_metrics_and_reuses_everything(tmp_path, ray_local):
+    out = run(tmp_path, *COMPARE)
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = c.get_experiment_by_name("ksm")
+    (parent,) = c.search_runs([exp.experiment_id], "tags.ksm_kind = 'compare'")
+    assert parent.info.run_id == out["parent_run_id"] and parent.info.status == "FINISHED"
+    metrics = parent.data.metrics
+    for meth in ("ksm", "piggyback"):
+        for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes"):
+            assert f"{k}.{meth}" in metrics, k
+        row = next(r for r in out["rows"] if r["method"] == meth)
+        assert metrics[f"mean_test_acc.{meth}"] == pytest.approx(sum(row["per_seed"]) / 2)
+        assert 0.3 < metrics[f"mean_test_acc.{meth}"] <= 1 and metrics[f"task_seconds.{meth}"] > 0
+    # the children are ordinary task runs: one per method x seed x task, each with its method's own params
+    kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(kids) == 2 * 2 * 2 and {r.info.status for r in kids} == {"FINISHED"}
+    assert {(r.data.params["method"], r.data.params["seed"], r.data.tags["ksm_task"]) for r in kids} == {
+        (m, s, t) for m in ("ksm", "piggyback") for s in ("0", "1") for t in ("t1", "t2")}
+    assert all(("T" in r.data.params) == (r.data.params["method"] == "ksm") for r in kids)
+    assert len(c.search_runs([exp.experiment_id], "tags.ksm_kind = 'backbone'")) == 1  # one shared backbone
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id, "compare")}
+    assert arts == {"compare/compare.md", "compare/compare.csv", "compare/compare.png"}
+    md = Path(c.download_artifacts(parent.info.run_id, "compare/compare.md", str(tmp_path))).read_text()
+    assert "ksm" in md and "piggyback" in md and "± " in md
+
+    again = run(tmp_path, *COMPARE)  # the same compare: every result is reused, nothing trains
+    assert {r["status"] for r in again["results"].values()} == {"reused"}
+    assert again["parent_run_id"] == out["parent_run_id"]
+    assert len(c.search_runs([exp.experiment_id], "tags.ksm_kind = 'task'")) == 8
+    assert [r["mean_test_acc"] for r in again["rows"]] == [r["mean_test_acc"] for r in out["rows"]]
+
+
+@pytest.mark.parametrize("over, says", [
+    ("compare.methods=[ksm,ksm_typo]", ["'ksm_typo' is not a method", "valid methods:", "piggyback"]),
+    ("compare.seeds=[]", ["compare.seeds is empty"]),
+    ("compare.methods=[]", ["compare.methods is empty"]),
+])
+def test_bad_compare_input_is_refused_before_any_work(tmp_path, over, says):
+    with pytest.raises(PipelineError) as e:
+        run(tmp_path, "mode=compare", over)
+    for part in says:
+        assert part in str(e.value)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()  # nothing started
