@@ -8,10 +8,11 @@ from .artifact import BackboneMismatch, load_task, read_metadata, save_task
 from .backbones import create_model, list_models
 from .masks import MASK_METHODS, METHODS, MaskSpec, ksm_mask, mask_spec, piggyback_mask, piggyback_soft_mask
 from .network import KSMNet, fingerprint
-from .train import FitResult, TrainConfig, evaluate, fit_task, fit_task_epochs, train_backbone
+from .train import FitResult, TrainConfig, drain_epochs, evaluate, fit_task, fit_task_epochs, train_backbone
 
 __all__ = [
     "BackboneMismatch", "load_task", "read_metadata", "save_task", "create_model", "list_models", "MASK_METHODS",
     "METHODS", "MaskSpec", "ksm_mask", "mask_spec", "piggyback_mask", "piggyback_soft_mask", "KSMNet",
-    "fingerprint", "FitResult", "TrainConfig", "evaluate", "fit_task", "fit_task_epochs", "train_backbone",
+    "fingerprint", "FitResult", "TrainConfig", "drain_epochs", "evaluate", "fit_task", "fit_task_epochs",
+    "train_backbone",
 ]

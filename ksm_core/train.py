@@ -13,13 +13,15 @@ import time
 from collections.abc import Callable, Generator, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .network import KSMNet
+
+R = TypeVar("R")
 
 __all__ = ["TrainConfig", "FitResult", "fit_task", "train_backbone", "evaluate", "resolve_device"]
 
@@ -127,8 +129,9 @@ def _steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int | None:
     return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
 
 
-def _drain(epochs: Generator[dict[str, float], None, FitResult], on_epoch: EpochCallback | None) -> FitResult:
-    """Run an epoch generator to its end, showing every epoch's record to ``on_epoch``; its FitResult."""
+def drain_epochs(epochs: Generator[dict[str, float], None, R], on_epoch: EpochCallback | None = None) -> R:
+    """Run an epoch generator (``fit_task_epochs``, or one wrapping it) to its end, showing every epoch's record
+    to ``on_epoch``; returns the generator's return value."""
     while True:
         try:
             rec = next(epochs)
@@ -193,7 +196,7 @@ def fit_task(net: KSMNet, task: int, train_loader: Iterable, test_loader: Iterab
     With ``deploy`` (default) the task is fixed afterwards and the final test accuracy is measured on the
     deployed task: the number its artifact reproduces. ``on_epoch(epoch, record)`` sees every epoch's metrics.
     """
-    return _drain(fit_task_epochs(net, task, train_loader, test_loader, cfg, deploy), on_epoch)
+    return drain_epochs(fit_task_epochs(net, task, train_loader, test_loader, cfg, deploy), on_epoch)
 
 
 def fit_task_epochs(net: KSMNet, task: int, train_loader: Iterable, test_loader: Iterable | None = None,
@@ -232,7 +235,7 @@ def train_backbone(model: nn.Module, train_loader: Iterable, test_loader: Iterab
     model.to(dev)
     if dev.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    res = _drain(_fit_epochs(model, [{"params": [q for q in model.parameters() if q.requires_grad],
+    res = drain_epochs(_fit_epochs(model, [{"params": [q for q in model.parameters() if q.requires_grad],
                                       "lr": cfg.lr_backbone}], train_loader, test_loader, cfg, dev), on_epoch)
     if test_loader is not None:
         res.test_acc, res.test_loss = evaluate(model, test_loader, cfg)

@@ -7,8 +7,8 @@ then visible where users look, as the RUNNING run of the work itself.
 The protocol ("announce, then look"), for the runs that share a set of tags (``ksm_result=...`` for a task):
 1. a FINISHED run with the tags is the result: nothing to do;
 2. else the caller creates its own RUNNING run (its announcement) with a heartbeat tag, then lists the RUNNING
-   runs with the tags. Alone: it holds the claim and does the work. Not alone: it withdraws (deletes its run) and
-   waits, then starts over.
+   runs with the tags, then looks for a FINISHED one again. Alone and still no result: it holds the claim and
+   does the work. Else it withdraws (deletes its run) and takes the result, or waits and starts over.
 Two callers can never both be alone: the one that announced second sees the first (the store orders the
 writes). Both may see each other and withdraw; each waits a random time before trying again, so one wins soon.
 
@@ -72,9 +72,14 @@ def acquire(tr: Tracker, keys: dict[str, str], name: str, tags: dict[str, str], 
                                      "ksm_claim_host": socket.gethostname(), "ksm_claim_pid": str(os.getpid())},
                               parent=parent)
             others = [r for r in tr.find("RUNNING", **keys) if r.info.run_id != run_id]
-            if not others:
+            # FINISHED is looked at again after the announcement: a holder that finished between the first look
+            # and the announcement is neither RUNNING nor seen as FINISHED by that first look
+            done = None if others else tr.find_one("FINISHED", **keys)
+            if not others and done is None:
                 return run_id, None
             tr.client.delete_run(run_id)  # withdrawn: another announced too; not a run anyone should browse
+            if done is not None:
+                return None, done
         if not waiting:
             log(f"[claim] {name}: another launch is working on it; waiting for its result")
             waiting = True

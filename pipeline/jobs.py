@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ksm_core import KSMNet, create_model, evaluate, fit_task_epochs, save_task, train_backbone
+from ksm_core import KSMNet, create_model, drain_epochs, evaluate, fit_task_epochs, save_task, train_backbone
 from ksm_core.cpu import tune_malloc
 from ksm_core.train import FitResult, TrainConfig, resolve_device
 
@@ -160,14 +160,7 @@ def task_epochs(rc: RunConfig, manifest_path: str, task_name: str, backbone_stat
 def train_task(rc: RunConfig, manifest_path: str, task_name: str, backbone_state: dict[str, np.ndarray],
                on_epoch: Callable[[int, dict[str, float]], None] | None = None, **kw: Any) -> TaskOutcome:
     """:func:`task_epochs` run to its end, each epoch's record shown to ``on_epoch``."""
-    epochs = task_epochs(rc, manifest_path, task_name, backbone_state, **kw)
-    while True:
-        try:
-            rec = next(epochs)
-        except StopIteration as done:
-            return done.value
-        if on_epoch is not None:
-            on_epoch(int(rec["epoch"]), rec)
+    return drain_epochs(task_epochs(rc, manifest_path, task_name, backbone_state, **kw), on_epoch)
 
 
 # ------------------------------------------------------------------------------------------------ task job

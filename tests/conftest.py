@@ -49,3 +49,13 @@ def _fast_tests_start_nothing(request, monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     yield
     monkeypatch.setattr(subprocess.Popen, "__init__", real_init)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """An embedded Ray runtime on 2 CPUs for a test module (the pipeline's ray_session reuses it)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

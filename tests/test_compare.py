@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
@@ -24,12 +23,6 @@ def run(root: Path, *over: str) -> dict:
         cfg = compose("config", overrides=[f"paths.root={root}", *TINY, *over])
     return run_pipeline.main_from_config(cfg)
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
@@ -42,12 +41,6 @@ def task_runs(root: Path) -> list:
     exp = c.get_experiment_by_name("ksm")
     return c.search_runs([exp.experiment_id], "tags.ksm_kind = 'task'", max_results=1000)
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow
@@ -155,5 +148,7 @@ def test_two_launches_at_the_same_moment_train_everything_once(tmp_path):
             for r in c.search_runs([exp.experiment_id], f"tags.ksm_kind = '{kind}'", max_results=1000)]
     assert not [r for r in runs if r.info.status == "RUNNING"]
     finished = sorted((r.data.tags["ksm_kind"], r.data.tags["ksm_task"]) for r in runs if r.info.status == "FINISHED")
-    assert finished == [("backbone", "base"), ("task", "shoes"), ("task", "tops")]
+    assert finished == [("backbone", "base"), ("task", "shoes"), ("task", "tops")], [
+        (r.data.tags.get("ksm_task"), r.info.status, r.data.tags.get("ksm_result"), r.data.tags.get("ksm_claim_pid"),
+         r.info.start_time, r.info.end_time) for r in runs] + [out[-2500:] for out in outs]
     assert any("[backbone] reusing run" in out for out in outs)  # one launch waited for the other's backbone
