@@ -182,41 +182,39 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     assert run_id is not None
     tr.tags(run_id, {"ksm_attempt": str(len(tr.find("KILLED", **keys)) + 1)})
     t0 = time.perf_counter()
-    heartbeat = Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6).__enter__()
-    try:
-        def on_epoch(epoch: int, rec: dict[str, float]) -> None:
-            tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
+    with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6):  # the claim stays alive while it works
+        try:
+            def on_epoch(epoch: int, rec: dict[str, float]) -> None:
+                tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
 
-        out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
-        stats = out.net.mask_stats(out.task)
-        with tempfile.TemporaryDirectory(prefix="ksm-task-") as tmp:
-            path = Path(tmp) / f"{task_name}.safetensors"
-            size = save_task(out.net, out.task, path, extra={"classes": out.classes, "task": task_name,
-                                                               "test_acc": out.fit.test_acc})
-            tr.artifact(run_id, path, "task")
-        tr.params(run_id, {
-            **method_params(rc.method, rc.train),
-            "epochs": rc.train.epochs, "batch_size": rc.train.batch_size,
-            "model": rc.model.name, "model_width": rc.model.width,
-            "backbone_fingerprint": ctx.backbone_fingerprint, "backbone_run_id": ctx.backbone_run_id,
-            "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
-            "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc.seed,
-            "device": out.fit.device,
-        })
-        final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
-                 "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
-                 "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
-                 "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples}
-        final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
-        tr.metrics(run_id, final, step=rc.train.epochs)
-        tr.tags(run_id, {"ksm_device": out.fit.device,
-                         **({"ksm_skipped_shards": ", ".join(out.skipped_shards)} if out.skipped_shards else {})})
-        tr.finish(run_id, "FINISHED")
-    except BaseException:
-        tr.finish(run_id, "FAILED")
-        raise
-    finally:
-        heartbeat.__exit__()
+            out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
+            stats = out.net.mask_stats(out.task)
+            with tempfile.TemporaryDirectory(prefix="ksm-task-") as tmp:
+                path = Path(tmp) / f"{task_name}.safetensors"
+                size = save_task(out.net, out.task, path, extra={"classes": out.classes, "task": task_name,
+                                                                   "test_acc": out.fit.test_acc})
+                tr.artifact(run_id, path, "task")
+            tr.params(run_id, {
+                **method_params(rc.method, rc.train),
+                "epochs": rc.train.epochs, "batch_size": rc.train.batch_size,
+                "model": rc.model.name, "model_width": rc.model.width,
+                "backbone_fingerprint": ctx.backbone_fingerprint, "backbone_run_id": ctx.backbone_run_id,
+                "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
+                "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc.seed,
+                "device": out.fit.device,
+            })
+            final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
+                     "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
+                     "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
+                     "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples}
+            final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
+            tr.metrics(run_id, final, step=rc.train.epochs)
+            tr.tags(run_id, {"ksm_device": out.fit.device,
+                             **({"ksm_skipped_shards": ", ".join(out.skipped_shards)} if out.skipped_shards else {})})
+            tr.finish(run_id, "FINISHED")
+        except BaseException:
+            tr.finish(run_id, "FAILED")
+            raise
     return result_from_run(tr.client.get_run(run_id), status="trained")
 
 

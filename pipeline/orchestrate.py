@@ -117,35 +117,33 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
         return state, fp, found.info.run_id
 
     assert run_id is not None
-    heartbeat = Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6).__enter__()
-    try:
-        what = f"loading {rc.model.weights_path}" if rc.model.weights_path else \
-            f"training on {init} for {rc.train.backbone.epochs} epochs"
-        log(f"[backbone] {what}")
-        out = ray.get(_remote(backbone_job, rc).remote(rc, str(p.manifest.path)))
-        state = out["state"]
-        fp = fingerprint(state)
-        fit = out["fit"]
-        for rec in fit["history"]:
-            tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
-        tr.metrics(run_id, {"test_acc": fit["test_acc"], "train_seconds": fit["train_seconds"]},
-                   step=len(fit["history"]))
-        tr.params(run_id, {"model": rc.model.name, "model_width": rc.model.width,
-                           "weights_path": rc.model.weights_path, "task": init,
-                           "classes": ", ".join(out["classes"]), "epochs": rc.train.backbone.epochs,
-                           "lr": rc.train.backbone.lr, "seed": rc.seed, "fingerprint": fp})
-        tr.tags(run_id, {"ksm_fingerprint": fp,
-                         **{k: out[k] for k in ("ksm_host", "ksm_node_id", "ksm_node_ip") if k in out}})
-        with tempfile.TemporaryDirectory(prefix="ksm-bb-") as tmp:
-            path = Path(tmp) / "backbone.safetensors"
-            save_file(state, str(path), metadata={"fingerprint": fp, "model": rc.model.name})
-            tr.artifact(run_id, path, "backbone")
-        tr.finish(run_id)
-    except BaseException:
-        tr.finish(run_id, "FAILED")
-        raise
-    finally:
-        heartbeat.__exit__()
+    with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6):  # the claim stays alive while it works
+        try:
+            what = f"loading {rc.model.weights_path}" if rc.model.weights_path else \
+                f"training on {init} for {rc.train.backbone.epochs} epochs"
+            log(f"[backbone] {what}")
+            out = ray.get(_remote(backbone_job, rc).remote(rc, str(p.manifest.path)))
+            state = out["state"]
+            fp = fingerprint(state)
+            fit = out["fit"]
+            for rec in fit["history"]:
+                tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
+            tr.metrics(run_id, {"test_acc": fit["test_acc"], "train_seconds": fit["train_seconds"]},
+                       step=len(fit["history"]))
+            tr.params(run_id, {"model": rc.model.name, "model_width": rc.model.width,
+                               "weights_path": rc.model.weights_path, "task": init,
+                               "classes": ", ".join(out["classes"]), "epochs": rc.train.backbone.epochs,
+                               "lr": rc.train.backbone.lr, "seed": rc.seed, "fingerprint": fp})
+            tr.tags(run_id, {"ksm_fingerprint": fp,
+                             **{k: out[k] for k in ("ksm_host", "ksm_node_id", "ksm_node_ip") if k in out}})
+            with tempfile.TemporaryDirectory(prefix="ksm-bb-") as tmp:
+                path = Path(tmp) / "backbone.safetensors"
+                save_file(state, str(path), metadata={"fingerprint": fp, "model": rc.model.name})
+                tr.artifact(run_id, path, "backbone")
+            tr.finish(run_id)
+        except BaseException:
+            tr.finish(run_id, "FAILED")
+            raise
     log(f"[backbone] test accuracy on {init}: {fit['test_acc']:.3f} (fingerprint {fp[:12]})")
     return state, fp, run_id
 
@@ -174,7 +172,6 @@ def _check_same_initial_task(tr: Tracker, rc: RunConfig, manifest: Manifest) -> 
 
 def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """mode=sequence: the whole task sequence; returns {"parent_run_id", "results": [per-task dicts], ...}."""
-
     check_fits_before_ray(rc.cluster, *job_resources(rc))
     m = check_inputs(rc, log)
     with ray_session(rc.cluster, log):
