@@ -12,28 +12,82 @@ the same logits bit for bit.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file as np_load_file
-from safetensors.numpy import save_file as np_save_file
+from safetensors.numpy import save as np_save
 from safetensors import safe_open
 from torch import Tensor
 
 from .masks import MaskSpec
 from .network import KSMNet
 
-__all__ = ["save_task", "load_task", "read_metadata", "BackboneMismatch", "FORMAT"]
+__all__ = ["save_task", "load_task", "read_metadata", "write_atomic", "ArtifactWriteError", "BackboneMismatch",
+           "FORMAT"]
 
 FORMAT = "ksm-task/1"
 
 
 class BackboneMismatch(ValueError):
     """The artifact was made on a different backbone than the one it is being loaded onto."""
+
+
+class ArtifactWriteError(OSError):
+    """An artifact could not be written (disk full, read-only or forbidden folder). An OSError with the errno and
+    the path of the failed write; the message names both and what to do. Nothing is left under the real name."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the whole sentence; OSError's own form would repeat errno and path
+
+
+def _write_error(e: OSError, path: Path) -> ArtifactWriteError:
+    code = e.errno
+    name = errno.errorcode.get(code, str(code)) if code is not None else "?"
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        todo = "free space on that file system, or write the artifacts to another folder"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = "make the folder writable, or write the artifacts to another folder"
+    else:
+        todo = "check that folder, or write the artifacts to another folder"
+    where = e.filename if e.filename not in (None, str(path)) else None
+    msg = (f"cannot write artifact {path}: [{name}] {e.strerror or e}"
+           + (f" (at {where})" if where else "") + f"; {todo}. No partial file was left under that name.")
+    return ArtifactWriteError(code, msg, str(path))
+
+
+def write_atomic(data: bytes, path: str | os.PathLike) -> int:
+    """Write ``data`` to ``path`` all or nothing: into a temporary file in the same folder, flushed to disk,
+    then renamed over ``path`` (``os.replace``, atomic on one file system). A reader, or a rerun, sees the old
+    file or the complete new one, never a truncated one. A failed write (ENOSPC, EROFS, EACCES, ...) removes the
+    temporary file and raises :class:`ArtifactWriteError` naming the path and the errno. Returns the size."""
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes it 0600; an artifact is read by other users' jobs too
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise _write_error(e, path) from e
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return len(data)
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -83,17 +137,15 @@ def pack_task(net: KSMNet, task: int) -> tuple[dict[str, np.ndarray], dict[str, 
 def save_task(net: KSMNet, task: int, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> int:
     """Write a task's artifact (deploying it first if needed); returns the file size in bytes.
 
-    ``extra`` is JSON-serialisable user metadata (class names, metrics, ...) stored alongside.
+    ``extra`` is JSON-serialisable user metadata (class names, metrics, ...) stored alongside. The write is
+    atomic (:func:`write_atomic`); a failed one raises :class:`ArtifactWriteError` and leaves no file behind.
     """
     tensors, meta = pack_task(net, task)
     if extra:
         meta["extra"] = extra
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    np_save_file(tensors, str(tmp), metadata={"ksm": json.dumps(meta)})
-    os.replace(tmp, path)  # a killed writer never leaves a truncated artifact under the real name
-    return path.stat().st_size
+    # serialised in memory (an artifact is KBs to MBs) and written by Python, so a failed write is an OSError
+    # with its errno; written atomically: a killed or failed writer never leaves a truncated artifact
+    return write_atomic(np_save(tensors, metadata={"ksm": json.dumps(meta)}), path)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
