@@ -10,6 +10,7 @@ which experiment and parent run to log into, and which backbone it adapts.
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import tempfile
@@ -24,13 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ksm_core import KSMNet, create_model, drain_epochs, evaluate, fit_task_epochs, save_task, train_backbone
+from ksm_core import (ArtifactWriteError, KSMNet, create_model, drain_epochs, evaluate, fit_task_epochs, save_task,
+                      train_backbone)
 from ksm_core.cpu import tune_malloc
 from ksm_core.train import FitResult, TrainConfig, resolve_device
 
 from .claims import Heartbeat, acquire
 from .config import MethodCfg, ModelCfg, RunConfig, TrainCfg
 from .data import Manifest, make_loader
+from .errors import PipelineError
 from .params import method_params
 from .tracking import Tracker
 
@@ -164,6 +167,37 @@ def train_task(rc: RunConfig, manifest_path: str, task_name: str, backbone_state
 
 
 # ------------------------------------------------------------------------------------------------ task job
+def log_task_artifact(tr: Tracker, run_id: str, rc: RunConfig, out: TaskOutcome, task_name: str) -> int:
+    """Write the task's artifact under ``paths.output`` (the run's scratch: artifacts before upload) and log it to
+    the run; returns its size. The write is atomic (``ksm_core.write_atomic``) and the scratch folder is removed
+    afterwards. A write that fails (disk full, read-only or forbidden folder) raises a PipelineError naming the
+    path, the errno and the fix; the caller marks the run FAILED, so no rerun trusts anything it left."""
+    scratch = Path(rc.paths.output) / "scratch"
+    fix = (f"free space there, or point paths.output at another folder (python run_pipeline.py "
+           f"paths.output=/a/roomier/disk); the task's run is marked FAILED and a rerun trains it again")
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="ksm-task-", dir=scratch) as tmp:
+            path = Path(tmp) / f"{task_name}.safetensors"
+            size = save_task(out.net, out.task, path, extra={"classes": out.classes, "task": task_name,
+                                                               "test_acc": out.fit.test_acc})
+            try:
+                tr.artifact(run_id, path, "task")
+            except OSError as e:  # a local artifact store: the copy into it failed (the run ends FAILED)
+                raise PipelineError(f"task {task_name}: cannot copy its artifact into the tracking store's artifact "
+                                    f"location ({rc.tracking.artifact_root or rc.tracking.uri}): "
+                                    f"[{errno.errorcode.get(e.errno or 0, e.errno)}] {e.strerror or e}"
+                                    f"{f' ({e.filename})' if e.filename else ''}; free space there or set "
+                                    "tracking.artifact_root to another folder") from e
+    except ArtifactWriteError as e:  # the sentence names the path and the errno
+        raise PipelineError(f"task {task_name}: {e}; {fix}") from e
+    except OSError as e:  # the scratch folder itself could not be made
+        raise PipelineError(f"task {task_name}: cannot write its artifact under paths.output={rc.paths.output}: "
+                            f"[{errno.errorcode.get(e.errno or 0, e.errno)}] {e.strerror or e}"
+                            f"{f' ({e.filename})' if e.filename else ''}; {fix}") from e
+    return size
+
+
 def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
              backbone_state: dict[str, np.ndarray]) -> dict[str, Any]:
     """One new task, end to end, tracked as a child run of the sequence. ``result`` is its result key (backbone,
@@ -189,11 +223,7 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
 
             out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
             stats = out.net.mask_stats(out.task)
-            with tempfile.TemporaryDirectory(prefix="ksm-task-") as tmp:
-                path = Path(tmp) / f"{task_name}.safetensors"
-                size = save_task(out.net, out.task, path, extra={"classes": out.classes, "task": task_name,
-                                                                   "test_acc": out.fit.test_acc})
-                tr.artifact(run_id, path, "task")
+            size = log_task_artifact(tr, run_id, rc, out, task_name)
             tr.params(run_id, {
                 **method_params(rc.method, rc.train),
                 "epochs": rc.train.epochs, "batch_size": rc.train.batch_size,

@@ -365,3 +365,73 @@ def test_evaluate_without_a_trained_sequence_says_what_to_run(first):
     with pytest.raises(PipelineError, match=r"no trained sequence matches this config \(run_name='never-trained'.*"
                                             r"without mode=evaluate first"):
         run(root, "mode=evaluate", "run_name=never-trained")
+
+
+# A task job whose paths.output is a real full disk: a 64 KiB tmpfs, filled, in a private mount namespace
+# (`unshare -rm`: needs no root and leaves the machine's mounts alone). The job runs for real in that process.
+_FULL_DISK_JOB = r"""
+import json, os, pickle, sys
+full, args = sys.argv[1], sys.argv[2]
+fd = os.open(os.path.join(full, "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, b"\0" * 1024)
+except OSError:
+    pass
+os.close(fd)
+from pipeline.jobs import task_job
+rc, ctx, task, result, state = pickle.load(open(args, "rb"))
+try:
+    task_job(rc, ctx, task, result, state)
+    err = None
+except Exception as e:
+    err = {"type": type(e).__name__, "msg": str(e)}
+files = sorted(os.path.relpath(os.path.join(d, f), full) for d, _, fs in os.walk(full) for f in fs)
+print("RESULT " + json.dumps({"err": err, "files": files}))
+"""
+
+
+@pytest.mark.slow
+def test_task_job_on_a_full_disk_fails_its_run_naming_path_and_errno(first, tmp_path):
+    """Issue 15 item 4: the artifact write hits ENOSPC; the job fails with the path, the errno and the fix, its
+    MLflow run ends FAILED (not RUNNING), and no artifact file is left in paths.output."""
+    import json
+    import pickle
+    import shutil
+
+    from pipeline.config import resolve
+    from pipeline.jobs import JobContext
+    from pipeline.orchestrate import result_key
+
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=8k tmpfs $d"],
+            capture_output=True).returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm + mount tmpfs refused): no full disk to test on")
+    root, out = first
+    full = tmp_path / "full"
+    full.mkdir()
+    rc = resolve(config(root, f"paths.output={full}", "train.epochs=1"))  # a new result key: it trains
+    c = _client(root)
+    manifest = Manifest.load(next((root / "data" / "shards").rglob("manifest.json")))
+    task = manifest.new_tasks[0]
+    result = result_key(rc, out["fingerprint"], manifest.task(task).identity)
+    ctx = JobContext(manifest=str(manifest.path), experiment_id=out["experiment_id"],
+                     parent_run_id=out["parent_run_id"], sequence_key=out["sequence_key"],
+                     backbone_fingerprint=out["fingerprint"], backbone_run_id=out["backbone_run_id"])
+    state = load_file(c.download_artifacts(out["backbone_run_id"], "backbone/backbone.safetensors", str(tmp_path)))
+    args = tmp_path / "args.pkl"
+    args.write_bytes(pickle.dumps((rc, ctx, task, result, state)))
+    script = tmp_path / "job.py"
+    script.write_text(_FULL_DISK_JOB)
+    cmd = f"mount -t tmpfs -o size=64k tmpfs {full} && exec {sys.executable} {script} {full} {args}"
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "RESULT " in r.stdout, r.stderr[-3000:]
+    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert res["err"] is not None and res["err"]["type"] == "PipelineError", res
+    msg = res["err"]["msg"]
+    assert f"task {task}: " in msg and str(full) in msg and "[ENOSPC] No space left on device" in msg, msg
+    assert "paths.output" in msg and "marked FAILED" in msg
+    assert res["files"] == ["filler"]  # no artifact, no temporary, no scratch file left behind
+    runs = _runs(c, f"tags.ksm_result = '{result}'")
+    assert [r.info.status for r in runs] == ["FAILED"]
