@@ -7,6 +7,7 @@
     python run_pipeline.py mode=shards                       # write / verify the WebDataset shards only
     python run_pipeline.py mode=evaluate                     # all of a sequence's tasks in one network, re-checked
     python run_pipeline.py mode=compare compare.seeds=[0,1,2] # every method x seed on one backbone, one table
+    python run_pipeline.py mode=follow benchmark=catalogue benchmark.path=tasks.jsonl  # stay up, train new lines
     python run_pipeline.py cluster=remote tracking.uri=http://mlflow:5000   # an existing cluster + server
 
 The config is composed by Hydra from configs/, made absolute and validated before any Ray or MLflow work.
@@ -56,6 +57,10 @@ def main_from_config(cfg: DictConfig) -> dict:
 
         check_compare(rc)
         out = run_compare(rc)
+    elif rc.mode == "follow":
+        from pipeline.follow import run_follow
+
+        out = run_follow(rc)  # ends by raising Stopped (a signal is its only way to end)
     elif rc.mode == "evaluate":
         from pipeline.evaluate import run_evaluate
 
@@ -70,13 +75,16 @@ def main_from_config(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pipeline.errors import DataError, PipelineError
+    from pipeline.errors import DataError, PipelineError, Stopped
 
     try:
         main_from_config(cfg)
     except (PipelineError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:  # SIGINT/SIGTERM: stopped cleanly, nothing left RUNNING
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 from ksm_core import METHODS, mask_spec
 
 from .config import MethodCfg, RunConfig, stable_hash
-from .errors import PipelineError
+from .errors import PipelineError, Stopped
 from .jobs import JobContext, warm_worker
 from .orchestrate import (Job, backbone_key, backbone_stage, check_cluster, check_inputs, fan_out, job_resources,
                           prepare, result_key)
@@ -99,8 +99,8 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                                       for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes")},
                                    "fanout_wall_seconds": wall})
             tr.finish(parent_id, "FINISHED")
-        except BaseException:
-            tr.finish(parent_id, "FAILED")
+        except BaseException as e:
+            tr.finish(parent_id, "KILLED" if isinstance(e, Stopped) else "FAILED")
             raise
     return {"parent_run_id": parent_id, "rows": rows, "results": results, "experiment_id": tr.experiment_id,
             "backbone_run_id": bb_run}

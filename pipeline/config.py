@@ -33,7 +33,7 @@ __all__ = ["RunConfig", "ModelCfg", "MethodCfg", "TrainCfg", "BackboneCfg", "Clu
 
 #: the project folder (where run_pipeline.py and configs/ live)
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("sequence", "tune", "shards", "evaluate", "compare")
+MODES = ("sequence", "tune", "shards", "evaluate", "compare", "follow")
 #: the sections an ``overrides_file`` may hold (what a Tune sweep's best.yaml sets)
 OVERRIDABLE = ("method", "train")
 
@@ -97,6 +97,8 @@ class ClusterCfg:
     max_retries: int = 2
     connect_timeout_s: float = 5.0
     claim_timeout_s: float = 60.0        # a claim (another launch training it) whose heartbeat is older is taken over
+    max_in_flight: Optional[int] = None  # task jobs submitted to Ray at once (null = 2 x the free job slots)
+    stop_grace_s: float = 30.0           # on SIGINT/SIGTERM: how long in-flight jobs may finish before they are killed
 
 
 @dataclass
@@ -140,6 +142,13 @@ class TuneCfg:
 
 
 @dataclass
+class FollowCfg:
+    """mode=follow: a long-running driver that trains the catalogue's new lines as they appear."""
+
+    poll_s: float = 5.0                  # how often the catalogue is looked at (one stat() when it has not changed)
+
+
+@dataclass
 class CompareCfg:
     """mode=compare: the methods and the task seeds, every pair on one backbone (checked by pipeline.compare)."""
 
@@ -167,6 +176,7 @@ class RunConfig:
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
     tune: TuneCfg = field(default_factory=TuneCfg)
     compare: CompareCfg = field(default_factory=CompareCfg)
+    follow: FollowCfg = field(default_factory=FollowCfg)
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain data (for hashing and for MLflow params)."""
@@ -305,6 +315,10 @@ def validate(rc: RunConfig) -> None:
     _number("cluster.gpus_per_task", cl.gpus_per_task, 0, strict=False)
     _at_least("cluster.max_retries", cl.max_retries, -1, " (0 = no retry, -1 = retry forever)")
     _number("cluster.claim_timeout_s", cl.claim_timeout_s, 0, strict=True)
+    _number("cluster.stop_grace_s", cl.stop_grace_s, 0, strict=False)
+    if cl.max_in_flight is not None:
+        _at_least("cluster.max_in_flight", cl.max_in_flight, 1, " (or null: 2 x the free job slots)")
+    _number("follow.poll_s", rc.follow.poll_s, 0, strict=True)
     if cl.gpus_per_task > 1 and cl.gpus_per_task != int(cl.gpus_per_task):
         raise PipelineError(f"cluster.gpus_per_task={cl.gpus_per_task} must be a fraction <= 1 or a whole number")
     if not 0 <= rc.data.holdout < 1:

@@ -16,6 +16,15 @@ class PipelineError(RuntimeError):
     """A problem with the run's configuration or environment, explained for the user (no traceback needed)."""
 
 
+class Stopped(Exception):
+    """The driver was asked to stop (SIGINT, SIGTERM) and did: nothing is left RUNNING. ``run_pipeline.py`` prints
+    the message (what finished, the command that resumes) and exits 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 class DataError(Exception):
     """Base class of every error this package raises on purpose."""
 

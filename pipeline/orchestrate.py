@@ -3,9 +3,12 @@ report. Re-running the same sequence trains only the tasks without a FINISHED ru
 """
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,24 +19,51 @@ from ksm_core import fingerprint
 
 from .claims import Heartbeat, acquire
 from .config import RunConfig, stable_hash
-from .data import Manifest, ensure_shards
-from .errors import PipelineError
+from .data import Manifest, ensure_shards, in_process, task_specs
+from .data.manifest import is_local
+from .errors import PipelineError, Stopped
 from .jobs import JobContext, backbone_job, result_from_run, task_job, warm_worker
 from .params import method_params
 from .probes import check_tracking_uri
 from .report import write_report
-from .runtime import Log, check_fits, check_fits_before_ray, ray_session, remote, warm_workers
+from .runtime import (Log, StopSignals, check_fits, check_fits_before_ray, in_flight_limit, ray_map, ray_session,
+                      remote, warm_workers)
 from .tracking import Tracker
 
 __all__ = ["run_sequence", "run_shards", "check_inputs", "prepare", "Prepared", "backbone_stage", "backbone_key",
-           "sequence_key", "result_key", "trained_runs", "fan_out", "Job", "job_resources", "check_cluster"]
+           "sequence_key", "result_key", "trained_runs", "fan_out", "Job", "job_resources", "check_cluster",
+           "shard_writers", "shards_before_ray", "JobPool", "open_stream_run", "supersede"]
 
 
 def run_shards(rc: RunConfig, log: Log = print) -> Manifest:
-    """mode=shards: write (or verify and reuse) the benchmark's shards and print where they are."""
-    m = ensure_shards(rc.benchmark, rc.paths.shards, log=log, verify="sha256")
-    log(f"[shards] {m.path}: initial task {m.initial_task}, new tasks {', '.join(m.new_tasks)}")
+    """mode=shards: write (or verify and reuse) the benchmark's shards and print where they are. With a cluster
+    address the tasks are written as Ray jobs, by the cluster's nodes, to the shared path."""
+    if rc.cluster.address:
+        task_specs(rc.benchmark)  # a config problem stops here, before connecting
+        with ray_session(rc.cluster, log):
+            m = ensure_shards(rc.benchmark, rc.paths.shards, log=log, verify="sha256", map_tasks=shard_writers(rc))
+    else:
+        m = ensure_shards(rc.benchmark, rc.paths.shards, log=log, verify="sha256")
+    names = m.new_tasks if len(m.new_tasks) <= 20 else [*m.new_tasks[:10], "...", *m.new_tasks[-3:]]
+    log(f"[shards] {m.path}: initial task {m.initial_task}, {len(m.new_tasks)} new tasks: {', '.join(names)}")
     return m
+
+
+def shards_before_ray(rc: RunConfig, log: Log = print) -> Manifest | None:
+    """What can fail in seconds, before Ray starts: the tracking server answers, the config's tasks plan (a bad
+    catalogue line, an unknown class), and published shards (a URL) are there. Returns their manifest; None for
+    a local shard folder, whose missing tasks the Ray jobs then write (:func:`shard_writers`)."""
+    check_tracking_uri(rc.tracking.uri)
+    if not is_local(rc.paths.shards):
+        return ensure_shards(rc.benchmark, rc.paths.shards, log=log)
+    task_specs(rc.benchmark)
+    return None
+
+
+def shard_writers(rc: RunConfig) -> Any:
+    """``map_tasks`` for ensure_shards that writes each missing task as a Ray job (one CPU each): the nodes of a
+    cluster write to the shared path in parallel, and no process holds more than a source and one task."""
+    return functools.partial(ray_map, cpus=1.0, max_retries=rc.cluster.max_retries)
 
 
 class Prepared:
@@ -43,11 +73,11 @@ class Prepared:
         self.rc, self.manifest, self.tracker = rc, manifest, tracker
 
 
-def check_inputs(rc: RunConfig, log: Log = print) -> Manifest:
-    """Checks that need the outside world, cheapest first, before Ray starts: the tracking server answers
-    (seconds), the shards exist (written here if missing)."""
+def check_inputs(rc: RunConfig, log: Log = print, map_tasks: Any = None) -> Manifest:
+    """Checks that need the outside world, cheapest first: the tracking server answers (seconds), the shards
+    exist (the missing tasks written through ``map_tasks``: in this process by default)."""
     check_tracking_uri(rc.tracking.uri)
-    return ensure_shards(rc.benchmark, rc.paths.shards, log=log)
+    return ensure_shards(rc.benchmark, rc.paths.shards, log=log, map_tasks=map_tasks or in_process)
 
 
 def prepare(rc: RunConfig, log: Log = print, manifest: Manifest | None = None) -> Prepared:
@@ -170,36 +200,41 @@ def _check_same_initial_task(tr: Tracker, rc: RunConfig, manifest: Manifest) -> 
                 f"run_name=<a new name> (run {r.info.run_id} keeps the old one)")
 
 
+def open_stream_run(tr: Tracker, rc: RunConfig, m: Manifest, log: Log = print) -> tuple[str, str]:
+    """The stream's parent run (key, run id): the one with this sequence key, reopened, else a new one (refused
+    when the stream's initial task changed under the same run name)."""
+    key = sequence_key(rc, backbone_key(rc, m))
+    parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
+    if parent is not None:
+        tr.reopen(parent.info.run_id)
+        log(f"[sequence] resuming run {parent.info.run_id} ({rc.run_name})")
+        return key, parent.info.run_id
+    _check_same_initial_task(tr, rc, m)
+    init = m.task(m.initial_task)
+    parent_id = tr.start(rc.run_name, {"ksm_kind": "sequence", "ksm_sequence": key, "ksm_run_name": rc.run_name,
+                                       "ksm_initial_task": init.name, "ksm_initial_task_id": init.identity})
+    tr.params(parent_id, _flat_params(rc))
+    return key, parent_id
+
+
 def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """mode=sequence: the whole task sequence; returns {"parent_run_id", "results": [per-task dicts], ...}."""
     check_fits_before_ray(rc.cluster, *job_resources(rc))
-    m = check_inputs(rc, log)
+    published = shards_before_ray(rc, log)
     with ray_session(rc.cluster, log):
         check_cluster(rc)
         # a fresh worker spends ~3 s importing torch, MLflow and torch._dynamo before its first job: start that
-        # now, so it overlaps the MLflow set-up, the run lookups and the backbone stage
-        warm_workers(warm_worker, rc.cluster, len(m.new_tasks))
+        # now, so it overlaps the shard writes, the MLflow set-up, the run lookups and the backbone stage
+        warm_workers(warm_worker, rc.cluster, len(task_specs(rc.benchmark)) - 1)
+        m = published or check_inputs(rc, log, map_tasks=shard_writers(rc))
         p = prepare(rc, log, manifest=m)
         tr = p.tracker
-        bb_key = backbone_key(rc, m)
-        key = sequence_key(rc, bb_key)
-        parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
-        if parent is not None:
-            parent_id = parent.info.run_id
-            tr.reopen(parent_id)
-            log(f"[sequence] resuming run {parent_id} ({rc.run_name})")
-        else:
-            _check_same_initial_task(tr, rc, m)
-            init = m.task(m.initial_task)
-            parent_id = tr.start(rc.run_name, {"ksm_kind": "sequence", "ksm_sequence": key,
-                                               "ksm_run_name": rc.run_name, "ksm_initial_task": init.name,
-                                               "ksm_initial_task_id": init.identity})
-            tr.params(parent_id, _flat_params(rc))
+        key, parent_id = open_stream_run(tr, rc, m, log)
         try:
             state, fp, bb_run = backbone_stage(p, log)
             tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp})
             wanted = {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
-            _supersede(tr, key, wanted)
+            supersede(tr, key, wanted)
             ctx = JobContext(manifest=str(m.path), experiment_id=tr.experiment_id, parent_run_id=parent_id,
                              sequence_key=key, backbone_fingerprint=fp, backbone_run_id=bb_run)
             results, failures, wall = fan_out([Job(t, t, rc, wanted[t]) for t in m.new_tasks], ctx, state, tr,
@@ -212,6 +247,9 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                 raise PipelineError(f"{len(failures)} task(s) failed (the others are saved; re-run the same "
                                     f"command to retry only these):\n{lines}")
             tr.finish(parent_id, "FINISHED")
+        except Stopped:
+            tr.finish(parent_id, "KILLED")
+            raise
         except BaseException:
             st = tr.client.get_run(parent_id).info.status
             if st == "RUNNING":
@@ -232,37 +270,131 @@ class Job:
     result: str
 
 
+class JobPool:
+    """The task jobs a driver has handed to Ray: at most ``limit`` at once (the rest wait in the driver as small
+    Job records, so a 1000-task stream is not submitted in one go), collected as they finish, and stopped on a
+    signal without leaving a run RUNNING."""
+
+    def __init__(self, ctx: JobContext, state_ref: Any, tr: Tracker, limit: int):
+        self.ctx, self.state_ref, self.tr, self.limit = ctx, state_ref, tr, limit
+        self.running: dict[Any, Job] = {}
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def has_room(self) -> bool:
+        return len(self.running) < self.limit
+
+    def submit(self, job: Job) -> None:
+        self.running[_remote(task_job, job.rc).remote(job.rc, self.ctx, job.task, job.result, self.state_ref)] = job
+
+    def collect(self, timeout: float) -> list[tuple[Job, dict[str, Any] | None, str | None]]:
+        """The jobs that finished within ``timeout`` seconds: (job, result, None) or (job, None, what failed)."""
+        import ray
+
+        if not self.running:
+            return []
+        ready, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        if ready:  # and whatever else is done by now
+            ready, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
+        out: list[tuple[Job, dict[str, Any] | None, str | None]] = []
+        for ref in ready:
+            job = self.running.pop(ref)
+            try:
+                out.append((job, ray.get(ref), None))
+            except Exception as e:  # keep going: the other tasks' work is not lost
+                out.append((job, None, _cause(e)))
+        return out
+
+    def stop(self, grace_s: float, log: Log) -> tuple[list[tuple[Job, dict[str, Any] | None, str | None]], list[Job]]:
+        """Let in-flight jobs finish for ``grace_s`` seconds, then kill the rest and close their runs KILLED.
+        Returns what finished meanwhile and the jobs killed."""
+        import ray
+
+        finished = []
+        deadline = time.monotonic() + grace_s
+        if self.running and grace_s > 0:
+            log(f"[stop] waiting up to {grace_s:.0f}s for {len(self.running)} in-flight job(s)")
+        while self.running and time.monotonic() < deadline:
+            finished += self.collect(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+        killed = list(self.running.values())
+        refs = list(self.running)
+        self.running.clear()
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        if refs:  # the workers are gone once their refs resolve (as cancelled)
+            ray.wait(refs, num_returns=len(refs), timeout=30)
+            self._close_killed({j.result for j in killed}, log)
+        return finished, killed
+
+    def _close_killed(self, results: set[str], log: Log) -> None:
+        """A killed worker cannot close its own run: close this stream's RUNNING runs of those results KILLED."""
+        for r in self.tr.find("RUNNING", ksm_kind="task", ksm_sequence=self.ctx.sequence_key):
+            if r.data.tags.get("ksm_result") in results:
+                self.tr.tags(r.info.run_id, {"ksm_stopped": "signal"})
+                self.tr.finish(r.info.run_id, "KILLED")
+                log(f"[stop] {r.data.tags.get('ksm_task')}: run {r.info.run_id} KILLED (trains again on resume)")
+
+
 def fan_out(jobs: list[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: Tracker, progress: bool,
             log: Log = print) -> tuple[dict[str, dict[str, Any]], dict[str, str], float]:
-    """Every job whose result has no FINISHED run yet, as one Ray task each, in the given order, with a progress
-    bar; a failed job does not stop the others. Returns the results and the failures by label, and the wall
-    seconds of the fan-out."""
+    """Every job whose result has no FINISHED run yet, as Ray tasks (at most ``cluster.max_in_flight`` handed
+    to Ray at once), in the given order, with a progress bar; a failed job does not stop the others. Returns
+    the results and the failures by label, and the wall seconds of the fan-out.
+
+    SIGINT/SIGTERM stop it: no new job starts, in-flight ones get ``cluster.stop_grace_s`` to finish, the rest
+    are killed and their runs closed KILLED; then :class:`Stopped` says what finished (a second signal skips
+    the grace period)."""
     import ray
     from tqdm import tqdm
 
     done = trained_runs(tr, {j.label: j.result for j in jobs})
-    todo = [j for j in jobs if j.label not in done]
+    todo = deque(j for j in jobs if j.label not in done)
     if done:
         log(f"[fan-out] {len(done)} job(s) already trained: {', '.join(sorted(done))[:300]}; "
             f"training {len(todo)}: {', '.join(j.label for j in todo)[:300] or '-'}")
-    state_ref = ray.put(state)  # once: every job maps the same arrays zero-copy
-    pending = {_remote(task_job, j.rc).remote(j.rc, ctx, j.task, j.result, state_ref): j.label for j in todo}
     results = {label: result_from_run(r, "reused") for label, r in done.items()}
     failures: dict[str, str] = {}
+    if not todo:
+        return results, failures, 0.0
+    cl = todo[0].rc.cluster
+    pool = JobPool(ctx, ray.put(state), tr, in_flight_limit(cl))  # the backbone once: every job maps it zero-copy
     t0 = time.perf_counter()
-    with tqdm(total=len(jobs), initial=len(done), desc="tasks", unit="task", disable=not progress) as bar:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            label = pending.pop(ready[0])
-            try:
-                res = ray.get(ready[0])
-                results[label] = res
-                bar.set_postfix_str(f"{label}: acc {res['test_acc']:.3f}")
-            except Exception as e:  # keep going: the other tasks' work is not lost
-                failures[label] = _cause(e)
-                bar.set_postfix_str(f"{label}: FAILED")
+    with StopSignals() as stop, tqdm(total=len(jobs), initial=len(done), desc="tasks", unit="task",
+                                     disable=not progress) as bar:
+        def record(job: Job, res: dict[str, Any] | None, err: str | None) -> None:
+            if res is not None:
+                results[job.label] = res
+                bar.set_postfix_str(f"{job.label}: acc {res['test_acc']:.3f}")
+            else:
+                failures[job.label] = err or "?"
+                bar.set_postfix_str(f"{job.label}: FAILED")
             bar.update(1)
+
+        grace = cl.stop_grace_s
+        try:
+            while (todo or pool) and stop.signum is None:
+                while todo and pool.has_room():
+                    pool.submit(todo.popleft())
+                for outcome in pool.collect(timeout=1.0):
+                    record(*outcome)
+        except KeyboardInterrupt:  # the second signal: no grace
+            grace = 0.0
+        if stop.signum is not None:
+            finished, killed = pool.stop(grace, log)
+            for outcome in finished:
+                record(*outcome)
+            raise Stopped(stop.signum, _stopped_message(stop.signum, len(jobs), results, failures, killed, todo))
     return results, failures, time.perf_counter() - t0
+
+
+def _stopped_message(signum: int, total: int, results: dict[str, Any], failures: dict[str, str], killed: list[Job],
+                     todo: Any) -> str:
+    trained = sum(1 for r in results.values() if r.get("status") == "trained")
+    return (f"stopped by {signal.Signals(signum).name}: {len(results)} of {total} task(s) have their result "
+            f"({trained} trained by this run), {len(failures)} failed, {len(killed)} in-flight killed (their runs "
+            f"are KILLED), {len(todo)} not started. Run the same command again to resume: only the tasks without a "
+            f"FINISHED run train.")
 
 
 def trained_runs(tr: Tracker, wanted: dict[str, str]) -> dict[str, Any]:
@@ -271,7 +403,7 @@ def trained_runs(tr: Tracker, wanted: dict[str, str]) -> dict[str, Any]:
     return {t: r for t, r in found.items() if r is not None}
 
 
-def _supersede(tr: Tracker, key: str, wanted: dict[str, str]) -> None:
+def supersede(tr: Tracker, key: str, wanted: dict[str, str]) -> None:
     """Tag this stream's FINISHED task runs whose task has since changed (same name, other result key) as
     superseded: they stay in MLflow, but no report or evaluation takes them for the task's current result."""
     for r in tr.find("FINISHED", ksm_kind="task", ksm_sequence=key):

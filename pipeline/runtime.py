@@ -3,17 +3,24 @@ function into a remote task with the cluster's resources and retries."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import ClusterCfg
 from .errors import PipelineError
 from .probes import check_ray_address
 
-__all__ = ["ray_session", "embedded", "check_fits", "check_fits_before_ray", "remote", "warm_workers", "Log"]
+__all__ = ["ray_session", "embedded", "check_fits", "check_fits_before_ray", "remote", "ray_map", "warm_workers",
+           "StopSignals", "job_slots", "in_flight_limit",
+           "Log"]
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 def _address(cl: ClusterCfg) -> str:
@@ -90,9 +97,12 @@ def check_fits_before_ray(cl: ClusterCfg, cpus: tuple[str, float], gpus: tuple[s
     check_fits(cpus, gpus, cl.num_cpus or os.cpu_count() or 1, have_gpus, where + ")")
 
 
+@functools.lru_cache(maxsize=64)
 def remote(fn: Callable, cpus: float, gpus: float, max_retries: int) -> Any:
     """``fn`` as a Ray task with these resources; a worker that dies mid-job is retried ``max_retries`` times
-    (the jobs are idempotent), an exception raised by the job is not (it would fail the same way again)."""
+    (the jobs are idempotent), an exception raised by the job is not (it would fail the same way again).
+    Cached: a 1000-task fan-out pickles and exports the function once, not once per job (a RemoteFunction
+    re-exports itself when a new Ray session starts)."""
     import ray
 
     # max_calls=0: Ray's default for GPU tasks is a fresh worker per task (CUDA and imports paid every time);
@@ -101,13 +111,74 @@ def remote(fn: Callable, cpus: float, gpus: float, max_retries: int) -> Any:
                                                retry_exceptions=False)
 
 
+def ray_map(fn: Callable[..., T], items: list[tuple[Any, ...]], *, cpus: float = 1.0,
+            max_retries: int = 0) -> Iterator[T]:
+    """``fn(*args)`` for every ``args`` as Ray tasks, all submitted at once (Ray runs as many as fit, on any
+    node); the results in order, each as soon as it and those before it are done. A job's own exception is
+    raised as itself, not inside Ray's wrapper, so the user reads e.g. the data error's message and fix."""
+    import ray
+
+    job = remote(fn, cpus, 0, max_retries)
+    refs = [job.remote(*args) for args in items]
+    for ref in refs:
+        try:
+            yield ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, BaseException) else exc) from None
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while the driver runs jobs: the first sets ``signum`` (the driver's loop stops
+    submitting, lets in-flight jobs finish for a grace period, closes the rest KILLED), a second raises
+    KeyboardInterrupt at once (the loop then kills in-flight jobs without waiting).
+
+    Installed after ``ray.init``: an embedded Ray head puts its own SIGTERM handler on the driver, which kills
+    the local raylet and leaves the driver to abort (signal 6) with runs still RUNNING. Only the main thread
+    can take signals; elsewhere (a notebook's worker thread) this does nothing."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping at once")
+        self.signum = signum
+        print(f"\n[stop] {signal.Signals(signum).name}: no new jobs; in-flight jobs finish, then the run stops "
+              "(signal again to stop at once)", file=sys.stderr, flush=True)
+
+
+def job_slots(cl: ClusterCfg) -> int:
+    """How many task jobs the connected cluster runs at once (CPUs, and GPUs when a job takes some)."""
+    import ray
+
+    res = ray.cluster_resources()
+    slots = int(res.get("CPU", 0) // cl.cpus_per_task)
+    if cl.gpus_per_task:
+        slots = min(slots, int(res.get("GPU", 0) / cl.gpus_per_task + 1e-9))
+    return max(slots, 1)
+
+
+def in_flight_limit(cl: ClusterCfg) -> int:
+    """Task jobs handed to Ray at once: ``cluster.max_in_flight``, else twice the job slots (a slot that frees
+    finds the next job already queued, while a 1000-task stream is not submitted all at once)."""
+    return cl.max_in_flight or 2 * job_slots(cl)
+
+
 def warm_workers(warm: Callable[[float, float], int], cl: ClusterCfg, jobs: int) -> None:
     """One ``warm`` job per worker slot the task jobs will use (not awaited): each worker imports the job code
     while the driver does its own set-up."""
-    import ray
-
-    slots = int(ray.available_resources().get("CPU", 0) // cl.cpus_per_task)
-    if cl.gpus_per_task:
-        slots = min(slots, int(ray.available_resources().get("GPU", 0) / cl.gpus_per_task + 1e-9))
-    for _ in range(min(jobs, slots)):
+    for _ in range(min(jobs, job_slots(cl))):
         remote(warm, cl.cpus_per_task, cl.gpus_per_task, cl.max_retries).remote(cl.cpus_per_task, cl.gpus_per_task)

@@ -23,6 +23,8 @@ from pipeline.data import (
     load_benchmark_config,
     make_loader,
     spec_hash,
+    task_specs,
+    write_task,
 )
 from pipeline.data.sources import DEBIAN_FASHION_MNIST
 
@@ -66,7 +68,9 @@ def test_manifest_describes_the_tasks(manifest, tasks):
     assert t1.class_names == ["Pullover", "Dress"] and t1.num_classes == 2
     assert t1.counts == {"train": 300, "test": 100} and manifest.task("t0").counts == {"train": 400, "test": 100}
     assert t1.image_shape == (28, 28, 1) and t1.image_format == "npy"
-    assert t1.shards["train"] == ["t1/train-000000.tar", "t1/train-000001.tar", "t1/train-000002.tar"]
+    folder = f"../tasks/{task_specs(manifest.spec)[1].folder}"  # the task's own content-addressed folder
+    assert t1.shards["train"] == [f"{folder}/train-00000{i}.tar" for i in range(3)]
+    assert Path(manifest.url(t1.shards["train"][0])).parent == Path(manifest.root).parent / folder[3:]
     assert [t1.shard_counts[r] for r in t1.shards["train"]] == [128, 128, 44]
     assert all(len(h) == 64 for h in t1.sha256.values()) and set(t1.sha256) == set(t1.sizes)
     # per-task mean/std of the train split, grey repeated to 3 channels
@@ -207,47 +211,76 @@ def test_holdout_partitions_the_train_split(manifest):
 # ---------------------------------------------------------------------------------------- idempotence
 
 
-def test_same_spec_reuses_changed_spec_rewrites(bench, tmp_path):
+def test_same_spec_reuses_changed_task_rewrites_only_that_task(bench, tmp_path):
     logs: list[str] = []
     first = ensure_shards(bench, tmp_path, log=logs.append)
     shard = Path(first.url(first.task("t1").shards["train"][0]))
     mtime = shard.stat().st_mtime_ns
     second = ensure_shards(dict(bench), tmp_path, log=logs.append)
     assert second.to_dict() == first.to_dict() and shard.stat().st_mtime_ns == mtime
-    assert logs[-1].startswith("[shards] reusing")
+    assert logs[-1].startswith("[shards] reusing") and not any("writing" in m for m in logs[len(logs) - 1:])
     # loader-only option: manifest updated, shards kept
     third = ensure_shards({**bench, "flip": True}, tmp_path, log=logs.append)
     assert third.spec_hash == first.spec_hash and all(t.flip for t in third.tasks)
     assert shard.stat().st_mtime_ns == mtime and Manifest.load(tmp_path / "fmnist_small").task("t2").flip
-    # changed caps: rewritten with the new counts
-    changed = ensure_shards({**bench, "caps": {"train": 200, "test": 50, "seed": 0}}, tmp_path, log=logs.append)
+    # one task's caps changed: only it is written again, into a new folder; the old folder stays for old runs
+    logs.clear()
+    changed = ensure_shards({**bench, "task_caps": {"t1": {"train": 200, "test": 50}}}, tmp_path, log=logs.append)
     assert changed.spec_hash != first.spec_hash and changed.task("t1").counts == {"train": 200, "test": 50}
-    assert "spec changed" in " ".join(logs)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmnist_small"]  # no temp folders left
+    assert "2 task(s) reused, writing 1" in " ".join(logs)
+    assert changed.task("t2").to_dict() == first.task("t2").to_dict() and shard.stat().st_mtime_ns == mtime
+    assert changed.task("t1").identity != first.task("t1").identity
+    assert changed.task("t0").identity == first.task("t0").identity
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmnist_small", "tasks"]
+    assert len(list((tmp_path / "tasks").iterdir())) == 4  # t0, t1 (old and new), t2; no temp folders left
     assert spec_hash(bench) == first.spec_hash and spec_hash({**bench, "flip": False}) == first.spec_hash
 
 
-def test_killed_run_leftovers_are_ignored_and_a_failed_write_keeps_the_old_shards(bench, tmp_path, monkeypatch):
-    import pipeline.data.shards as shards_mod
+def test_an_identical_task_is_shared_across_streams_and_an_appended_one_is_the_only_write(bench, tmp_path):
+    """Two streams holding the same task (same source, classes, caps, name) share its one folder, whatever its
+    position; appending a task to a stream writes that task alone."""
+    lists = [["T-shirt/top", "Trouser"], ["Pullover", "Dress"], ["Coat", "Sandal"]]
+    one = ensure_shards({**bench, "class_lists": lists}, tmp_path, log=quiet)
+    logs: list[str] = []
+    longer = ensure_shards({**bench, "class_lists": [*lists, ["Shirt", "Sneaker"]]}, tmp_path, log=logs.append)
+    assert "3 task(s) reused, writing 1" in " ".join(logs)
+    assert [t.to_dict() for t in longer.tasks[:3]] == [t.to_dict() for t in one.tasks]
+    other = {"name": "other_stream", "kind": "sequence", "caps": bench["caps"], "initial_caps": bench["initial_caps"],
+             "shard": bench["shard"],
+             "tasks": [{"name": "t0", "source": {"name": "fashion_mnist"}, "classes": [0, 1]},
+                       {"name": "t2", "source": {"name": "fashion_mnist"}, "classes": ["Coat", "Sandal"]}]}
+    logs.clear()
+    shared = ensure_shards(other, tmp_path, log=logs.append)
+    assert not any("writing" in m for m in logs)  # both tasks were already on disk, under other positions
+    assert shared.task("t2").identity == one.task("t2").identity
+    assert shared.url(shared.task("t2").shards["test"][0]) == one.url(one.task("t2").shards["test"][0])
 
-    stale = tmp_path / ".fmnist_small.tmp-999-1"
-    (stale / "t0").mkdir(parents=True)
-    (stale / "manifest.json").write_text("{}")
+
+def test_killed_writer_leftovers_are_ignored_and_a_failed_write_leaves_no_task(bench, tmp_path):
+    import os
+    import socket
+
+    specs = task_specs(bench)
+    tasks_root = tmp_path / "tasks"
+    dead = tasks_root / f".{specs[1].folder}.tmp-{socket.gethostname()}-999999-1"  # a killed writer's temp folder
+    (dead / "x").mkdir(parents=True)
+    live = tasks_root / f".{specs[1].folder}.tmp-{socket.gethostname()}-{os.getpid()}-1"  # a writer still at work
+    live.mkdir()
     good = ensure_shards(bench, tmp_path, log=quiet)
-    assert not stale.exists()
-    real_write_task = shards_mod.write_task
-
-    def dies_on_second_task(task, *args, **kw):
-        if task.name == "t1":
-            raise KeyboardInterrupt("killed")
-        return real_write_task(task, *args, **kw)
-
-    monkeypatch.setattr(shards_mod, "write_task", dies_on_second_task)
-    with pytest.raises(KeyboardInterrupt):
-        ensure_shards({**bench, "seed": 1}, tmp_path, log=quiet)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmnist_small"]
+    assert not dead.exists() and live.exists()
+    live.rmdir()
+    # a write that dies half way (here: a source with no such class) leaves no folder a later run would trust
+    bad = {**specs[2].__dict__, "classes": [99]}
+    with pytest.raises(Exception):
+        write_task(type(specs[2])(**bad), str(tasks_root))
+    assert sorted(p.name for p in tasks_root.iterdir()) == sorted(s.folder for s in specs)
     assert Manifest.load(tmp_path / "fmnist_small").to_dict() == good.to_dict()
     good.verify()
+    # two writers of one task: the second rename loses, keeps the first folder, and returns the same task
+    again = write_task(specs[1], str(tasks_root))
+    assert again.to_dict() == Manifest.load(tasks_root.parent / "fmnist_small").task("t1").to_dict() | {
+        "shards": again.shards, "sha256": again.sha256, "sizes": again.sizes, "shard_counts": again.shard_counts}
+    assert sorted(p.name for p in tasks_root.iterdir()) == sorted(s.folder for s in specs)
 
 
 # -------------------------------------------------------------------------------------------- corruption
@@ -283,7 +316,8 @@ def test_checksums_catch_a_flipped_byte(bench, tmp_path):
     assert ensure_shards(bench, tmp_path, log=quiet).spec_hash == manifest.spec_hash
     logs: list[str] = []
     repaired = ensure_shards(bench, tmp_path, log=logs.append, verify="sha256")
-    assert "sha256 mismatch" in logs[0] and "rewriting" in logs[0]
+    assert "sha256 mismatch" in logs[0] and "rewriting task t2" in logs[0]
+    assert "2 task(s) reused, writing 1" in logs[1]
     repaired.verify()
 
 

@@ -49,6 +49,8 @@ def test_a_catalogue_grows_and_changes_and_only_new_work_is_done(tmp_path, ray_l
     first = run(tmp_path, cat)
     assert [r["status"] for r in first["results"]] == ["trained", "trained"]
     before = {r.data.tags["ksm_task"]: r for r in task_runs(tmp_path)}
+    shards = tmp_path / "data" / "shards" / "tasks"
+    written = {str(p.relative_to(shards)): p.stat().st_mtime_ns for p in shards.glob("*/*.tar")}
 
     # a 4th line: only it trains; the backbone and the parent run are the same
     write(cat, [*LINES, NEW])
@@ -57,6 +59,9 @@ def test_a_catalogue_grows_and_changes_and_only_new_work_is_done(tmp_path, ray_l
                                                                     "boots": "trained"}
     assert second["backbone_run_id"] == first["backbone_run_id"]
     assert second["parent_run_id"] == first["parent_run_id"]
+    # only the new task's shards were written; the others' files are untouched
+    assert {k: (shards / k).stat().st_mtime_ns for k in written} == written
+    assert sorted(p.name.rsplit("-", 1)[0] for p in shards.iterdir()) == ["base", "boots", "shoes", "tops"]
     runs = task_runs(tmp_path)
     finished = sorted(r.data.tags["ksm_task"] for r in runs if r.info.status == "FINISHED")
     assert finished == ["boots", "shoes", "tops"]  # exactly one FINISHED run per task
@@ -129,10 +134,9 @@ def test_two_launches_at_the_same_moment_train_everything_once(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     argv = [sys.executable, str(ROOT / "run_pipeline.py"), "benchmark=catalogue", f"benchmark.path={cat}",
             f"paths.root={tmp_path}", *[o for o in TINY if not o.startswith("cluster.num_cpus")], "cluster.num_cpus=1"]
-    # each launch writes the shards into its own folder: two writers of one folder is the shard claim's job,
-    # not built yet
-    procs = [subprocess.Popen([*argv, f"paths.shards={tmp_path / f'shards{i}'}"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    # both write into one shard folder too: each task lands atomically, the slower writer keeps the first copy
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
     try:
         outs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
@@ -152,3 +156,5 @@ def test_two_launches_at_the_same_moment_train_everything_once(tmp_path):
         (r.data.tags.get("ksm_task"), r.info.status, r.data.tags.get("ksm_result"), r.data.tags.get("ksm_claim_pid"),
          r.info.start_time, r.info.end_time) for r in runs] + [out[-2500:] for out in outs]
     assert any("[backbone] reusing run" in out for out in outs)  # one launch waited for the other's backbone
+    tasks = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "data" / "shards" / "tasks").iterdir())
+    assert tasks == ["base", "shoes", "tops"]  # one folder per task, no temp folder left by the slower writer

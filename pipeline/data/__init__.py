@@ -2,7 +2,7 @@
 
 Typical use (driver, then each Ray job)::
 
-    manifest = ensure_shards(benchmark_cfg, "data/shards")       # writes once, then reuses
+    manifest = ensure_shards(benchmark_cfg, "data/shards")       # writes each task once, then reuses
     loader = make_loader(manifest, manifest.new_tasks[0], "train", batch_size=64)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -12,12 +12,13 @@ Typical use (driver, then each Ray job)::
 """
 
 from .arrays import ArraySplit, TaskData, stratified_split, stratified_subset
-from .benchmarks import BENCHMARK_KINDS, build_tasks, list_benchmarks, load_benchmark_config, register_kind, task_names
+from .benchmarks import (BENCHMARK_KINDS, TaskSpec, build_task, build_tasks, list_benchmarks, load_benchmark_config,
+                         register_kind, task_names, task_specs)
 from .cifar100 import CPG_ORDER, FINE_NAMES, SUPERCLASSES, superclass_of
 from ..errors import ConfigError, DataError, ShardCorruptError, SourceNotFoundError, UnknownNameError
 from .loader import Loader, in_holdout, iter_samples, make_loader
 from .manifest import Manifest, TaskInfo, sha256_file
-from .shards import ensure_shards, spec_hash, write_shards
+from .shards import TASKS_DIR, ensure_shards, in_process, spec_hash, write_task
 from .sources import SOURCES, data_home, load_source, register_source
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "TaskData",
     "TaskInfo",
     "UnknownNameError",
+    "build_task",
     "build_tasks",
     "data_home",
     "ensure_shards",
@@ -53,5 +55,9 @@ __all__ = [
     "stratified_subset",
     "superclass_of",
     "task_names",
-    "write_shards",
+    "task_specs",
+    "TaskSpec",
+    "TASKS_DIR",
+    "write_task",
+    "in_process",
 ]

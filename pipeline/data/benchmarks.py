@@ -21,9 +21,11 @@ capped task keeps its class balance; the train split is then written in a seeded
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +41,16 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-KindBuilder = Callable[[dict[str, Any]], list[TaskData]]
+KindPlanner = Callable[[dict[str, Any]], "list[TaskEntry]"]
 
-#: benchmark kind name -> builder(benchmark) -> uncapped tasks (first = the backbone's task)
-BENCHMARK_KINDS: dict[str, KindBuilder] = {}
+#: benchmark kind name -> planner(benchmark) -> its tasks as entries, read from the config (first = the backbone's)
+BENCHMARK_KINDS: dict[str, KindPlanner] = {}
 
 
-def register_kind(name: str) -> Callable[[KindBuilder], KindBuilder]:
-    """Decorator: register ``build(benchmark) -> list[TaskData]`` as benchmark kind ``name``."""
+def register_kind(name: str) -> Callable[[KindPlanner], KindPlanner]:
+    """Decorator: register ``plan(benchmark) -> list[TaskEntry]`` as benchmark kind ``name``."""
 
-    def wrap(build: KindBuilder) -> KindBuilder:
+    def wrap(build: KindPlanner) -> KindPlanner:
         BENCHMARK_KINDS[name] = build
         return build
 
@@ -152,7 +154,7 @@ def _class_subsets(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     ones as they were. The initial task t0 has ``initial_classes`` (default: every class of the source)."""
     _require(bench, "source", "num_tasks", "classes_per_task")
     n, k = int(bench["num_tasks"]), int(bench["classes_per_task"])
-    total = _class_count(json.dumps(bench["source"], sort_keys=True))
+    total = len(_class_names(bench["source"]))
     if not 1 <= k <= total:
         raise ConfigError(f"benchmark.classes_per_task={k} must be in [1, {total}] (source classes)")
     seed = int(bench.get("draw_seed", 0))
@@ -166,32 +168,131 @@ def _class_subsets(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return fixed, []
 
 
-@functools.lru_cache(maxsize=8)
-def _class_count(source_json: str) -> int:
-    return len(load_source(json.loads(source_json), "test").class_names)
-
-
 STREAM_KINDS.update(catalogue=_catalogue, class_subsets=_class_subsets)
 
 
 def build_tasks(benchmark: dict[str, Any]) -> list[TaskData]:
-    """All tasks of a benchmark in memory, caps applied, train split in shard order; the first is the initial task."""
+    """All tasks of a benchmark in memory, caps applied, train split in shard order; the first is the initial task.
+    (For tests and notebooks: the shard writer builds one task at a time, see :func:`build_task`.)"""
+    return [build_task(spec) for spec in task_specs(benchmark)]
+
+
+# ------------------------------------------------------------------------------------------- task specs
+#: bumped whenever what a TaskSpec means for the shards changes (how caps, order or selection are applied)
+SPEC_VERSION = 2
+DEFAULT_MAX_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One task as a benchmark kind lists it, before caps: its name, its source, and which of the source's
+    classes it keeps (labels, in this order; None = all) or which CIFAR-100 superclass it is."""
+
+    name: str
+    source: dict[str, Any]
+    classes: list[int] | None = None
+    superclass: str | None = None
+    flip: bool | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a stream as data: everything that decides its shards, and its (loader-only) flip.
+
+    Made from the benchmark config without reading any image, so the driver can plan a 1000-task stream
+    cheaply. ``key`` hashes the content fields only: the same task in two streams, or at another position
+    of one, has the same key and shares one shard folder (``folder``); change its caps or classes and it gets
+    a new one, leaving every other task's shards as they were.
+    """
+
+    name: str
+    source: dict[str, Any]
+    classes: list[int] | None
+    superclass: str | None
+    caps: dict[str, Any]            # {"train": n | None, "test": n | None, "seed": int}
+    order_seed: int                 # order of the train split in the shards
+    channels: int                   # mean/std are computed for these model channels
+    shard: dict[str, Any]           # {"format": npy | png | auto, "max_samples": n}
+    flip: bool | None = None        # loader-only: None = the source's default
+
+    def content(self) -> dict[str, Any]:
+        """The fields that decide the shards' bytes (not ``flip``), as JSON-able data."""
+        return {"version": SPEC_VERSION, "name": self.name, "source": self.source, "classes": self.classes,
+                "superclass": self.superclass, "caps": self.caps, "order_seed": self.order_seed,
+                "channels": self.channels, "shard": self.shard}
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def folder(self) -> str:
+        """The task's content-addressed shard folder name (under ``<shard root>/tasks/``)."""
+        return f"{self.name}-{self.key}"
+
+
+def task_specs(benchmark: dict[str, Any]) -> list[TaskSpec]:
+    """The benchmark's tasks as specs, initial task first, checked (names, classes, caps) without building any."""
     bench = spec_of(benchmark)
     kind = bench.get("kind")
     if kind not in BENCHMARK_KINDS:
         raise unknown_name("benchmark kind", kind, sorted(BENCHMARK_KINDS))
-    tasks = BENCHMARK_KINDS[kind](bench)
-    _check_task_names(bench, tasks)
-    return [_finish(task, i, bench) for i, task in enumerate(tasks)]
+    entries = BENCHMARK_KINDS[kind](bench)
+    _check_task_names(bench, [e.name for e in entries])
+    shard_cfg = bench.get("shard") or {}
+    shard = {"format": shard_cfg.get("format", "npy"),
+             "max_samples": int(shard_cfg.get("max_samples") or DEFAULT_MAX_SAMPLES)}
+    if shard["max_samples"] <= 0:
+        raise ConfigError(f"shard.max_samples must be positive, got {shard['max_samples']}")
+    order = int(bench.get("seed", 0))
+    flip = bench.get("flip")
+    specs = []
+    for i, e in enumerate(entries):
+        caps = _caps_for(bench, i, e.name)
+        for split in ("train", "test"):
+            if caps.get(split) is not None and int(caps[split]) <= 0:
+                raise ConfigError(f"task {e.name!r}: caps.{split} must be a positive number of samples or null, "
+                                  f"got {caps[split]}")
+        specs.append(TaskSpec(
+            name=e.name, source=_canonical_source(e.source), classes=e.classes, superclass=e.superclass,
+            caps={"train": caps.get("train"), "test": caps.get("test"), "seed": int(caps.get("seed", order))},
+            # from the task's own name, not its position: the same task anywhere in any stream is the same bytes
+            order_seed=_name_seed(order, e.name),
+            channels=int(bench.get("channels", 3)), shard=shard,
+            flip=e.flip if flip is None else bool(flip)))
+    return specs
+
+
+def build_task(spec: TaskSpec) -> TaskData:
+    """One task's arrays from its spec: its classes of the source, capped (seeded, stratified), the train split
+    in shard order. Holds the source's arrays (cached by the source loader) plus this one task."""
+    kind = source_kind(spec.source)
+    data = _load_both(spec.source)
+    if spec.superclass is not None:
+        data = {split: superclass_split(d, spec.superclass) for split, d in data.items()}
+    elif spec.classes is not None:
+        data = {split: select_classes(d, spec.classes) for split, d in data.items()}
+    train = cap_split(data["train"], spec.caps["train"], spec.caps["seed"])
+    test = cap_split(data["test"], spec.caps["test"], spec.caps["seed"] + 1)
+    for split, d in (("train", train), ("test", test)):
+        if len(d) == 0:
+            raise ConfigError(f"task {spec.name!r} has no {split} samples; check its classes and source")
+    return TaskData(
+        name=spec.name,
+        train=shuffle_split(train, spec.order_seed),
+        test=test,
+        flip=kind.flip if spec.flip is None else spec.flip,
+        source=kind.name,
+        meta={"caps": {k: spec.caps[k] for k in ("train", "test")}, "flip_default": kind.flip},
+    )
 
 
 # ------------------------------------------------------------------------------------------ common steps
 
 
-def _check_task_names(bench: dict[str, Any], tasks: list[TaskData]) -> None:
-    if not tasks:
+def _check_task_names(bench: dict[str, Any], names: list[str]) -> None:
+    if not names:
         raise ConfigError(f"benchmark {bench.get('name')!r} has no tasks")
-    names = [t.name for t in tasks]
     for name in names:
         if not TASK_NAME.match(name):
             raise ConfigError(f"task name {name!r} must match {TASK_NAME.pattern} (it names a shard folder)")
@@ -211,25 +312,24 @@ def _caps_for(bench: dict[str, Any], index: int, name: str) -> dict[str, Any]:
     return caps
 
 
-def _finish(task: TaskData, index: int, bench: dict[str, Any]) -> TaskData:
-    """Apply caps (seeded, stratified), order the train split for writing, settle the flip default."""
-    caps = _caps_for(bench, index, task.name)
-    seed = int(caps.get("seed", bench.get("seed", 0)))
-    train = cap_split(task.train, caps.get("train"), seed)
-    test = cap_split(task.test, caps.get("test"), seed + 1)
-    for split, data in (("train", train), ("test", test)):
-        if len(data) == 0:
-            raise ConfigError(f"task {task.name!r} has no {split} samples; check its classes and source")
-    train = shuffle_split(train, int(bench.get("seed", 0)) + index)
-    flip = bench.get("flip")
-    return TaskData(
-        name=task.name,
-        train=train,
-        test=test,
-        flip=task.flip if flip is None else bool(flip),
-        source=task.source,
-        meta={**task.meta, "caps": {k: caps.get(k) for k in ("train", "test")}, "flip_default": task.flip},
-    )
+def _name_seed(seed: int, name: str) -> int:
+    return int(hashlib.sha256(f"{seed}/{name}".encode()).hexdigest()[:8], 16)
+
+
+def _canonical_source(source: dict[str, Any]) -> dict[str, Any]:
+    """A source config without what does not change its data (``download``, unset keys), so
+    ``{"name": "fashion_mnist"}`` and ``{name: fashion_mnist, root: null, download: false}`` are one source."""
+    return {k: v for k, v in sorted(source.items()) if k != "download" and v is not None}
+
+
+@functools.lru_cache(maxsize=8)
+def _class_names_of(source_json: str) -> tuple[str, ...]:
+    return tuple(load_source(json.loads(source_json), "test").class_names)
+
+
+def _class_names(source: dict[str, Any]) -> list[str]:
+    """A source's class names (reads its test split once per driver; the arrays stay in the source's cache)."""
+    return list(_class_names_of(json.dumps(source, sort_keys=True)))
 
 
 def _load_both(source: dict[str, Any]) -> dict[str, ArraySplit]:
@@ -246,28 +346,23 @@ def _require(bench: dict[str, Any], *keys: str) -> None:
 
 
 @register_kind("class_split")
-def class_split(bench: dict[str, Any]) -> list[TaskData]:
+def class_split(bench: dict[str, Any]) -> list[TaskEntry]:
     """One source cut into tasks of classes: ``num_tasks`` x ``classes_per_task`` in label order, or
     explicit ``class_lists`` (names or labels). Tasks are named t0, t1, ...; labels within a task follow
     the order of its class list."""
     _require(bench, "source")
     source = bench["source"]
-    kind = source_kind(source)
-    data = _load_both(source)
-    names = data["train"].class_names
+    source_kind(source)
+    names = _class_names(source)
     lists = bench.get("class_lists")
     if lists is None:
         _require(bench, "num_tasks", "classes_per_task")
         n, k = int(bench["num_tasks"]), int(bench["classes_per_task"])
         if n * k > len(names):
-            raise ConfigError(f"{n} tasks x {k} classes needs {n * k} classes; source {kind.name!r} has {len(names)}")
+            raise ConfigError(f"{n} tasks x {k} classes needs {n * k} classes; source {source['name']!r} has "
+                              f"{len(names)}")
         lists = [list(range(i * k, (i + 1) * k)) for i in range(n)]
-    tasks = []
-    for i, wanted in enumerate(lists):
-        labels = resolve_classes(wanted, names)
-        splits = {split: select_classes(d, labels) for split, d in data.items()}
-        tasks.append(TaskData(_class_split_name(i), splits["train"], splits["test"], kind.flip, kind.name))
-    return tasks
+    return [TaskEntry(_class_split_name(i), source, resolve_classes(wanted, names)) for i, wanted in enumerate(lists)]
 
 
 def _class_split_name(i: int) -> str:
@@ -294,37 +389,30 @@ def task_names(bench: dict[str, Any]) -> list[str] | None:
 
 
 @register_kind("sequence")
-def sequence(bench: dict[str, Any]) -> list[TaskData]:
+def sequence(bench: dict[str, Any]) -> list[TaskEntry]:
     """Several sources one after the other: ``tasks`` is a list of ``{name, source, classes}`` where
     ``classes`` (optional) keeps a subset of the source's classes, relabelled in the order given."""
     _require(bench, "tasks")
-    tasks = []
+    entries = []
     for entry in bench["tasks"]:
         if not isinstance(entry, dict) or "source" not in entry:
             raise ConfigError(f"each sequence entry needs a `source`, got {entry!r}")
         kind = source_kind(entry["source"])
-        data = _load_both(entry["source"])
-        if entry.get("classes") is not None:
-            labels = resolve_classes(entry["classes"], data["train"].class_names)
-            data = {split: select_classes(d, labels) for split, d in data.items()}
-        name = str(entry.get("name") or kind.name)
-        flip = kind.flip if entry.get("flip") is None else bool(entry["flip"])
-        tasks.append(TaskData(name, data["train"], data["test"], flip, kind.name))
-    return tasks
+        classes = entry.get("classes")
+        labels = None if classes is None else resolve_classes(classes, _class_names(entry["source"]))
+        flip = None if entry.get("flip") is None else bool(entry["flip"])
+        entries.append(TaskEntry(str(entry.get("name") or kind.name), entry["source"], labels, None, flip))
+    return entries
 
 
 @register_kind("cifar100_superclass")
-def cifar100_superclass(bench: dict[str, Any]) -> list[TaskData]:
+def cifar100_superclass(bench: dict[str, Any]) -> list[TaskEntry]:
     """CIFAR-100 cut into its 20 superclasses (CPG's order), one task each, labels 0-4 = the superclass's
     fine classes in alphabetical order (2500 train / 500 test per task); ``superclasses`` picks a subset."""
     source = bench.get("source") or {"name": "cifar100"}
-    kind = source_kind(source)
+    source_kind(source)
     chosen = bench.get("superclasses") or list(CPG_ORDER)
     for sup in chosen:
         if sup not in CPG_ORDER:
             raise unknown_name("CIFAR-100 superclass", sup, CPG_ORDER)
-    data = _load_both(source)
-    return [
-        TaskData(sup, superclass_split(data["train"], sup), superclass_split(data["test"], sup), kind.flip, kind.name)
-        for sup in chosen
-    ]
+    return [TaskEntry(sup, source, None, sup) for sup in chosen]

@@ -1,8 +1,9 @@
-"""The shard manifest: what a benchmark's shards hold and how to check them.
+"""The shard manifest: what a stream's shards hold and how to check them.
 
 One JSON file, ``<shard_root>/<benchmark>/manifest.json``, lists every task (class names, counts, image shape,
-per-channel mean/std of its train split) and every shard (relative path, byte size, sample count, sha256), plus
-the benchmark spec that made it and that spec's hash. Ray jobs receive the manifest (or its path) and stream
+per-channel mean/std of its train split) and every shard (path relative to the manifest's folder, e.g.
+``../tasks/t1-<key>/train-000000.tar``; byte size, sample count, sha256), plus the benchmark spec that made it
+and that spec's hash. Ray jobs receive the manifest (or its path) and stream
 the shards it lists; :meth:`Manifest.verify` re-hashes them.
 
 The shard folder may also live behind a URL that every node can read (a cluster without a shared disk): an
@@ -31,7 +32,8 @@ MANIFEST_NAME = "manifest.json"
 #: seconds to wait for a remote manifest (the shards themselves are streamed by webdataset's gopen)
 URL_TIMEOUT = 10.0
 #: bumped whenever the shard layout or encoding changes, so old shards are rewritten rather than misread
-FORMAT_VERSION = 1
+#: (2: one content-addressed folder per task under <shard root>/tasks/, the stream's manifest points there)
+FORMAT_VERSION = 2
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -51,10 +53,19 @@ def is_local(url: str) -> bool:
 
 
 def join_url(root: str, relpath: str) -> str:
-    """``root/relpath``, or ``root`` with ``{rel}`` replaced by ``relpath`` (``pipe:`` command templates)."""
-    if "{rel}" in root:
-        return root.replace("{rel}", relpath)
-    return f"{root.rstrip('/')}/{relpath}"
+    """``root/relpath``, or ``root`` with ``{rel}`` replaced by ``relpath`` (``pipe:`` command templates), with
+    ``seg/..`` folded away: a stream's manifest lists its shards as ``../tasks/...``, and object stores (S3
+    keys behind ``pipe:aws s3 cp``) do not resolve ``..`` the way a file system or curl does."""
+    url = root.replace("{rel}", relpath) if "{rel}" in root else f"{root.rstrip('/')}/{relpath}"
+    while True:
+        folded = _DOT_DOT.sub("/", url, count=1)
+        if folded == url:
+            return url
+        url = folded
+
+
+#: one ``/<segment>/../`` (a segment that is not itself ``..``)
+_DOT_DOT = re.compile(r"/(?!\.\./)[^/]+/\.\./")
 
 
 def read_url(url: str, timeout: float = URL_TIMEOUT) -> bytes:

@@ -1,26 +1,33 @@
-"""Shard writer: a benchmark's tasks -> WebDataset tar shards + manifest, written once and reused.
+"""Shard writer: each task of a stream -> its own content-addressed folder of WebDataset tar shards; the
+stream -> a manifest listing its tasks. Written once, reused by every stream that holds the same task.
 
-Layout under ``<shard_root>/<benchmark>/``::
+Layout under ``<shard_root>/``::
 
-    manifest.json
-    <task>/train-000000.tar, train-000001.tar, ...
-    <task>/test-000000.tar, ...
+    tasks/<task>-<key>/task.json                      one task: its spec and its TaskInfo (shards, sha256, stats)
+    tasks/<task>-<key>/train-000000.tar, test-000000.tar, ...
+    <benchmark>/manifest.json                         the stream: its tasks, in order, shard paths ../tasks/...
+
+``<key>`` hashes the task's :class:`~.benchmarks.TaskSpec` content (source, classes, caps, seeds, format), so
+appending a task to a stream writes only that task, editing one writes only that one (its old folder stays for
+the runs that used it), and the same task in another stream is not written again.
 
 Each sample is ``<key>.npy`` (raw uint8 [H, W, C], saved without pickle) or ``<key>.png``, plus ``<key>.cls``
 (the label as ASCII digits). Keys are the sample's row number in its split (``0000042``). Tar headers carry
 a fixed integer mtime (a float one would add a PAX header per file, doubling small shards), so the same spec
 gives byte-identical shards and checksums.
 
-:func:`ensure_shards` is idempotent: a manifest whose spec hash matches (and whose shards have their recorded
-sizes, or sha256 with ``verify="sha256"``) is reused; anything else is rewritten. Writing goes to a hidden
-temp folder that is renamed into place only when complete, so a killed run never leaves a manifest that
-looks valid over half-written shards.
+A task is written into a hidden temp folder beside its final one and renamed into place only when complete:
+a killed writer never leaves a task that looks valid over half-written shards, and two launches writing the
+same task at once both end with the one complete folder (the loser of the rename drops its copy). Tasks are
+written by whatever ``map_tasks`` the caller passes: in-process one after another by default, as Ray jobs by the
+driver (``runtime.ray_map``) so a cluster's nodes write in parallel. Each writer holds the source's arrays and
+the one task it writes, never the stream.
 
 A URL shard root (``http(s)://host/shards``, ``file:``, or a ``pipe:`` template with ``{rel}``, see
 :mod:`.manifest`) is read-only: :func:`ensure_shards` reads ``<url>/<benchmark>/manifest.json``, checks that it
 was made from the same spec (and with ``verify="sha256"`` re-hashes every shard through the URL), and never
 writes. Publish shards by writing them to a folder (``python run_pipeline.py mode=shards
-paths.shards=/some/folder``) and serving or uploading that folder.
+paths.shards=/some/folder``) and serving or uploading that whole folder.
 """
 
 from __future__ import annotations
@@ -29,17 +36,19 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import webdataset as wds
 
-from .arrays import ArraySplit, TaskData, channel_stats
-from .benchmarks import build_tasks, expand, spec_of
+from .arrays import ArraySplit, channel_stats
+from .benchmarks import TaskSpec, build_task, expand, spec_of, task_specs
 from ..errors import ConfigError, unknown_name
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, TaskInfo, is_local, join_url, sample_key, sha256_file
 
@@ -49,13 +58,19 @@ IMAGE_FORMATS = ("npy", "png", "auto")
 #: ``format: auto`` stores images with at least this many values (64x64x3) as PNG, smaller ones as npy: PNG
 #: decoding costs ~2.5x the whole npy path per image (measured on Fashion-MNIST) and tiny images barely compress
 AUTO_PNG_MIN_VALUES = 64 * 64 * 3
-DEFAULT_MAX_SAMPLES = 2000
+#: the folder under the shard root that holds every task's folder
+TASKS_DIR = "tasks"
+TASK_FILE = "task.json"
+#: a writer's temp (or moved-aside) folder: .<folder>.tmp-<host>-<pid>-<ns>
+TEMP_NAME = re.compile(r"\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-(?P<ns>\d+)$")
 
 Log = Callable[[str], Any]
+#: map_tasks(write_task, [(spec, tasks_root), ...]) -> the TaskInfos, in order (in-process, or Ray jobs)
+TaskMap = Callable[[Callable[..., TaskInfo], list[tuple[Any, ...]]], Iterable[TaskInfo]]
 
 
 def spec_hash(benchmark: dict[str, Any]) -> str:
-    """Hash of everything that decides the shards' contents (the spec minus loader-only keys, the format)."""
+    """Hash of everything that decides the stream's shards (the spec minus loader-only keys, the format)."""
     spec = {k: v for k, v in spec_of(benchmark).items() if k not in LOADER_KEYS}
     blob = json.dumps({"format_version": FORMAT_VERSION, "spec": spec}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -95,13 +110,13 @@ def image_format(fmt: str, image_shape: Sequence[int]) -> str:
 # -------------------------------------------------------------------------------------------- writing
 
 
-def write_split(data: ArraySplit, folder: Path, task: str, split: str, fmt: str, max_samples: int) -> dict[str, Any]:
-    """Write one split as shards of at most ``max_samples``; returns relpaths, sizes, counts and sha256s."""
+def write_split(data: ArraySplit, folder: Path, split: str, fmt: str, max_samples: int) -> dict[str, Any]:
+    """Write one split as shards of at most ``max_samples`` into ``folder``; returns relpaths (relative to
+    ``folder``), sizes, counts and sha256s."""
     encode = ENCODERS[fmt]
     out: dict[str, Any] = {"shards": [], "sizes": {}, "counts": {}, "sha256": {}}
-    (folder / task).mkdir(parents=True, exist_ok=True)
     for shard, start in enumerate(range(0, len(data), max_samples)):
-        rel = f"{task}/{split}-{shard:06d}.tar"
+        rel = f"{split}-{shard:06d}.tar"
         stop = min(start + max_samples, len(data))
         with wds.TarWriter(str(folder / rel), encoder=False, mtime=0) as sink:  # int: no PAX headers
             for i in range(start, stop):
@@ -113,69 +128,57 @@ def write_split(data: ArraySplit, folder: Path, task: str, split: str, fmt: str,
     return out
 
 
-def write_task(task: TaskData, folder: Path, *, fmt: str, max_samples: int, channels: int) -> TaskInfo:
-    """Write both splits of one task under ``folder/<task>/`` and describe them as a :class:`TaskInfo`."""
-    concrete = image_format(fmt, task.train.image_shape)
-    splits = {
-        split: write_split(task.split(split), folder, task.name, split, concrete, max_samples)
-        for split in ("train", "test")
-    }
-    mean, std = channel_stats(task.train.x, channels)
-    return TaskInfo(
-        name=task.name,
-        class_names=list(task.class_names),
-        num_classes=len(task.class_names),
-        counts={split: len(task.split(split)) for split in splits},
-        image_shape=task.train.image_shape,
-        mean=mean,
-        std=std,
-        shards={split: s["shards"] for split, s in splits.items()},
-        sha256={k: v for s in splits.values() for k, v in s["sha256"].items()},
-        sizes={k: v for s in splits.values() for k, v in s["sizes"].items()},
-        shard_counts={k: v for s in splits.values() for k, v in s["counts"].items()},
-        flip=task.flip,
-        flip_default=bool(task.meta.get("flip_default", task.flip)),
-        source=task.source,
-        image_format=concrete,
-    )
+def write_task(spec: TaskSpec, tasks_root: str) -> TaskInfo:
+    """Build one task and write its shards and ``task.json`` into ``<tasks_root>/<spec.folder>``, atomically
+    (temp folder, then rename). Returns its TaskInfo, shard paths relative to its folder. Runs in the driver or
+    in a Ray job: it needs nothing but the spec and the shared path."""
+    root = Path(tasks_root)
+    final = root / spec.folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{spec.folder}.tmp-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        task = build_task(spec)
+        fmt = image_format(spec.shard["format"], task.train.image_shape)
+        splits = {split: write_split(task.split(split), tmp, split, fmt, spec.shard["max_samples"])
+                  for split in ("train", "test")}
+        mean, std = channel_stats(task.train.x, spec.channels)
+        info = TaskInfo(
+            name=task.name,
+            class_names=list(task.class_names),
+            num_classes=len(task.class_names),
+            counts={split: len(task.split(split)) for split in splits},
+            image_shape=task.train.image_shape,
+            mean=mean,
+            std=std,
+            shards={split: s["shards"] for split, s in splits.items()},
+            sha256={k: v for s in splits.values() for k, v in s["sha256"].items()},
+            sizes={k: v for s in splits.values() for k, v in s["sizes"].items()},
+            shard_counts={k: v for s in splits.values() for k, v in s["counts"].items()},
+            flip=task.flip,
+            flip_default=bool(task.meta["flip_default"]),
+            source=task.source,
+            image_format=fmt,
+        )
+        with open(tmp / TASK_FILE, "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, "spec": spec.content(), "info": info.to_dict()}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / TASK_FILE).is_file():
+                raise
+            # another launch wrote the same task first: same spec, same bytes; keep theirs
+        return info
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_shards(
-    tasks: Sequence[TaskData], folder: str | os.PathLike, benchmark: dict[str, Any], *, log: Log = print
-) -> Manifest:
-    """Write every task's shards and the manifest (last) into ``folder``; used by :func:`ensure_shards`."""
-    folder = Path(folder)
-    spec = spec_of(benchmark)
-    shard_cfg = spec.get("shard") or {}
-    max_samples = int(shard_cfg.get("max_samples") or DEFAULT_MAX_SAMPLES)
-    if max_samples <= 0:
-        raise ConfigError(f"shard.max_samples must be positive, got {max_samples}")
-    infos = []
-    for task in tasks:
-        t0 = time.perf_counter()
-        info = write_task(
-            task,
-            folder,
-            fmt=shard_cfg.get("format", "npy"),
-            max_samples=max_samples,
-            channels=int(spec.get("channels", 3)),
-        )
-        log(
-            f"[shards] {spec['name']}/{task.name}: {info.counts['train']} train + {info.counts['test']} test "
-            f"{info.image_shape} {info.image_format} in {sum(len(v) for v in info.shards.values())} shards "
-            f"({time.perf_counter() - t0:.1f}s)"
-        )
-        infos.append(info)
-    manifest = Manifest(
-        root=str(folder),
-        benchmark=spec["name"],
-        spec_hash=spec_hash(spec),
-        tasks=infos,
-        spec=spec,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    )
-    manifest.save()
-    return manifest
+def in_process(fn: Callable[..., TaskInfo], items: list[tuple[Any, ...]]) -> Iterable[TaskInfo]:
+    """The default ``map_tasks``: one task after another in this process."""
+    return (fn(*args) for args in items)
 
 
 # ------------------------------------------------------------------------------------------ ensure_shards
@@ -187,13 +190,14 @@ def ensure_shards(
     *,
     log: Log = print,
     verify: str = "size",
+    map_tasks: TaskMap = in_process,
 ) -> Manifest:
-    """Shards for ``benchmark`` under ``shard_root/<name>/``: reused when up to date, else (re)written.
+    """The stream's manifest under ``shard_root/<name>/``, with every task's shards written if missing.
 
-    Up to date means: a manifest with the same spec hash whose shards all exist with their recorded sizes
-    (``verify="size"``, cheap) or also their sha256 (``verify="sha256"``). A changed spec, a missing or
-    damaged shard, or a manifest from an older format leads to a full rewrite. Only loader options (``flip``)
-    changed -> the manifest is updated in place and the shards kept.
+    Each task is looked up by its spec's key under ``shard_root/tasks/``: a folder whose ``task.json`` is there
+    and whose shards have their recorded sizes (``verify="size"``, cheap) or sha256 (``verify="sha256"``) is
+    reused; the rest are written through ``map_tasks``. The stream's manifest is rewritten only when it changes
+    (a task appended or edited, a loader option such as ``flip``).
 
     A URL ``shard_root`` is only read (see the module doc): its manifest must exist with the same spec hash,
     else a ConfigError says how to write and publish the shards.
@@ -204,27 +208,71 @@ def ensure_shards(
     for problem in expand(benchmark)[1]:
         log(f"[shards] warning: {problem}")
     name = spec.get("name")
-    if not name or not isinstance(name, str) or "/" in name or name.startswith("."):
-        raise ConfigError(f"benchmark needs a plain `name` (it names the shard folder), got {name!r}")
+    if not name or not isinstance(name, str) or "/" in name or name.startswith(".") or name == TASKS_DIR:
+        raise ConfigError(f"benchmark needs a plain `name` other than {TASKS_DIR!r} (it names the stream's folder), "
+                          f"got {name!r}")
+    specs = task_specs(spec)  # every config problem surfaces here, before a byte is written
     if isinstance(shard_root, str) and not is_local(shard_root):
         return remote_shards(spec, shard_root, verify=verify, log=log)
     root = Path(shard_root).absolute()  # Ray workers may run in another directory
-    final = root / name
-    reused = _reusable(final, spec, verify, log)
-    if reused is not None:
-        return reused
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root, name)
-    tmp = root / f".{name}.tmp-{os.getpid()}-{time.time_ns()}"
-    log(f"[shards] writing {final} (spec {spec_hash(spec)})")
-    try:
-        tasks = build_tasks(spec)
-        write_shards(tasks, tmp, spec, log=log)
-        _swap_in(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return Manifest.load(final)
+    tasks_root = root / TASKS_DIR
+    _remove_stale_temps(tasks_root)
+    infos: dict[str, TaskInfo] = {}
+    for s in specs:
+        info = _reusable(tasks_root / s.folder, verify, log)
+        if info is not None:
+            infos[s.name] = info
+    missing = [s for s in specs if s.name not in infos]
+    if missing:
+        log(f"[shards] {name}: {len(specs) - len(missing)} task(s) reused, writing {len(missing)} under {tasks_root}")
+        t0 = time.perf_counter()
+        for s, info in zip(missing, map_tasks(write_task, [(s, str(tasks_root)) for s in missing])):
+            infos[s.name] = info
+            log(f"[shards] {name}/{s.name}: {info.counts['train']} train + {info.counts['test']} test "
+                f"{info.image_shape} {info.image_format} in {sum(len(v) for v in info.shards.values())} shards "
+                f"-> {TASKS_DIR}/{s.folder}")
+        log(f"[shards] wrote {len(missing)} task(s) in {time.perf_counter() - t0:.1f}s")
+    manifest = Manifest(root=str(root / name), benchmark=name, spec_hash=spec_hash(spec),
+                        tasks=[_in_stream(infos[s.name], s) for s in specs], spec=spec,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return _save_if_changed(manifest, log)
+
+
+def _in_stream(info: TaskInfo, spec: TaskSpec) -> TaskInfo:
+    """A task's TaskInfo as the stream's manifest lists it: shard paths relative to the stream's folder, and the
+    stream's flip (the benchmark's, else the line's, else the source's default)."""
+    prefix = f"../{TASKS_DIR}/{spec.folder}/"
+    d = info.to_dict()
+    d["shards"] = {split: [prefix + rel for rel in rels] for split, rels in info.shards.items()}
+    for field in ("sha256", "sizes", "shard_counts"):
+        d[field] = {prefix + rel: v for rel, v in getattr(info, field).items()}
+    d["flip"] = info.flip_default if spec.flip is None else spec.flip
+    return TaskInfo.from_dict(d)
+
+
+def _save_if_changed(manifest: Manifest, log: Log) -> Manifest:
+    """Write the stream's manifest unless the one there already says the same (its mtime then stays, so the
+    workers' manifest cache stays warm). A folder from the old one-folder-per-stream layout is replaced."""
+    folder = Path(manifest.root)
+    if (folder / MANIFEST_NAME).is_file():
+        try:
+            old = Manifest.load(folder)
+        except Exception as exc:
+            log(f"[shards] {folder}: manifest unusable ({exc}); replacing it")
+            old = None
+            for child in folder.iterdir():  # the old layout kept each task's shards here
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+        if old is not None:
+            same = {k: v for k, v in old.to_dict().items() if k != "created"} == \
+                   {k: v for k, v in manifest.to_dict().items() if k != "created"}
+            if same:
+                log(f"[shards] reusing {folder} ({len(old.tasks)} tasks, spec {old.spec_hash})")
+                return old
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest.save()
+    log(f"[shards] {folder / MANIFEST_NAME}: {len(manifest.tasks)} tasks (spec {manifest.spec_hash})")
+    return manifest
 
 
 def remote_shards(spec: dict[str, Any], shard_root: str, *, verify: str = "size", log: Log = print) -> Manifest:
@@ -256,58 +304,64 @@ def remote_shards(spec: dict[str, Any], shard_root: str, *, verify: str = "size"
     return manifest
 
 
-def _reusable(final: Path, spec: dict[str, Any], verify: str, log: Log) -> Manifest | None:
-    """The existing manifest if it matches ``spec`` and its shards check out; else None (with the reason logged)."""
-    if not (final / MANIFEST_NAME).is_file():
+def _reusable(folder: Path, verify: str, log: Log) -> TaskInfo | None:
+    """A task folder's TaskInfo if its ``task.json`` is there and its shards check out; else None (the reason
+    logged, and the folder removed so the task is written again)."""
+    path = folder / TASK_FILE
+    if not path.is_file():
         return None
     try:
-        manifest = Manifest.load(final)
-    except Exception as exc:  # unreadable or old-format manifest: rewrite
-        log(f"[shards] {final}: manifest unusable ({exc}); rewriting")
-        return None
-    if manifest.spec_hash != spec_hash(spec):
-        log(f"[shards] {final}: spec changed ({manifest.spec_hash} -> {spec_hash(spec)}); rewriting")
-        return None
-    problem = manifest.check_sizes()
-    if problem is None and verify == "sha256":
-        try:
-            manifest.verify()
-        except Exception as exc:
-            problem = str(exc)
-    if problem is not None:
-        log(f"[shards] {final}: {problem}; rewriting")
-        return None
-    if _update_loader_keys(manifest, spec):
-        log(f"[shards] {final}: loader options changed ({', '.join(LOADER_KEYS)}); manifest updated, shards kept")
-    else:
-        log(f"[shards] reusing {final} (spec {manifest.spec_hash})")
-    return manifest
+        with open(path) as f:
+            d = json.load(f)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"format {d.get('format_version')}, this code writes {FORMAT_VERSION}")
+        info = TaskInfo.from_dict(d["info"])
+    except Exception as exc:  # unreadable or old-format task.json: rewrite
+        log(f"[shards] {folder}: {TASK_FILE} unusable ({exc}); rewriting")
+        return _discard(folder)
+    for rel in (r for rels in info.shards.values() for r in rels):
+        shard = folder / rel
+        problem = None
+        if not shard.is_file():
+            problem = f"shard {shard} is missing"
+        elif shard.stat().st_size != info.sizes[rel]:
+            problem = f"shard {shard} has {shard.stat().st_size} bytes, {TASK_FILE} says {info.sizes[rel]}"
+        elif verify == "sha256" and sha256_file(shard) != info.sha256[rel]:
+            problem = f"shard {shard} is corrupt (sha256 mismatch)"
+        if problem is not None:
+            log(f"[shards] {problem}; rewriting task {info.name}")
+            return _discard(folder)
+    return info
 
 
-def _update_loader_keys(manifest: Manifest, spec: dict[str, Any]) -> bool:
-    """Bring loader-only options (per-task flip) of a reused manifest in line with ``spec``; True if changed."""
-    if all(manifest.spec.get(k) == spec.get(k) for k in LOADER_KEYS):
+def _discard(folder: Path) -> None:
+    """Move a damaged task folder aside (atomically: no reader sees it half-deleted), then delete it."""
+    aside = folder.with_name(f".{folder.name}.old-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        return None  # someone else moved it first
+    shutil.rmtree(aside, ignore_errors=True)
+    return None
+
+
+def _remove_stale_temps(tasks_root: Path) -> None:
+    """Delete temp/old folders that killed writers on this host left behind. Another launch's temp folder (a live
+    pid, or another host's) is left alone: it may be writing right now."""
+    if not tasks_root.is_dir():
+        return
+    host = socket.gethostname()
+    for stale in tasks_root.glob(".*"):
+        m = TEMP_NAME.search(stale.name)
+        if m and m["host"] == host and not _alive(int(m["pid"])):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    flip = spec.get("flip")
-    for task in manifest.tasks:
-        task.flip = task.flip_default if flip is None else bool(flip)
-    manifest.spec = spec
-    manifest.save()
+    except PermissionError:
+        return True
     return True
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the complete folder ``tmp`` (old contents are moved aside, then deleted)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_temps(root: Path, name: str) -> None:
-    """Delete temp/old folders left by killed runs for this benchmark (one driver writes at a time)."""
-    for stale in list(root.glob(f".{name}.tmp-*")) + list(root.glob(f".{name}.old-*")):
-        shutil.rmtree(stale, ignore_errors=True)

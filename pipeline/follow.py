@@ -1,0 +1,150 @@
+"""mode=follow: a driver that stays up and trains a stream's new tasks as they appear.
+
+    python run_pipeline.py mode=follow benchmark=catalogue benchmark.path=tasks.jsonl
+    echo '{"name": "boots", "source": {"name": "fashion_mnist"}, "classes": ["Ankle boot", "Bag"]}' >> tasks.jsonl
+
+One Ray session, one backbone in the object store and warm workers for the whole life of the driver: a new task
+costs its own training, not a run's start-up (a fresh launch pays ~10 s of Ray start, worker imports, MLflow
+set-up and backbone download before its first job). The catalogue is looked at every ``follow.poll_s`` seconds
+(one ``stat``); when it changed, its new or edited lines are written to shards (as Ray jobs) and queued. At most
+``cluster.max_in_flight`` jobs are handed to Ray at once.
+
+SIGINT or SIGTERM ends it: no new job starts, in-flight jobs get ``cluster.stop_grace_s`` to finish, the rest
+are killed and their runs closed KILLED (a second signal skips the wait). The report covers every task of the
+stream that has its result; the process exits 128 + the signal's number, and the same command resumes.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any
+
+from .config import RunConfig
+from .data import Manifest
+from .errors import PipelineError, Stopped
+from .jobs import JobContext, result_from_run, warm_worker
+from .orchestrate import (Job, JobPool, backbone_key, backbone_stage, check_cluster, check_inputs, job_resources,
+                          open_stream_run, prepare, result_key, shard_writers, shards_before_ray, supersede,
+                          trained_runs)
+from .report import write_report
+from .runtime import Log, StopSignals, check_fits_before_ray, in_flight_limit, ray_session, warm_workers
+
+__all__ = ["run_follow", "catalogue_stamp"]
+
+
+def catalogue_stamp(rc: RunConfig) -> tuple[Any, ...] | None:
+    """What says the stream may have changed: the catalogue file's size and mtime (None for a stream fixed by
+    its config, which never changes while the driver runs)."""
+    path = rc.benchmark.get("path") if rc.benchmark.get("kind") == "catalogue" else None
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ("missing",)
+    return st.st_size, st.st_mtime_ns
+
+
+def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
+    """Train the stream's tasks, then every task added to it, until a signal; raises :class:`Stopped` at the
+    end (nothing left RUNNING), after the report of what the stream holds."""
+    import ray
+
+    check_fits_before_ray(rc.cluster, *job_resources(rc))
+    published = shards_before_ray(rc, log)
+    with ray_session(rc.cluster, log), StopSignals() as stop:
+        check_cluster(rc)
+        warm_workers(warm_worker, rc.cluster, 1 << 30)
+        m = published or check_inputs(rc, log, map_tasks=shard_writers(rc))
+        p = prepare(rc, log, manifest=m)
+        tr = p.tracker
+        key, parent_id = open_stream_run(tr, rc, m, log)
+        bb_key = backbone_key(rc, m)
+        try:
+            state, fp, bb_run = backbone_stage(p, log)
+            tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp, "ksm_mode": "follow"})
+            ctx = JobContext(manifest=str(m.path), experiment_id=tr.experiment_id, parent_run_id=parent_id,
+                             sequence_key=key, backbone_fingerprint=fp, backbone_run_id=bb_run)
+            pool = JobPool(ctx, ray.put(state), tr, in_flight_limit(rc.cluster))
+            results: dict[str, dict[str, Any]] = {}   # result key -> its result (small records only)
+            failures: dict[str, str] = {}             # result key -> what went wrong
+            queued: deque[Job] = deque()
+            handled: set[str] = set()                 # result keys queued, running or done
+            stamp: Any = object()                     # never equal: the first look always plans
+            log(f"[follow] following {rc.benchmark.get('path') or rc.benchmark['name']}; Ctrl-C (or SIGTERM) stops")
+            try:
+                while stop.signum is None:
+                    now = catalogue_stamp(rc)
+                    if now != stamp:
+                        stamp = now
+                        m = _replan(rc, m, bb_key, log)
+                        wanted = {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
+                        supersede(tr, key, wanted)
+                        new = {t: k for t, k in wanted.items() if k not in handled}
+                        for t, run in trained_runs(tr, new).items():
+                            results[new[t]] = result_from_run(run, "reused")
+                        todo = [Job(t, t, rc, k) for t, k in new.items() if k not in results]
+                        queued.extend(todo)
+                        handled.update(new.values())
+                        if new:
+                            log(f"[follow] {len(new)} new task(s): {len(todo)} to train, {len(new) - len(todo)} "
+                                f"reused; {len(queued) + len(pool)} queued or running")
+                    while queued and pool.has_room():
+                        pool.submit(queued.popleft())
+                    for job, res, err in pool.collect(timeout=rc.follow.poll_s if pool else 0.0):
+                        _record(job, res, err, results, failures, log)
+                    if not pool:
+                        _sleep_until(stop, rc.follow.poll_s)
+                grace = rc.cluster.stop_grace_s
+            except KeyboardInterrupt:  # the second signal: no grace
+                grace = 0.0
+            finished, killed = pool.stop(grace, log)
+            for outcome in finished:
+                _record(*outcome, results, failures, log)
+            order = {t: i for i, t in enumerate(m.new_tasks)}
+            current = {result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
+            ordered = sorted((r for k, r in results.items() if k in current), key=lambda r: order.get(r["task"], 0))
+            write_report(tr, parent_id, ordered, rc, log=log)
+            tr.finish(parent_id, "KILLED" if killed or failures else "FINISHED")
+            signum = stop.signum or 2
+        except BaseException:
+            if tr.client.get_run(parent_id).info.status == "RUNNING":
+                tr.finish(parent_id, "FAILED")
+            raise
+    trained = sum(1 for r in results.values() if r["status"] == "trained")
+    raise Stopped(signum, f"follow stopped: {len(ordered)} of {len(m.new_tasks)} task(s) of the stream have their "
+                          f"result ({trained} trained by this run), {len(failures)} failed, {len(killed)} in-flight "
+                          f"killed (runs KILLED), {len(queued)} not started. Run the same command to go on.")
+
+
+def _replan(rc: RunConfig, m: Manifest, bb_key: str, log: Log) -> Manifest:
+    """The stream as the catalogue says now, with its new tasks' shards written (as Ray jobs). A catalogue whose
+    first line changed would need another backbone: refused, naming the fix."""
+    try:
+        new = check_inputs(rc, log, map_tasks=shard_writers(rc))
+    except Exception as exc:  # a file caught while being rewritten, a bad first line: keep following
+        log(f"[follow] the stream cannot be read right now ({exc}); trying again in {rc.follow.poll_s:g}s")
+        return m
+    if backbone_key(rc, new) != bb_key:
+        raise PipelineError(f"the initial task (first line) of {rc.benchmark.get('path')} changed while following: "
+                            "that needs another backbone. Restore the line, or start a new stream with "
+                            "run_name=<a new name>")
+    return new
+
+
+def _record(job: Job, res: dict[str, Any] | None, err: str | None, results: dict[str, Any],
+            failures: dict[str, str], log: Log) -> None:
+    if res is not None:
+        results[job.result] = res
+        log(f"[follow] {job.task}: {res['status']}, test acc {res['test_acc']:.3f}")
+    else:
+        failures[job.result] = err or "?"
+        log(f"[follow] {job.task}: FAILED: {(err or '?').splitlines()[0][:300]}")
+
+
+def _sleep_until(stop: StopSignals, seconds: float) -> None:
+    """Sleep ``seconds``, waking early for a stop signal (time.sleep is cut short by a handled signal)."""
+    deadline = time.monotonic() + seconds
+    while stop.signum is None and time.monotonic() < deadline:
+        time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))

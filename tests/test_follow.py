@@ -1,0 +1,123 @@
+"""A driver that stays up (mode=follow) and a driver stopped by a real signal (mode=sequence), on real Fashion-MNIST:
+a real `run_pipeline.py` process, real SIGTERM / SIGINT, embedded Ray, MLflow on a sqlite file read back after."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+FM = {"name": "fashion_mnist"}
+LINES = [
+    {"name": "base", "source": FM, "classes": [0, 1, 2, 3], "caps": {"train": 400, "test": 100}},
+    {"name": "shoes", "source": FM, "classes": ["Sandal", "Sneaker"], "caps": {"train": 120, "test": 40}},
+]
+NEW = {"name": "boots", "source": FM, "classes": ["Ankle boot", "Trouser"], "caps": {"train": 120, "test": 40}}
+TINY = ["model.width=0.0625", "progress=false", "cluster.num_cpus=2", "train.backbone.epochs=1"]
+
+
+def write(path: Path, lines: list) -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def launch(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"driver-{time.time_ns()}.log"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", *TINY, *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, f"driver exited {proc.returncode} before {text!r}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout}s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def end(proc: subprocess.Popen, timeout: float = 120) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # never leave it (or its Ray children) behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def runs(root: Path) -> list:
+    c = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = c.get_experiment_by_name("ksm")
+    return c.search_runs([exp.experiment_id], "", max_results=1000)
+
+
+@pytest.mark.slow
+def test_follow_trains_an_appended_line_and_stops_cleanly_on_sigterm(tmp_path):
+    cat = write(tmp_path / "tasks.jsonl", LINES)
+    proc, log = launch(tmp_path, "mode=follow", "benchmark=catalogue", f"benchmark.path={cat}", "follow.poll_s=0.5",
+                       "train.epochs=1")
+    try:
+        wait_for(proc, log, "[follow] shoes: trained")
+        with open(cat, "a") as f:  # a line appended while it runs: trained by the same driver, warm
+            f.write(json.dumps(NEW) + "\n")
+        wait_for(proc, log, "[follow] boots: trained")
+        proc.send_signal(signal.SIGTERM)
+        code = end(proc)
+    finally:
+        end(proc, timeout=1) if proc.poll() is None else None
+    out = log.read_text()
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert "follow stopped: 2 of 2 task(s) of the stream have their result (2 trained by this run)" in out
+    all_runs = runs(tmp_path)
+    assert not [r for r in all_runs if r.info.status == "RUNNING"]
+    tasks = sorted((r.data.tags["ksm_task"], r.info.status) for r in all_runs if r.data.tags.get("ksm_kind") == "task")
+    assert tasks == [("boots", "FINISHED"), ("shoes", "FINISHED")]
+    assert out.count("[ray] starting an embedded Ray runtime") == 1  # one session for both tasks
+    parent = [r for r in all_runs if r.data.tags.get("ksm_kind") == "sequence"]
+    assert [p.info.status for p in parent] == ["FINISHED"] and parent[0].data.tags["ksm_mode"] == "follow"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_fan_out_leaves_no_run_running_and_the_rerun_resumes(tmp_path, sig):
+    """The driver is signalled while a task trains: with no grace period that job is killed, its run closed KILLED,
+    the parent run KILLED, and the process exits 128 + signal. The same command then trains only what is missing."""
+    cat = write(tmp_path / "tasks.jsonl", [*LINES, NEW])
+    args = ["benchmark=catalogue", f"benchmark.path={cat}", "cluster.num_cpus=1", "cluster.stop_grace_s=0"]
+    proc, log = launch(tmp_path, *args, "train.epochs=40")  # long enough to be caught in flight
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r.data.tags.get("ksm_kind") == "task" and r.info.status == "RUNNING"
+                      for r in (runs(tmp_path) if (tmp_path / "mlflow.db").exists() else [])):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        code = end(proc)
+    finally:
+        end(proc, timeout=1) if proc.poll() is None else None
+    out = log.read_text()
+    assert code == 128 + sig, out[-3000:]
+    assert f"stopped by {signal.Signals(sig).name}" in out and "Run the same command again to resume" in out
+    after = runs(tmp_path)
+    assert not [r for r in after if r.info.status == "RUNNING"], [(r.data.tags.get("ksm_task"), r.info.status)
+                                                                  for r in after]
+    killed = [r for r in after if r.data.tags.get("ksm_kind") == "task" and r.info.status == "KILLED"]
+    assert killed and all(r.data.tags.get("ksm_stopped") == "signal" for r in killed)
+    assert [r.info.status for r in after if r.data.tags.get("ksm_kind") == "sequence"] == ["KILLED"]
+
+    proc, log = launch(tmp_path, *args, "train.epochs=40")
+    assert end(proc, timeout=600) == 0, log.read_text()[-3000:]
+    final = runs(tmp_path)
+    finished = sorted(r.data.tags["ksm_task"] for r in final
+                      if r.data.tags.get("ksm_kind") == "task" and r.info.status == "FINISHED")
+    assert finished == ["boots", "shoes"] and not [r for r in final if r.info.status == "RUNNING"]
