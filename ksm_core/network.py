@@ -123,6 +123,23 @@ class KSMNet(nn.Module):
         self.task_names.append(name or f"task{t}")
         return t
 
+    def remove_task(self, task: int) -> None:
+        """Drop the LAST task (its masks, BN and head), so the indices of the others stay as they are: a server
+        that evaluates or serves artifacts one at a time loads one, uses it and removes it before the next. The
+        backbone's own task 0 cannot be removed. The active task falls back to 0 if it was the removed one."""
+        self.check_task(task)
+        if task == 0 or task != self.num_tasks - 1:
+            raise ValueError(f"only the last added task ({self.num_tasks - 1}) can be removed, not {task}; task 0 "
+                             "is the backbone itself")
+        k = str(task)
+        for m in self._aware:
+            if isinstance(m, (_MaskedLayer, TaskBatchNorm, TaskHeads)):
+                del m.tasks[k]
+        self.specs.pop()
+        self.task_names.pop()
+        if self._active == task:
+            self.set_task(0)
+
     def check_task(self, task: int) -> int:
         if not isinstance(task, int) or not 0 <= task < self.num_tasks:
             raise IndexError(f"task {task!r} does not exist; valid task indices: 0..{self.num_tasks - 1} "

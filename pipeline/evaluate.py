@@ -1,13 +1,16 @@
 """mode=evaluate: serve a finished sequence from ONE network and check that no task degraded.
 
-The backbone and every task artifact of the sequence are downloaded from MLflow and loaded into a single
-KSMNet (one frozen backbone, one mask + BN + head per task). Each task, and the backbone's own initial task, is
-then evaluated on its test shards and compared with the accuracy its run logged when it was trained: KSM's
-promise is that adding tasks never changes an earlier one, so the two must be equal. The result is an
-``evaluation`` run under the sequence's parent run (per-task metrics, a markdown table).
+The backbone is downloaded from MLflow into a single KSMNet; then each task's artifact in turn is downloaded,
+loaded onto it (its mask + BN + head), evaluated on the task's test shards and removed again before the next
+(:func:`evaluate_one_at_a_time`): a stream of 1000 tasks needs the memory of the backbone plus one task, never
+all masks at once. Each task, and the backbone's own initial task, is compared with the accuracy its run logged
+when it was trained: KSM's promise is that adding tasks never changes an earlier one, so the two must be equal
+(a task's logits do not depend on which other tasks share the network). The result is an ``evaluation`` run
+under the sequence's parent run (per-task metrics, a markdown table).
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ from .errors import PipelineError
 from .orchestrate import backbone_key, prepare, result_key, sequence_key, trained_runs
 from .present import text_table
 
-__all__ = ["run_evaluate"]
+__all__ = ["run_evaluate", "evaluate_one_at_a_time"]
 
 Log = Callable[[str], None]
 
@@ -27,7 +30,7 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """Load the sequence that this config names (same run name and spec) and re-evaluate all of its tasks."""
     from safetensors.numpy import load_file
 
-    from ksm_core import KSMNet, evaluate, load_task
+    from ksm_core import KSMNet, evaluate
     from ksm_core.train import resolve_device
 
     from .data import make_loader
@@ -55,24 +58,30 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ksm-eval-") as tmp:
         state = load_file(tr.download(bb_run.info.run_id, "backbone/backbone.safetensors", tmp))
         net = KSMNet.from_backbone(build_backbone(rc.model, init.num_classes, state))
+        del state
         if net.backbone_fingerprint != bb_run.data.tags.get("ksm_fingerprint"):
             raise PipelineError(f"backbone run {bb_run.info.run_id}: its weights do not hash to its logged "
                                 "fingerprint; the run's artifact was changed")
-        index = {m.initial_task: 0}
-        for t in m.new_tasks:
-            if t in done:
-                index[t] = load_task(net, tr.download(done[t].info.run_id, f"task/{t}.safetensors", tmp), name=t)
-    net.to(dev)
+        net.to(dev)
+        # the index each task has in the network that holds them all (task 0 = the backbone's own)
+        order = [(m.initial_task, 0)] + [(t, i) for i, t in enumerate((t for t in m.new_tasks if t in done), 1)]
+
+        def fetch(t: str) -> str:
+            return tr.download(done[t].info.run_id, f"task/{t}.safetensors", Path(tmp) / "task")
+
+        def score(net_: Any, t: str, i: int) -> float:
+            bs = BACKBONE_EVAL_BATCH if i == 0 else rc.train.batch_size  # as when the accuracy was logged
+            return evaluate(net_, make_loader(m, t, "test", batch_size=bs, seed=rc.seed,
+                                              on_corrupt=rc.data.on_corrupt), cfg)[0]
+
+        scored = evaluate_one_at_a_time(net, order, fetch, score, dev)
 
     rows = []
-    logged = {m.initial_task: bb_run.data.metrics.get("test_acc"), **{t: r.data.metrics.get("test_acc")
-                                                                       for t, r in done.items()}}
-    for t, i in index.items():
-        bs = BACKBONE_EVAL_BATCH if i == 0 else rc.train.batch_size  # as when the accuracy was logged
-        acc, _ = evaluate(net.set_task(i), make_loader(m, t, "test", batch_size=bs, seed=rc.seed,
-                                                       on_corrupt=rc.data.on_corrupt), cfg)
-        rows.append({"task": t, "index": i, "logged_acc": logged[t], "acc": acc,
-                     "delta": None if logged[t] is None else acc - logged[t]})
+    for t, i, acc in scored:
+        logged = (bb_run if i == 0 else done[t]).data.metrics.get("test_acc")
+        rows.append({"task": t, "index": i, "logged_acc": logged, "acc": acc,
+                     "delta": None if logged is None else acc - logged})
+    index = {r["task"]: r["index"] for r in rows}
     unchanged = net.fingerprint() == net.backbone_fingerprint
     seconds = time.perf_counter() - t0
     worst = max((abs(r["delta"]) for r in rows if r["delta"] is not None), default=0.0)
@@ -101,6 +110,35 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
         raise
     return {"rows": rows, "max_abs_delta": worst, "backbone_unchanged": unchanged, "missing": missing,
             "run_id": run_id, "parent_run_id": parent.info.run_id}
+
+
+def evaluate_one_at_a_time(net: Any, order: list[tuple[str, int]], fetch: Callable[[str], str],
+                           score: Callable[[Any, str, int], float], device: Any) -> list[tuple[str, int, float]]:
+    """Score each task of ``order`` ((name, index), index 0 = the backbone's own task) on ``net``, holding at most
+    ONE task artifact at a time: ``fetch(name)`` gives the path of a fresh local copy of the task's artifact, which
+    is loaded onto ``net`` as its only added task, the file deleted, the task scored by ``score(net, name, index)``
+    and removed from ``net`` before the next one is fetched. Memory stays that of the backbone plus one task,
+    whatever the stream's length. A task's logits do not depend on which other tasks the network holds (KSM's
+    promise, and the reason for this check), so the accuracies equal those of one network holding every task.
+    Returns (name, index, accuracy) in the given order."""
+    from ksm_core import load_task
+
+    out = []
+    for name, i in order:
+        if i == 0:
+            out.append((name, i, score(net.set_task(0), name, i)))
+            continue
+        path = fetch(name)
+        try:
+            t = load_task(net, path, name=name)
+        finally:
+            os.remove(path)  # the downloaded copy goes as soon as its tensors are in the network
+        try:
+            net.to(device)  # moves only the new task's tensors; the backbone is already there
+            out.append((name, i, score(net.set_task(t), name, i)))
+        finally:
+            net.remove_task(t)
+    return out
 
 
 def _table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
