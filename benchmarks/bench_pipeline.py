@@ -92,9 +92,9 @@ def bare_seconds(root: Path, overrides: list[str], state: dict, tasks: list[str]
     data = {}
     for t in tasks:  # read + decode up front, outside the clock
         loader = make_loader(m, t, "train", batch_size=tr.batch_size, seed=rc.seed)
-        epochs = [list(loader.pipeline(e)) for e in range(tr["epochs"])]
+        epochs = [list(loader.pipeline(e)) for e in range(tr.epochs)]
         data[t] = (InMemory(epochs, loader.transform, rc.seed),
-                   list(make_loader(m, t, "test", batch_size=tr["batch_size"])))
+                   list(make_loader(m, t, "test", batch_size=tr.batch_size)))
     init = m.task(m.initial_task)
     torch.set_num_threads(1)
     tune_malloc()

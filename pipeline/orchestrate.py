@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import signal
 import tempfile
 import time
@@ -240,6 +241,10 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             results, failures, wall = fan_out([Job(t, t, rc, wanted[t]) for t in m.new_tasks], ctx, state, tr,
                                               rc.progress, log)
             ordered = [results[t] for t in m.new_tasks if t in results]
+            # what the driver itself costs: it must not grow with the stream beyond small per-task records
+            tr.metrics(parent_id, {"driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                   "fanout_wall_seconds": wall, "tasks_trained": sum(
+                                       r["status"] == "trained" for r in ordered)})
             report = write_report(tr, parent_id, ordered, rc, log=log, wall_seconds=wall)
             if failures:
                 tr.finish(parent_id, "FAILED")
@@ -398,9 +403,20 @@ def _stopped_message(signum: int, total: int, results: dict[str, Any], failures:
 
 
 def trained_runs(tr: Tracker, wanted: dict[str, str]) -> dict[str, Any]:
-    """task -> its FINISHED run with the wanted result key (from any stream), for the tasks that have one."""
-    found = {t: tr.find_one("FINISHED", ksm_kind="task", ksm_result=k) for t, k in wanted.items()}
-    return {t: r for t, r in found.items() if r is not None}
+    """task -> its FINISHED run with the wanted result key (from any stream), for the tasks that have one. A few
+    keys are looked up one by one; many (a long stream) by one paged scan of the FINISHED task runs, so a
+    1000-task stream costs a few queries, not 1000."""
+    if len(wanted) <= 20:
+        found = {t: tr.find_one("FINISHED", ksm_kind="task", ksm_result=k) for t, k in wanted.items()}
+        return {t: r for t, r in found.items() if r is not None}
+    by_key: dict[str, list[str]] = {}
+    for t, k in wanted.items():
+        by_key.setdefault(k, []).append(t)
+    out: dict[str, Any] = {}
+    for r in tr.scan("FINISHED", ksm_kind="task"):  # newest first is not needed: one FINISHED run per result
+        for t in by_key.get(r.data.tags.get("ksm_result", ""), []):
+            out.setdefault(t, r)
+    return out
 
 
 def supersede(tr: Tracker, key: str, wanted: dict[str, str]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,19 @@ class Tracker:
             clauses.append(f"attributes.status = '{status}'")
         return self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=5000,
                                        order_by=["attributes.start_time DESC"])
+
+    def scan(self, status: str | None = "FINISHED", page: int = 500, **tags: str) -> Iterator[Any]:
+        """Every run of this experiment with the given tags (and status), a page at a time: one query per
+        ``page`` runs instead of one per lookup, without holding them all."""
+        clauses = [f"tags.{k} = '{v}'" for k, v in tags.items()] + ([f"attributes.status = '{status}'"] if status else [])
+        token = None
+        while True:
+            runs = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=page,
+                                           page_token=token)
+            yield from runs
+            token = runs.token
+            if not token:
+                return
 
     def find_one(self, status: str | None = "FINISHED", **tags: str) -> Any | None:
         runs = self.find(status, **tags)

@@ -158,3 +158,22 @@ def test_two_launches_at_the_same_moment_train_everything_once(tmp_path):
     assert any("[backbone] reusing run" in out for out in outs)  # one launch waited for the other's backbone
     tasks = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "data" / "shards" / "tasks").iterdir())
     assert tasks == ["base", "shoes", "tops"]  # one folder per task, no temp folder left by the slower writer
+
+
+@pytest.mark.slow
+def test_trained_runs_of_a_long_stream_come_from_one_paged_scan_and_match_the_one_by_one_lookups(tmp_path):
+    """Above 20 keys the driver scans the FINISHED task runs a page at a time instead of one query per task:
+    same answer (only FINISHED runs with a wanted result key; a key two tasks share maps both)."""
+    from pipeline.orchestrate import trained_runs
+    from pipeline.tracking import Tracker
+
+    tr = Tracker.setup(f"sqlite:///{tmp_path}/mlflow.db", "ksm", None)
+    for i in range(30):
+        run_id = tr.start(f"t{i}", {"ksm_kind": "task", "ksm_result": f"r{i}", "ksm_task": f"t{i}"})
+        tr.finish(run_id, "FINISHED" if i % 3 else "KILLED")
+    wanted = {f"t{i}": f"r{i}" for i in range(40)} | {"again": "r4"}
+    scanned = {t: r.info.run_id for t, r in trained_runs(tr, wanted).items()}
+    one_by_one = {t: r.info.run_id for t, k in wanted.items()
+                  if (r := tr.find_one("FINISHED", ksm_kind="task", ksm_result=k)) is not None}
+    assert scanned == one_by_one and len(scanned) == 21 and scanned["again"] == scanned["t4"]
+    assert [r.data.tags["ksm_result"] for r in tr.scan("FINISHED", page=7, ksm_kind="task")].count("r1") == 1
