@@ -8,6 +8,7 @@
     python run_pipeline.py mode=evaluate                     # all of a sequence's tasks in one network, re-checked
     python run_pipeline.py mode=compare compare.seeds=[0,1,2] # every method x seed on one backbone, one table
     python run_pipeline.py mode=follow benchmark=catalogue benchmark.path=tasks.jsonl  # stay up, train new lines
+    python run_pipeline.py mode=export                       # every trained task in one registered MLflow model
     python run_pipeline.py cluster=remote tracking.uri=http://mlflow:5000   # an existing cluster + server
 
 The config is composed by Hydra from configs/, made absolute and validated before any Ray or MLflow work.
@@ -65,6 +66,10 @@ def main_from_config(cfg: DictConfig) -> dict:
         from pipeline.evaluate import run_evaluate
 
         out = run_evaluate(rc)
+    elif rc.mode == "export":
+        from pipeline.export import run_export
+
+        out = run_export(rc)
     else:
         from pipeline.orchestrate import run_sequence
 

@@ -28,12 +28,13 @@ from ksm_core import METHODS, TrainConfig, list_models, mask_spec
 from .errors import PipelineError
 
 __all__ = ["RunConfig", "ModelCfg", "MethodCfg", "TrainCfg", "BackboneCfg", "ClusterCfg", "TrackingCfg", "DataCfg",
-           "PathsCfg", "TuneCfg", "CompareCfg", "MODES", "ROOT", "register", "resolve", "validate", "stable_hash",
+           "PathsCfg", "TuneCfg", "CompareCfg", "RegistryCfg", "MODES", "ROOT", "register", "resolve", "validate",
+           "stable_hash",
            "absolute_tracking_uri"]
 
 #: the project folder (where run_pipeline.py and configs/ live)
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("sequence", "tune", "shards", "evaluate", "compare", "follow")
+MODES = ("sequence", "tune", "shards", "evaluate", "compare", "follow", "export")
 #: the sections an ``overrides_file`` may hold (what a Tune sweep's best.yaml sets)
 OVERRIDABLE = ("method", "train")
 
@@ -106,6 +107,7 @@ class TrackingCfg:
     uri: str = MISSING
     artifact_root: Optional[str] = None
     experiment: str = "ksm"
+    system_metrics_s: float = 10.0       # MLflow system metrics (CPU, memory, GPU) of each task run, sampled this often; 0 = off
 
 
 @dataclass
@@ -139,6 +141,14 @@ class TuneCfg:
     # key -> {type, low, high, values} or null. Untyped here: OmegaConf cannot merge a mapping given on the command
     # line into a typed entry that is null; pipeline.tune.space checks each entry instead.
     space: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RegistryCfg:
+    """The served multi-task model (pipeline.export): one registered MLflow model per sequence."""
+
+    model_name: Optional[str] = None     # the Model Registry name; null = the run name
+    export: bool = True                  # register a new version at the end of a sequence (when its tasks changed)
 
 
 @dataclass
@@ -177,6 +187,7 @@ class RunConfig:
     tune: TuneCfg = field(default_factory=TuneCfg)
     compare: CompareCfg = field(default_factory=CompareCfg)
     follow: FollowCfg = field(default_factory=FollowCfg)
+    registry: RegistryCfg = field(default_factory=RegistryCfg)
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain data (for hashing and for MLflow params)."""
@@ -319,6 +330,9 @@ def validate(rc: RunConfig) -> None:
     if cl.max_in_flight is not None:
         _at_least("cluster.max_in_flight", cl.max_in_flight, 1, " (or null: 2 x the free job slots)")
     _number("follow.poll_s", rc.follow.poll_s, 0, strict=True)
+    _number("tracking.system_metrics_s", rc.tracking.system_metrics_s, 0, strict=False)
+    if rc.registry.model_name is not None and not rc.registry.model_name.strip():
+        raise PipelineError("registry.model_name is empty; give a name, or null to register under the run name")
     if cl.gpus_per_task > 1 and cl.gpus_per_task != int(cl.gpus_per_task):
         raise PipelineError(f"cluster.gpus_per_task={cl.gpus_per_task} must be a fraction <= 1 or a whole number")
     if not 0 <= rc.data.holdout < 1:

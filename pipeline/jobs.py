@@ -11,6 +11,8 @@ which experiment and parent run to log into, and which backbone it adapts.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import socket
 import tempfile
@@ -38,7 +40,8 @@ from .params import method_params
 from .tracking import Tracker
 
 __all__ = ["JobContext", "TaskOutcome", "task_epochs", "train_task", "task_job", "backbone_job", "build_backbone",
-           "prepare_worker", "result_from_run", "state_to_numpy", "warm_worker", "node_info", "manifest"]
+           "prepare_worker", "result_from_run", "state_to_numpy", "warm_worker", "node_info", "manifest",
+           "task_datasets", "split_digest"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,40 @@ def train_task(rc: RunConfig, manifest_path: str, task_name: str, backbone_state
 
 
 # ------------------------------------------------------------------------------------------------ task job
+def split_digest(m: Manifest, task_name: str, split: str) -> str:
+    """The hash of one split's shards (their sha256s, in order): the digest of the task's dataset input."""
+    info = m.task(task_name)
+    return hashlib.sha256("\n".join(info.sha256[rel] for rel in info.split_shards(split)).encode()).hexdigest()[:16]
+
+
+def task_datasets(m: Manifest, task_name: str) -> list[tuple[Any, str]]:
+    """The task's train and test shards as MLflow datasets (the UI's Dataset column), each with its context:
+    name = the task, digest = :func:`split_digest`, source = the task's shard folder (or URL), schema = the stored
+    image shape and dtype and the classes (as a column table the UI shows), profile = rows and shards."""
+    from mlflow.entities import Dataset
+
+    info = m.task(task_name)
+    out = []
+    for split in ("train", "test"):
+        rels = info.split_shards(split)
+        folder = m.url(rels[0]).rsplit("/", 1)[0]
+        if folder.startswith(("http://", "https://")):
+            source_type, source = "http", {"url": folder}
+        else:
+            source_type, source = ("local" if "://" not in folder or folder.startswith("file:") else "external",
+                                   {"uri": folder})
+        h, w, c = info.image_shape
+        classes = ", ".join(f"{i}={n}" for i, n in enumerate(info.class_names))
+        schema = {"mlflow_colspec": [{"name": "image", "type": f"uint8 [{h}, {w}, {c}] (H, W, C)", "required": True},
+                                     {"name": "label", "type": f"long, {info.num_classes} classes: {classes}",
+                                      "required": True}],
+                  "ksm": {"image_shape": [h, w, c], "dtype": "uint8", "classes": list(info.class_names)}}
+        profile = {"num_rows": info.counts.get(split, 0), "shards": len(rels), "task_identity": info.identity}
+        out.append((Dataset(name=task_name, digest=split_digest(m, task_name, split), source_type=source_type,
+                            source=json.dumps(source), schema=json.dumps(schema), profile=json.dumps(profile)), split))
+    return out
+
+
 def log_task_artifact(tr: Tracker, run_id: str, rc: RunConfig, out: TaskOutcome, task_name: str) -> int:
     """Write the task's artifact under ``paths.output`` (the run's scratch: artifacts before upload) and log it to
     the run; returns its size. The write is atomic (``ksm_core.write_atomic``) and the scratch folder is removed
@@ -215,13 +252,15 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
         return result_from_run(done, status="reused")
     assert run_id is not None
     tr.tags(run_id, {"ksm_attempt": str(len(tr.find("KILLED", **keys)) + 1)})
+    tr.inputs(run_id, task_datasets(manifest(ctx.manifest), task_name))
     t0 = time.perf_counter()
     with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6):  # the claim stays alive while it works
         try:
             def on_epoch(epoch: int, rec: dict[str, float]) -> None:
                 tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
 
-            out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
+            with tr.system_metrics(run_id, rc.tracking.system_metrics_s):  # CPU, memory, GPU while it trains
+                out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
             stats = out.net.mask_stats(out.task)
             size = log_task_artifact(tr, run_id, rc, out, task_name)
             tr.params(run_id, {

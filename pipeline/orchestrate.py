@@ -23,6 +23,7 @@ from .config import RunConfig, stable_hash
 from .data import Manifest, ensure_shards, in_process, task_specs
 from .data.manifest import is_local
 from .errors import PipelineError, Stopped
+from .export import export_after_sequence
 from .jobs import JobContext, backbone_job, result_from_run, task_job, warm_worker
 from .params import method_params
 from .probes import check_tracking_uri
@@ -246,6 +247,7 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                                    "fanout_wall_seconds": wall, "tasks_trained": sum(
                                        r["status"] == "trained" for r in ordered)})
             report = write_report(tr, parent_id, ordered, rc, log=log, wall_seconds=wall)
+            export_after_sequence(rc, tr, m, parent_id, bb_run, ordered, log)  # every FINISHED task, one model
             if failures:
                 tr.finish(parent_id, "FAILED")
                 lines = "\n".join(f"  {t}: {msg.splitlines()[0][:300]}" for t, msg in failures.items())

@@ -2,12 +2,17 @@
 is safe in Ray workers and Tune trials), tags to find a sequence's runs again, and idempotent run creation.
 
 Tags (underscored so filters need no quoting): ksm_kind = sequence | backbone | task | tune_sweep | tune_trial |
-evaluation, ksm_sequence = the stream run's key, ksm_task = task name, ksm_task_id = its content identity,
+evaluation | export, ksm_sequence = the stream run's key, ksm_task = task name, ksm_task_id = its content identity,
 ksm_result = a task result's key (backbone, task, method, training, seed), ksm_backbone = backbone key,
 ksm_superseded = true on a task run whose task has changed since (ARCHITECTURE.md, "Identity and resume").
+
+MLflow's own: every run gets ``mlflow.source.*`` (the entry point, the git commit) and the experiments the pipeline
+creates ``mlflow.experimentKind`` (so the UI opens them as model training, not GenAI).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import socket
 import time
@@ -16,13 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
+from .config import ROOT
 from .store import ensure_store
 
-__all__ = ["Tracker", "PARENT_TAG"]
+__all__ = ["Tracker", "PARENT_TAG", "EXPERIMENT_KIND", "source_tags", "git_commit"]
 
 PARENT_TAG = "mlflow.parentRunId"
+#: the experiment tag MLflow 3's UI reads to choose its layout; "custom_model_development" is its model-training
+#: kind (the others: genai_development, the *_inferred guesses it makes itself, no_inferred_type)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+_GUESSED_KINDS = ("", "genai_development_inferred", "custom_model_development_inferred", "no_inferred_type")
 _MAX_PARAM = 6000  # MLflow's param value limit is 6000 chars (8000 on newer stores); stay under both
 
 
@@ -54,7 +64,7 @@ class Tracker:
         if exp is None:
             location = Path(artifact_root).absolute().as_uri() if artifact_root and _is_local_store(uri) else None
             try:
-                eid = client.create_experiment(experiment, artifact_location=location)
+                eid = client.create_experiment(experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
             except Exception:  # created meanwhile by another driver
                 exp = client.get_experiment_by_name(experiment)
                 if exp is None:
@@ -64,6 +74,8 @@ class Tracker:
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(exp.experiment_id)
             eid = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND[0], "") in _GUESSED_KINDS:  # a kind a user chose is left as it is
+                client.set_experiment_tag(eid, *EXPERIMENT_KIND)
         return cls(uri, eid)
 
     # -- finding runs -------------------------------------------------------------------------------------
@@ -98,6 +110,8 @@ class Tracker:
         if parent:
             t[PARENT_TAG] = parent
         t.setdefault("ksm_host", socket.gethostname())
+        for k, v in source_tags().items():
+            t.setdefault(k, v)
         return self.client.create_run(self.experiment_id, tags=t, run_name=name).info.run_id
 
     def reopen(self, run_id: str) -> None:
@@ -130,6 +144,84 @@ class Tracker:
     def download(self, run_id: str, artifact_path: str, dst: str | os.PathLike) -> str:
         Path(dst).mkdir(parents=True, exist_ok=True)
         return self.client.download_artifacts(run_id, artifact_path, str(dst))
+
+    def inputs(self, run_id: str, datasets: Iterable[tuple[Dataset, str]]) -> None:
+        """Log datasets as the run's inputs, each with its context (``train``, ``test``): the UI's Dataset column."""
+        self.client.log_inputs(run_id, [DatasetInput(d, tags=[InputTag("mlflow.data.context", ctx)])
+                                        for d, ctx in datasets])
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, interval_s: float) -> Iterator[None]:
+        """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py on an NVIDIA machine) on the
+        run while the block runs, sampled every ``interval_s`` seconds in a thread (0: off). MLflow's monitor logs
+        only the samples of whole intervals; the samples of the last, partial one are logged at the end too, so a
+        job shorter than the interval still gets one point."""
+        if interval_s <= 0:
+            yield
+            return
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        quiet = logging.getLogger("mlflow.system_metrics")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)  # its INFO lines (started, no GPU) would print in every job's log
+        try:
+            mon = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=self.uri)
+            mon.start()
+        finally:
+            quiet.setLevel(level)
+        try:
+            yield
+        finally:
+            quiet.setLevel(logging.WARNING)
+            try:
+                mon.finish()  # stops and joins its thread, flushes what it published
+                if any(m._metrics for m in mon.monitors):  # the samples of the last, partial interval
+                    mon.publish_metrics(mon.aggregate_metrics())
+                    mon.mlflow_logger.flush()
+            except Exception:  # noqa: BLE001  (system metrics are a diagnostic: never fail the job over them)
+                pass
+            finally:
+                quiet.setLevel(level)
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """The ``mlflow.source.*`` tags of every run this code creates (the UI's Source column): the pipeline's entry
+    point and, when the project is a git checkout, its commit. The same in the driver and in a Ray worker on the
+    same checkout; a worker on a copy without ``.git`` (a cluster's working dir) leaves the commit out."""
+    tags = {"mlflow.source.name": str(ROOT / "run_pipeline.py"), "mlflow.source.type": "JOB"}
+    commit = git_commit(ROOT)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def git_commit(root: Path) -> str | None:
+    """The commit checked out at ``root``, read from ``.git`` (no git process: a Ray worker may lack the binary):
+    HEAD, the ref it names (loose or packed), a worktree's ``gitdir:`` file. None when there is no checkout."""
+    try:
+        git = root / ".git"
+        if git.is_file():  # a worktree or submodule: "gitdir: <path>"
+            git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head or None
+        ref = head.split(":", 1)[1].strip()
+        common = git / "commondir"
+        bases = [git] + ([(git / common.read_text().strip()).resolve()] if common.is_file() else [])
+        for base in bases:
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+            packed = base / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref) and not line.startswith(("#", "^")):
+                        return line.split()[0]
+    except (OSError, IndexError):
+        return None
+    return None
 
 
 def _is_local_store(uri: str) -> bool:
