@@ -64,7 +64,8 @@ class MethodCfg:
 class BackboneCfg:
     epochs: int = 4
     lr: float = 1e-3
-    batch_size: int = 64
+    batch_size: int = 64                 # per worker
+    workers: int = 1                     # > 1: data-parallel with Ray Train (DDP), one worker per cluster.*_per_task
 
 
 @dataclass
@@ -193,6 +194,14 @@ class RunConfig:
         """A section as plain data (for hashing and for MLflow params)."""
         return dataclasses.asdict(getattr(self, name))
 
+    def train_identity(self) -> dict[str, Any]:
+        """The train section as the identity keys hash it: ``backbone.workers`` is left out at its default (1),
+        so the backbones and results made before the setting existed keep their keys."""
+        train = self.section("train")
+        if train["backbone"].get("workers") == 1:
+            del train["backbone"]["workers"]
+        return train
+
     def device(self) -> str:
         """The torch device a job uses: a job that asked Ray for no GPU must not grab one it happens to see."""
         if self.train.device == "auto" and self.cluster.gpus_per_task <= 0:
@@ -320,6 +329,7 @@ def validate(rc: RunConfig) -> None:
     _at_least("train.backbone.epochs", bb.epochs, 1)
     _at_least("train.batch_size", rc.train.batch_size, 1)
     _at_least("train.backbone.batch_size", bb.batch_size, 1)
+    _at_least("train.backbone.workers", bb.workers, 1, " (1 = one plain Ray job; more = Ray Train, DDP)")
     _at_least("data.shuffle_buffer", rc.data.shuffle_buffer, 1)
     cl = rc.cluster
     _number("cluster.cpus_per_task", cl.cpus_per_task, 0, strict=True)

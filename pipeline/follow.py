@@ -103,9 +103,10 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             for outcome in finished:
                 _record(*outcome, results, failures, log)
             order = {t: i for i, t in enumerate(m.new_tasks)}
-            current = {result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
-            ordered = sorted((r for k, r in results.items() if k in current), key=lambda r: order.get(r["task"], 0))
-            write_report(tr, parent_id, ordered, rc, log=log)
+            tasks_of = {result_key(rc, fp, m.task(t).identity): t for t in m.new_tasks}  # the stream as it is now
+            ordered = sorted((r for k, r in results.items() if k in tasks_of), key=lambda r: order.get(r["task"], 0))
+            write_report(tr, parent_id, ordered, rc, log=log,
+                         failures={tasks_of[k]: msg for k, msg in failures.items() if k in tasks_of})
             tr.finish(parent_id, "KILLED" if killed or failures else "FINISHED")
             signum = stop.signum or 2
         except BaseException:

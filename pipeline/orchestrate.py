@@ -18,6 +18,7 @@ import numpy as np
 
 from ksm_core import fingerprint
 
+from .backbone_dp import train_backbone_dp
 from .claims import Heartbeat, acquire
 from .config import RunConfig, stable_hash
 from .data import Manifest, ensure_shards, in_process, task_specs
@@ -113,7 +114,8 @@ def backbone_key(rc: RunConfig, manifest: Manifest) -> str:
     stream keeps its backbone."""
     init = manifest.task(manifest.initial_task)
     wp = rc.model.weights_path
-    src = {"file": wp, "size": os.path.getsize(wp), "mtime": int(os.path.getmtime(wp))} if wp else rc.section("train")["backbone"]
+    src = {"file": wp, "size": os.path.getsize(wp), "mtime": int(os.path.getmtime(wp))} if wp else \
+        rc.train_identity()["backbone"]
     return stable_hash({"model": {k: v for k, v in rc.section("model").items() if k != "weights_path"}, "source": src,
                         "task": init.identity, "seed": rc.seed})
 
@@ -122,7 +124,7 @@ def result_key(rc: RunConfig, fingerprint: str, task_identity: str) -> str:
     """What makes two trained tasks the same result, whichever stream or launch made it: the backbone's weights,
     the task's content, the method, the training config, the data options and the seed."""
     return stable_hash({"backbone": fingerprint, "task": task_identity, "method": rc.section("method"),
-                        "train": rc.section("train"), "data_opts": rc.section("data"), "seed": rc.seed})
+                        "train": rc.train_identity(), "data_opts": rc.section("data"), "seed": rc.seed})
 
 
 def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray], str, str]:
@@ -154,7 +156,11 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
             what = f"loading {rc.model.weights_path}" if rc.model.weights_path else \
                 f"training on {init} for {rc.train.backbone.epochs} epochs"
             log(f"[backbone] {what}")
-            out = ray.get(_remote(backbone_job, rc).remote(rc, str(p.manifest.path)))
+            if rc.train.backbone.workers > 1 and not rc.model.weights_path:
+                log(f"[backbone] data-parallel over {rc.train.backbone.workers} Ray Train workers")
+                out = train_backbone_dp(rc, str(p.manifest.path))
+            else:
+                out = ray.get(_remote(backbone_job, rc).remote(rc, str(p.manifest.path)))
             state = out["state"]
             fp = fingerprint(state)
             fit = out["fit"]
@@ -165,7 +171,8 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
             tr.params(run_id, {"model": rc.model.name, "model_width": rc.model.width,
                                "weights_path": rc.model.weights_path, "task": init,
                                "classes": ", ".join(out["classes"]), "epochs": rc.train.backbone.epochs,
-                               "lr": rc.train.backbone.lr, "seed": rc.seed, "fingerprint": fp})
+                               "lr": rc.train.backbone.lr, "seed": rc.seed, "fingerprint": fp,
+                               "workers": rc.train.backbone.workers})
             tr.tags(run_id, {"ksm_fingerprint": fp,
                              **{k: out[k] for k in ("ksm_host", "ksm_node_id", "ksm_node_ip") if k in out}})
             with tempfile.TemporaryDirectory(prefix="ksm-bb-") as tmp:
@@ -184,7 +191,7 @@ def sequence_key(rc: RunConfig, bb_key: str) -> str:
     """What makes two runs the same stream run (one parent run in MLflow): its name, backbone, model, method,
     training and seed; not its task list, which may grow."""
     return stable_hash({"name": rc.run_name, "backbone": bb_key, "model": rc.section("model"),
-                        "method": rc.section("method"), "train": rc.section("train"), "seed": rc.seed,
+                        "method": rc.section("method"), "train": rc.train_identity(), "seed": rc.seed,
                         "data_opts": rc.section("data")})
 
 
@@ -246,7 +253,7 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             tr.metrics(parent_id, {"driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                    "fanout_wall_seconds": wall, "tasks_trained": sum(
                                        r["status"] == "trained" for r in ordered)})
-            report = write_report(tr, parent_id, ordered, rc, log=log, wall_seconds=wall)
+            report = write_report(tr, parent_id, ordered, rc, log=log, wall_seconds=wall, failures=failures)
             export_after_sequence(rc, tr, m, parent_id, bb_run, ordered, log)  # every FINISHED task, one model
             if failures:
                 tr.finish(parent_id, "FAILED")

@@ -142,6 +142,10 @@ def _catalogue(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if not entries:
         raise ConfigError(f"catalogue {path} has no task; add one JSON object per line")
     fixed = {k: v for k, v in bench.items() if k not in ("kind", "path")}
+    # the stream's manifest folder: one per catalogue file, so two catalogues left at the default name do not
+    # take turns rewriting one manifest (their tasks' shard folders are shared anyway, by content)
+    where = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:8]
+    fixed.update(name=f"{bench.get('name') or 'catalogue'}-{where}")
     fixed.update(kind="sequence", catalogue=str(path.absolute()),
                  tasks=[{k: e[k] for k in ("name", "source", "classes", "flip") if k in e} for e in entries],
                  task_caps={e["name"]: e["caps"] for e in entries if e.get("caps")} or None)

@@ -364,8 +364,11 @@ class Loader:
         flip: bool | None = None,
         check_sha256: bool = True,
         transform_threads: int | None = 1,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.manifest = manifest
+        self.rank, self.world = rank, world
         self.transform_threads = transform_threads
         self.info = manifest.task(task)
         self.task, self.split = task, split
@@ -377,6 +380,9 @@ class Loader:
         rels = self.info.split_shards(split)
         self.urls = [manifest.url(rel) for rel in rels]
         self.num_samples = part_size(self.info, split, holdout, part)
+        if world > 1:  # data-parallel: every rank the same number of samples, or DDP waits forever for the last
+            self.per_rank = self.num_samples // world
+            self.num_samples = self.per_rank
         self.transform = BatchTransform(
             _stats_for(self.info.mean, channels),
             _stats_for(self.info.std, channels),
@@ -406,6 +412,10 @@ class Loader:
             )
         if self.part != "all" and self.holdout <= 0.0:
             raise ConfigError(f"part={self.part!r} needs holdout > 0 (the held-out fraction of the train split)")
+        if not 0 <= self.rank < self.world:
+            raise ConfigError(f"rank must be in [0, world={self.world}), got {self.rank}")
+        if self.world > 1 and self.part != "all":
+            raise ConfigError("a data-parallel loader (world > 1) reads the whole split (part='all')")
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -450,6 +460,9 @@ class Loader:
         if self.part != "all":
             keep_held = self.part == "holdout"
             stages.append(wds.select(lambda s: in_holdout(self.task, s["__key__"], self.holdout) == keep_held))
+        if self.world > 1:  # rank r: rows r, r + world, ...; the last (count % world) rows go to no rank
+            last = self.per_rank * self.world
+            stages.append(wds.select(lambda s: int(s["__key__"]) % self.world == self.rank and int(s["__key__"]) < last))
         if self.train and self.shuffle_buffer > 1:
             stages.append(
                 wds.shuffle(
@@ -490,7 +503,8 @@ def make_loader(manifest: Manifest, task: str, split: str = "train", **options: 
     Yields ``(x float32 [B, channels, image_size, image_size], y int64 [B])``, x normalised with the task's
     mean/std. ``check_sha256=False`` skips the per-shard checksum (e.g. for shards without one);
     ``transform_threads`` is the torch intra-op thread count used for the batch transforms (see
-    :func:`intra_op_threads`; None leaves the caller's setting).
+    :func:`intra_op_threads`; None leaves the caller's setting). ``rank``/``world`` give one data-parallel worker
+    its share: rows ``rank, rank + world, ...``, the same count on every rank (the remainder is left out).
     """
     return Loader(manifest, task, split, **options)
 
