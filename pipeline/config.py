@@ -108,6 +108,7 @@ class TrackingCfg:
     uri: str = MISSING
     artifact_root: Optional[str] = None
     experiment: str = "ksm"
+    outage_s: float = 120.0              # an HTTP tracking server unreachable mid-run is waited out this long
     system_metrics_s: float = 10.0       # MLflow system metrics (CPU, memory, GPU) of each task run, sampled this often; 0 = off
 
 
@@ -340,6 +341,7 @@ def validate(rc: RunConfig) -> None:
     if cl.max_in_flight is not None:
         _at_least("cluster.max_in_flight", cl.max_in_flight, 1, " (or null: 2 x the free job slots)")
     _number("follow.poll_s", rc.follow.poll_s, 0, strict=True)
+    _number("tracking.outage_s", rc.tracking.outage_s, 0, strict=False)
     _number("tracking.system_metrics_s", rc.tracking.system_metrics_s, 0, strict=False)
     if rc.registry.model_name is not None and not rc.registry.model_name.strip():
         raise PipelineError("registry.model_name is empty; give a name, or null to register under the run name")

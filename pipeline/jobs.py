@@ -241,7 +241,7 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     task content, method, training, seed): a FINISHED run with it, from any stream, is the task's result. Safe to
     run more than once."""
     prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
-    tr = Tracker(rc.tracking.uri, ctx.experiment_id)
+    tr = Tracker(rc.tracking.uri, ctx.experiment_id, rc.tracking.outage_s)
     keys = {"ksm_kind": "task", "ksm_result": result}
     tags = {"ksm_sequence": ctx.sequence_key, "ksm_task": task_name,
             "ksm_task_id": manifest(ctx.manifest).task(task_name).identity, **node_info()}

@@ -86,7 +86,8 @@ def check_inputs(rc: RunConfig, log: Log = print, map_tasks: Any = None) -> Mani
 def prepare(rc: RunConfig, log: Log = print, manifest: Manifest | None = None) -> Prepared:
     """``check_inputs`` (unless its manifest is given), then the MLflow experiment."""
     manifest = manifest or check_inputs(rc, log)
-    tracker = Tracker.setup(rc.tracking.uri, rc.tracking.experiment, rc.tracking.artifact_root)
+    tracker = Tracker.setup(rc.tracking.uri, rc.tracking.experiment, rc.tracking.artifact_root,
+                            rc.tracking.outage_s)
     return Prepared(rc, manifest, tracker)
 
 

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from .config import ROOT
+from .errors import PipelineError
 from .store import ensure_store
 
 __all__ = ["Tracker", "PARENT_TAG", "EXPERIMENT_KIND", "source_tags", "git_commit"]
@@ -43,18 +44,75 @@ def _http_limits() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+#: seconds a run waits out an unreachable tracking server (a restart, a network blip) before it gives up
+DEFAULT_OUTAGE_S = 120.0
+#: what a request that never reached the server says (safe to send again: nothing was written)
+_UNREACHABLE = ("Connection refused", "Failed to establish a new connection", "NewConnectionError",
+                "Name or service not known", "Temporary failure in name resolution")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the server could not be reached at all. A timeout or a reset
+    mid-request is not: the request may have been applied, and sending a create_run again would duplicate it."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 10:
+        if isinstance(e, ConnectionRefusedError) or any(s in str(e) for s in _UNREACHABLE):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+class PatientClient:
+    """An MlflowClient whose calls wait out an HTTP tracking server that cannot be reached, for up to
+    ``outage_s`` seconds, retrying with backoff (0.5 s doubling to 10 s): a server restarting mid-run costs the
+    jobs a pause, not their work. Past the limit: a PipelineError naming the URI. Only requests that never
+    reached the server are retried (see :func:`_unreachable`); a local store (sqlite, files) is used as is."""
+
+    def __init__(self, uri: str, outage_s: float = DEFAULT_OUTAGE_S):
+        self._client = MlflowClient(tracking_uri=uri)
+        self._uri, self._outage_s = uri, outage_s
+        self._patient = outage_s > 0 and uri.startswith(("http://", "https://"))
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not self._patient or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            deadline, delay = time.monotonic() + self._outage_s, 0.5
+            while True:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:
+                    if not _unreachable(exc):
+                        raise
+                    if time.monotonic() + delay > deadline:
+                        raise PipelineError(
+                            f"the tracking server {self._uri} has been unreachable for {self._outage_s:g}s "
+                            f"(tracking.outage_s) while calling {name}: start it again (cluster/start_mlflow_server.sh) "
+                            "and re-run the same command; finished tasks are kept, this one trains again") from None
+                    print(f"[tracking] {self._uri} unreachable ({name}); retrying in {delay:g}s", flush=True)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+
+        return call
+
+
 class Tracker:
     """One experiment on one tracking URI."""
 
-    def __init__(self, uri: str, experiment_id: str):
+    def __init__(self, uri: str, experiment_id: str, outage_s: float = DEFAULT_OUTAGE_S):
         _http_limits()
         self.uri = uri
         self.experiment_id = experiment_id
-        self.client = MlflowClient(tracking_uri=uri)
+        self.outage_s = outage_s
+        self.client: Any = PatientClient(uri, outage_s)
 
     # -- setup (driver only: concurrent experiment creation races) -----------------------------------------
     @classmethod
-    def setup(cls, uri: str, experiment: str, artifact_root: str | None = None) -> "Tracker":
+    def setup(cls, uri: str, experiment: str, artifact_root: str | None = None,
+              outage_s: float = DEFAULT_OUTAGE_S) -> "Tracker":
         _http_limits()
         # A fresh sqlite store must exist complete before MlflowClient opens it: MlflowClient would migrate it in
         # place, and another process opening the file meanwhile (mlflow ui, a notebook) collides with that.
@@ -76,7 +134,7 @@ class Tracker:
             eid = exp.experiment_id
             if exp.tags.get(EXPERIMENT_KIND[0], "") in _GUESSED_KINDS:  # a kind a user chose is left as it is
                 client.set_experiment_tag(eid, *EXPERIMENT_KIND)
-        return cls(uri, eid)
+        return cls(uri, eid, outage_s)
 
     # -- finding runs -------------------------------------------------------------------------------------
     def find(self, status: str | None = "FINISHED", **tags: str) -> list[Any]:

@@ -76,7 +76,7 @@ def run_trial(config: dict[str, Any], rc: RunConfig, ctx: TrialContext, refs: di
     train = dataclasses.replace(rc.train, epochs=ctx.max_epochs,
                                 **{k: float(v) for k, v in config.items() if SPACE_KEYS[k] == "train"})
     trial_id = tune.get_context().get_trial_id()
-    tr = Tracker(rc.tracking.uri, ctx.experiment_id)
+    tr = Tracker(rc.tracking.uri, ctx.experiment_id, rc.tracking.outage_s)
     run_id = tr.start(f"trial-{trial_id}", {"ksm_kind": "tune_trial", "ksm_sweep": ctx.sweep_id,
                                             "ksm_trial": trial_id, "ksm_tasks": ",".join(ctx.tasks), **node_info()},
                       parent=ctx.parent_run_id)

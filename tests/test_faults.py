@@ -1,0 +1,77 @@
+"""Faults injected for real into a running sequence: the tracking server killed mid-run and started again on the same
+port and store. Real `mlflow server` (cluster/start_mlflow_server.sh), real driver process, real Fashion-MNIST."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from test_cluster import CLUSTER_DIR, VENV_BIN, Proc, serve_on_a_free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+FM = {"name": "fashion_mnist"}
+LINES = [
+    {"name": "base", "source": FM, "classes": [0, 1, 2, 3], "caps": {"train": 400, "test": 100}},
+    {"name": "shoes", "source": FM, "classes": ["Sandal", "Sneaker"], "caps": {"train": 120, "test": 40}},
+    {"name": "tops", "source": FM, "classes": ["Shirt", "Bag"], "caps": {"train": 120, "test": 40}},
+]
+
+
+def mlflow_server(store: Path, log: Path, port: int) -> Proc:
+    env = {**os.environ, "KSM_MLFLOW_DIR": str(store), "KSM_MLFLOW_PORT": str(port), "KSM_MLFLOW_WORKERS": "1",
+           "MLFLOW": str(VENV_BIN / "mlflow")}
+    env.pop("KSM_MLFLOW_HOST", None)
+    return Proc(["bash", str(CLUSTER_DIR / "start_mlflow_server.sh")], log, env=env, cwd=store.parent)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_restarted_mid_run_costs_a_pause_not_the_run(tmp_path):
+    """The server is killed while a task trains and comes back 8 s later: the jobs and the driver wait it out
+    (tracking.outage_s) and the sequence finishes with exactly one FINISHED run per task and nothing RUNNING."""
+    store = tmp_path / "server-store"
+    server, port = serve_on_a_free_port(lambda p: mlflow_server(store, tmp_path / "mlflow-1.log", p), "/health")
+    uri = f"http://127.0.0.1:{port}"
+    cat = tmp_path / "tasks.jsonl"
+    cat.write_text("".join(json.dumps(x) + "\n" for x in LINES))
+    log = tmp_path / "driver.log"
+    argv = [sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", "benchmark=catalogue",
+            f"benchmark.path={cat}", "tracking=server", f"tracking.uri={uri}", "tracking.outage_s=90",
+            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1", "train.epochs=30"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        driver = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while True:  # a task job is training (its run RUNNING) when the server goes
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            exp = client.get_experiment_by_name("ksm")
+            if exp and client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task' and attributes.status = 'RUNNING'"):
+                break
+            time.sleep(0.5)
+        server.stop()
+        time.sleep(8)
+        server = mlflow_server(store, tmp_path / "mlflow-2.log", port)  # same port, same store
+        server.wait_http(f"{uri}/health")
+        code = driver.wait(timeout=600)
+        out = log.read_text()
+        assert code == 0, out[-3000:]
+        assert f"[tracking] {uri} unreachable" in out  # somebody did wait it out
+        exp = client.get_experiment_by_name("ksm")
+        runs = client.search_runs([exp.experiment_id], "", max_results=1000)
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        finished = sorted((r.data.tags["ksm_kind"], r.data.tags.get("ksm_task")) for r in runs
+                          if r.info.status == "FINISHED" and r.data.tags.get("ksm_kind") in ("task", "backbone"))
+        assert finished == [("backbone", "base"), ("task", "shoes"), ("task", "tops")]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        server.stop()
