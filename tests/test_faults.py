@@ -75,3 +75,69 @@ def test_a_tracking_server_restarted_mid_run_costs_a_pause_not_the_run(tmp_path)
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_run_the_sequence_finishes_on_the_head(tmp_path, monkeypatch):
+    """Two Ray nodes on loopback; the worker node is removed (its raylet and workers killed) while a task trains
+    there. Ray retries the job on the head (cluster.max_retries), the dead attempt's run is closed KILLED by the
+    claim, and every task ends with exactly one FINISHED run."""
+    import threading
+
+    import ray
+    from hydra import compose, initialize_config_dir
+    from ray.cluster_utils import Cluster
+
+    import run_pipeline
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    small = {"object_store_memory": 80 * 1024**2, "include_dashboard": False, "dashboard_agent_listen_port": 0}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **small})
+    worker = cluster.add_node(num_cpus=1, **small)
+    cluster.wait_for_nodes()
+    cat = tmp_path / "tasks.jsonl"
+    cat.write_text("".join(json.dumps(x) + "\n" for x in LINES))
+    db = tmp_path / "mlflow.db"
+    removed: list[str] = []
+
+    def remove_the_worker_once_a_task_trains_there() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                c = MlflowClient(f"sqlite:///{db}")
+                exp = c.get_experiment_by_name("ksm") if db.exists() else None
+                running = c.search_runs([exp.experiment_id], "tags.ksm_kind = 'task' and attributes.status = 'RUNNING'"
+                                        ) if exp else []
+            except Exception:  # the store is being created
+                running = []
+            if any(r.data.tags.get("ksm_node_id") == worker.node_id for r in running):
+                time.sleep(1)
+                cluster.remove_node(worker)
+                removed.append(worker.node_id)
+                return
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=remove_the_worker_once_a_task_trains_there, daemon=True)
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("config", overrides=[
+                "cluster=remote", f"cluster.address={cluster.address}", "cluster.cpus_per_task=1",
+                "cluster.gpus_per_task=0", "tracking=local", f"paths.root={tmp_path}", "benchmark=catalogue",
+                f"benchmark.path={cat}", "model.width=0.0625", "progress=false", "train.backbone.epochs=1",
+                "train.epochs=40"])
+        watcher.start()
+        out = run_pipeline.main_from_config(cfg)
+        watcher.join(timeout=5)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    assert removed == [worker.node_id], "no task ran on the worker node before the run ended"
+    assert {r["task"]: r["status"] for r in out["results"]} == {"shoes": "trained", "tops": "trained"}
+    c = MlflowClient(f"sqlite:///{db}")
+    runs = c.search_runs([c.get_experiment_by_name("ksm").experiment_id], "tags.ksm_kind = 'task'")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    finished = sorted(r.data.tags["ksm_task"] for r in runs if r.info.status == "FINISHED")
+    assert finished == ["shoes", "tops"]
+    lost = [r for r in runs if r.info.status == "KILLED"]
+    assert lost and all(r.data.tags["ksm_node_id"] == worker.node_id for r in lost)  # the attempt on the lost node
