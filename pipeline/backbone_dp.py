@@ -2,7 +2,8 @@
 
 The initial task is the one piece of work in a stream too big for one worker on a real backbone (ImageNet-scale
 data, 60 epochs); the task jobs after it are small and many, and stay plain Ray tasks. ``TorchTrainer`` starts
-``workers`` Ray Train workers (``cluster.cpus_per_task`` / ``gpus_per_task`` each), joins them in a
+``workers`` Ray Train workers (``cluster.cpus_per_task`` CPUs each, and a whole GPU each when
+``cluster.gpus_per_task > 0``: NCCL wants one device per rank, even where task jobs share GPUs), joins them in a
 ``torch.distributed`` group (gloo on CPU, NCCL on GPU) and wraps the model in DDP (``prepare_model``): gradients
 are averaged across workers every step, so the replicas stay identical. Each worker streams its own rows of the
 initial task's train shards (``make_loader(rank=, world=)``: the same count on every rank, or DDP would wait
@@ -75,7 +76,8 @@ def train_backbone_dp(rc: RunConfig, manifest_path: str) -> dict[str, Any]:
     cl = rc.cluster
     m = manifest(manifest_path)
     init = m.task(m.initial_task)
-    gpus = cl.gpus_per_task
+    # a whole GPU per worker even when task jobs share GPUs (gpus_per_task < 1): NCCL wants one device per rank
+    gpus = 1 if cl.gpus_per_task > 0 else 0
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"rc": rc, "manifest": manifest_path},

@@ -46,3 +46,6 @@ def test_a_backbone_trained_by_two_ray_train_workers_carries_the_sequence(tmp_pa
         cfg = compose("config", overrides=[f"paths.root={tmp_path}", *TINY, "run_name=one-worker"])
     single = run_pipeline.main_from_config(cfg)
     assert single["backbone_run_id"] != out["backbone_run_id"]
+    one = c.get_run(single["backbone_run_id"])
+    assert one.data.params["workers"] == "1"
+    assert abs(one.data.metrics["test_acc"] - bb.data.metrics["test_acc"]) <= 0.02  # the bound: 2 points

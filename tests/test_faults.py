@@ -56,11 +56,13 @@ def test_a_tracking_server_restarted_mid_run_costs_a_pause_not_the_run(tmp_path)
             if exp and client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task' and attributes.status = 'RUNNING'"):
                 break
             time.sleep(0.5)
+        down = time.monotonic()
         server.stop()
         time.sleep(8)
         server = mlflow_server(store, tmp_path / "mlflow-2.log", port)  # same port, same store
         server.wait_http(f"{uri}/health")
         code = driver.wait(timeout=600)
+        print(f"[fault] tracking server down 8 s mid-run: the run ended {time.monotonic() - down:.1f}s after the stop")
         out = log.read_text()
         assert code == 0, out[-3000:]
         assert f"[tracking] {uri} unreachable" in out  # somebody did wait it out
@@ -126,7 +128,9 @@ def test_a_worker_node_lost_mid_run_the_sequence_finishes_on_the_head(tmp_path, 
                 f"benchmark.path={cat}", "model.width=0.0625", "progress=false", "train.backbone.epochs=1",
                 "train.epochs=40"])
         watcher.start()
+        t0 = time.monotonic()
         out = run_pipeline.main_from_config(cfg)
+        print(f"[fault] worker node removed mid-task: the sequence took {time.monotonic() - t0:.1f}s")
         watcher.join(timeout=5)
     finally:
         if ray.is_initialized():

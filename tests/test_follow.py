@@ -70,8 +70,10 @@ def test_follow_trains_an_appended_line_and_stops_cleanly_on_sigterm(tmp_path):
         with open(cat, "a") as f:  # a line appended while it runs: trained by the same driver, warm
             f.write(json.dumps(NEW) + "\n")
         wait_for(proc, log, "[follow] boots: trained")
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = end(proc)
+        print(f"[fault] follow, SIGTERM when idle: exited {code} after {time.monotonic() - t0:.1f}s")
     finally:
         end(proc, timeout=1) if proc.poll() is None else None
     out = log.read_text()
@@ -101,8 +103,11 @@ def test_a_signal_during_the_fan_out_leaves_no_run_running_and_the_rerun_resumes
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
+        t0 = time.monotonic()
         proc.send_signal(sig)
         code = end(proc)
+        print(f"[fault] sequence, {signal.Signals(sig).name} mid-fan-out (grace 0): exited {code} after "
+              f"{time.monotonic() - t0:.1f}s")
     finally:
         end(proc, timeout=1) if proc.poll() is None else None
     out = log.read_text()
@@ -115,8 +120,10 @@ def test_a_signal_during_the_fan_out_leaves_no_run_running_and_the_rerun_resumes
     assert killed and all(r.data.tags.get("ksm_stopped") == "signal" for r in killed)
     assert [r.info.status for r in after if r.data.tags.get("ksm_kind") == "sequence"] == ["KILLED"]
 
+    t0 = time.monotonic()
     proc, log = launch(tmp_path, *args, "train.epochs=40")
     assert end(proc, timeout=600) == 0, log.read_text()[-3000:]
+    print(f"[fault] the resumed run took {time.monotonic() - t0:.1f}s")
     final = runs(tmp_path)
     finished = sorted(r.data.tags["ksm_task"] for r in final
                       if r.data.tags.get("ksm_kind") == "task" and r.info.status == "FINISHED")
