@@ -283,8 +283,9 @@ def test_an_overrides_file_is_type_checked_like_the_command_line(tmp_path):
 @pytest.mark.slow
 def test_gpus_requested_on_a_cluster_without_gpus_fails_fast(first):
     root, _ = first
-    with pytest.raises(PipelineError, match=r"gpus_per_task=1.*no GPU"):
-        run(root, "run_name=gpu-test", "cluster.gpus_per_task=1")
+    for share in ("1", "0.5"):  # a fraction of a GPU is still a GPU the cluster does not have
+        with pytest.raises(PipelineError, match=rf"gpus_per_task={share}.*no GPU"):
+            run(root, "run_name=gpu-test", f"cluster.gpus_per_task={share}")
 
 
 def test_unreachable_tracking_server_is_named(tmp_path):
