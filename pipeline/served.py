@@ -113,7 +113,8 @@ class MultiTaskModel(PythonModel):
         # array([0, 1])
 
     ``model_config={"device": "cuda"}`` at load runs it on a GPU (default: cpu); ``"batch_size"`` (default 256)
-    caps the rows one forward pass takes.
+    caps the rows one forward pass takes; ``"threads"`` sets torch's CPU threads for the process (default: torch's
+    own; on a busy machine 1 thread per server process is much faster, see benchmarks/RESULTS.md).
     """
 
     # predict() checks its input itself (naming the bad row); MLflow's type-hint validation of it is off (the flag
@@ -132,6 +133,8 @@ class MultiTaskModel(PythonModel):
         config = dict(getattr(context, "model_config", None) or {})
         self.device = torch.device(config.get("device", "cpu"))
         self.batch_size = int(config.get("batch_size", 256))
+        if config.get("threads"):
+            torch.set_num_threads(int(config["threads"]))
         m = spec["model"]
         backbone = create_model(m["name"], num_classes=int(m["num_classes"]),
                                 **({"width": m["width"]} if m.get("width") is not None else {}))
@@ -180,23 +183,15 @@ class MultiTaskModel(PythonModel):
         row, got = 0, f"dtype {image.dtype}"
         if image.dtype == object:
             try:
-                values = np.asarray(image.tolist())
-            except ValueError:  # ragged rows
-                values = np.zeros(0)
-            if values.shape != image.shape:
-                got = "rows of different shapes"
-            elif values.dtype.kind in "iu":
-                flat = values.reshape(len(values), -1)
-                bad = np.flatnonzero(((flat < 0) | (flat > 255)).any(1))
-                if not len(bad):
-                    return values.astype(np.uint8)
-                row, got = int(bad[0]), "values outside 0..255"
+                values = image.astype(np.float64)  # exact for pixel values; keeps a fraction visible
+            except (TypeError, ValueError):
+                got = "values that are not numbers"
             else:
-                whole = np.zeros(len(values), bool)
-                if values.dtype.kind == "f":  # the first row with a fraction or a value out of range, else row 0
-                    flat = values.reshape(len(values), -1)
-                    whole = ((flat == np.floor(flat)) & (flat >= 0) & (flat <= 255)).all(1)
-                row, got = (int(np.flatnonzero(~whole)[0]) if (~whole).any() else 0), f"{values.dtype} values"
+                flat = values.reshape(len(values), -1)
+                ok = ((flat == np.floor(flat)) & (flat >= 0) & (flat <= 255)).all(1)
+                if ok.all():
+                    return values.astype(np.uint8)
+                row, got = int(np.flatnonzero(~ok)[0]), "values that are not whole numbers 0..255"
         t = self.tasks[tasks[row]]
         raise BadRequest(f"row {row} (task {t.name!r}): image pixels must be uint8, got {got}; "
                          f"expected {t.expected()}")

@@ -212,8 +212,8 @@ class Tracker:
     def system_metrics(self, run_id: str, interval_s: float) -> Iterator[None]:
         """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py on an NVIDIA machine) on the
         run while the block runs, sampled every ``interval_s`` seconds in a thread (0: off). MLflow's monitor logs
-        only the samples of whole intervals; the samples of the last, partial one are logged at the end too, so a
-        job shorter than the interval still gets one point."""
+        only the samples of whole intervals; a job shorter than one interval gets its samples logged at the end, so
+        it still has one point (a longer one does not pay that extra write)."""
         if interval_s <= 0:
             yield
             return
@@ -235,7 +235,7 @@ class Tracker:
             quiet.setLevel(logging.WARNING)
             try:
                 mon.finish()  # stops and joins its thread, flushes what it published
-                if any(m._metrics for m in mon.monitors):  # the samples of the last, partial interval
+                if mon._logging_step == 0 and any(m._metrics for m in mon.monitors):  # nothing logged yet
                     mon.publish_metrics(mon.aggregate_metrics())
                     mon.mlflow_logger.flush()
             except Exception:  # noqa: BLE001  (system metrics are a diagnostic: never fail the job over them)

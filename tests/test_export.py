@@ -109,7 +109,12 @@ def hand_model(tmp_path_factory, fashion_test):
             "model": {"name": "vgg16_bn_cifar", "width": 0.0625, "num_classes": 3}, "tasks": tasks}
     (root / SPEC_FILE).write_text(json.dumps(spec))
     model = MultiTaskModel()
-    model.load_context(SimpleNamespace(artifacts={"ksm": str(root)}, model_config={"batch_size": 7}))
+    threads = torch.get_num_threads()
+    try:
+        model.load_context(SimpleNamespace(artifacts={"ksm": str(root)}, model_config={"batch_size": 7, "threads": 1}))
+        assert torch.get_num_threads() == 1 and model.batch_size == 7
+    finally:
+        torch.set_num_threads(threads)
     return model
 
 
@@ -133,6 +138,11 @@ def test_mixed_rows_are_grouped_by_task_and_answer_as_each_task_alone(hand_model
     assert m.predict(None, {"task": np.array(["rgb"] * 3), "image": colour}).max() < 4
 
 
+def _with(a: np.ndarray, where: tuple, value) -> np.ndarray:
+    a[where] = value
+    return a
+
+
 @needs_fashion
 def test_bad_requests_name_the_row_and_the_expected_form(hand_model, fashion_test):
     m = hand_model
@@ -150,6 +160,8 @@ def test_bad_requests_name_the_row_and_the_expected_form(hand_model, fashion_tes
         ({"task": np.array(["base", "grey", "grey", "base"]),
           "image": np.array([r.tolist() for r in grey[:2]] + [(grey[2] + 300.0).tolist(), grey[3].tolist()],
                             dtype=object)}, ["row 2 (task 'grey')", "must be uint8"]),
+        ({"task": np.array(["grey"] * 4), "image": _with(np.array(grey.tolist(), dtype=object), (1, 3, 3, 0), "x")},
+         ["row 0 (task 'grey')", "not numbers"]),
         ({"task": np.array(["grey"] * 3), "image": grey}, ["N = 3 rows", "(4, 28, 28, 1)"]),
         ({"image": grey}, ['"task"', "keys ['image']"]),
     ]
