@@ -151,6 +151,7 @@ class RegistryCfg:
 
     model_name: Optional[str] = None     # the Model Registry name; null = the run name
     export: bool = True                  # register a new version at the end of a sequence (when its tasks changed)
+    export_max_tasks: int = 50           # above this many tasks the end-of-sequence export is left to mode=export
 
 
 @dataclass
@@ -342,6 +343,7 @@ def validate(rc: RunConfig) -> None:
         _at_least("cluster.max_in_flight", cl.max_in_flight, 1, " (or null: 2 x the free job slots)")
     _number("follow.poll_s", rc.follow.poll_s, 0, strict=True)
     _number("tracking.outage_s", rc.tracking.outage_s, 0, strict=False)
+    _at_least("registry.export_max_tasks", rc.registry.export_max_tasks, 0, " (0 = never at the end of a sequence)")
     _number("tracking.system_metrics_s", rc.tracking.system_metrics_s, 0, strict=False)
     if rc.registry.model_name is not None and not rc.registry.model_name.strip():
         raise PipelineError("registry.model_name is empty; give a name, or null to register under the run name")

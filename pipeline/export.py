@@ -222,6 +222,12 @@ def export_after_sequence(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id
     ``mode=export`` retries it."""
     if not rc.registry.export:
         return None
+    if len(results) > rc.registry.export_max_tasks:
+        # an export copies every task's artifact into a new model version: 106 s for 1000 tiny tasks here, paid
+        # again by every append; a long stream exports when asked
+        log(f"[export] skipped at the end of the sequence: {len(results)} tasks > registry.export_max_tasks="
+            f"{rc.registry.export_max_tasks}; register them with the same command and mode=export")
+        return None
     runs = {r["task"]: tr.client.get_run(r["run_id"]) for r in results if r.get("run_id")}
     try:
         return export_model(rc, tr, m, parent_run_id, backbone_run_id, runs, log, only_if_changed=True)

@@ -250,12 +250,12 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             results, failures, wall = fan_out([Job(t, t, rc, wanted[t]) for t in m.new_tasks], ctx, state, tr,
                                               rc.progress, log)
             ordered = [results[t] for t in m.new_tasks if t in results]
-            # what the driver itself costs: it must not grow with the stream beyond small per-task records
+            report = write_report(tr, parent_id, ordered, rc, log=log, wall_seconds=wall, failures=failures)
+            export_after_sequence(rc, tr, m, parent_id, bb_run, ordered, log)  # every FINISHED task, one model
+            # what the driver itself cost, all of it: it must not grow with the stream beyond small per-task records
             tr.metrics(parent_id, {"driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                    "fanout_wall_seconds": wall, "tasks_trained": sum(
                                        r["status"] == "trained" for r in ordered)})
-            report = write_report(tr, parent_id, ordered, rc, log=log, wall_seconds=wall, failures=failures)
-            export_after_sequence(rc, tr, m, parent_id, bb_run, ordered, log)  # every FINISHED task, one model
             if failures:
                 tr.finish(parent_id, "FAILED")
                 lines = "\n".join(f"  {t}: {msg.splitlines()[0][:300]}" for t, msg in failures.items())

@@ -414,3 +414,18 @@ def _end_group(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             return
     proc.wait()
+
+
+def test_a_long_stream_is_not_exported_at_the_end_of_every_run(tmp_path):
+    """Above registry.export_max_tasks the end-of-sequence export is skipped, saying how to export: every export
+    copies all task artifacts into a new version (106 s at 1000 tasks), which every append would pay again."""
+    from pipeline.config import resolve
+    from pipeline.export import export_after_sequence
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        rc = resolve(compose("config", overrides=[f"paths.root={tmp_path}", "registry.export_max_tasks=3"]))
+    logs: list[str] = []
+    results = [{"task": f"t{i}", "run_id": f"r{i}"} for i in range(4)]
+    assert export_after_sequence(rc, None, None, "parent", "bb", results, logs.append) is None  # touches no store
+    assert logs == ["[export] skipped at the end of the sequence: 4 tasks > registry.export_max_tasks=3; register "
+                    "them with the same command and mode=export"]
