@@ -45,6 +45,10 @@ class ShardCorruptError(DataError):
     """A shard whose bytes do not match its manifest (or that is missing or unreadable)."""
 
 
+class ShardWriteError(DataError, OSError):
+    """Shards could not be written (disk full, read-only folder): names the task, the path, the errno and the fix."""
+
+
 def unknown_name(what: str, name: object, valid: Iterable[object]) -> UnknownNameError:
     """Build the error for a name that is not one of ``valid``; the message lists the valid names."""
     listed = ", ".join(repr(v) for v in valid)

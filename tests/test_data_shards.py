@@ -446,3 +446,53 @@ def test_fast_tar_reader_rejects_a_damaged_header(manifest):
     data[512 * 2 + 10] ^= 0x01  # a byte of the second member's name: its header checksum no longer matches
     with pytest.raises(ValueError, match="bad tar header checksum at byte 1024"):
         list(tar_expander(iter([{"url": "mem.tar", "stream": io.BytesIO(bytes(data))}])))
+
+
+_SHARDS_NS_SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, "tests")
+from data_helpers import small_fashion_benchmark
+from pipeline.data import ensure_shards
+from pipeline.errors import ShardWriteError
+out = {}
+for name, root in (("full", sys.argv[1]), ("ro", sys.argv[2])):
+    try:
+        ensure_shards(small_fashion_benchmark(), root, log=lambda _: None)
+        out[name] = None
+    except ShardWriteError as e:
+        out[name] = {"errno": e.errno, "msg": str(e)}
+    tasks = os.path.join(root, "tasks")
+    out[name + "_left"] = sorted(os.listdir(tasks)) if os.path.isdir(tasks) else []
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_shards_on_a_full_or_read_only_disk_fail_naming_the_task_path_and_errno(tmp_path):
+    """A real 1.6 MiB tmpfs fills while the second task is written (ENOSPC), a real read-only tmpfs refuses the
+    first (EROFS): each error names the task, the folder, the errno and the fix; no temp folder is left, and the
+    complete first task stays (a rerun with room reuses it)."""
+    import errno
+    import json
+    import subprocess
+    import sys
+
+    from test_artifact import _namespace_mounts_work
+
+    if not _namespace_mounts_work():
+        pytest.skip("no private mount namespace here (unshare -rm + mount tmpfs refused)")
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir()
+    ro.mkdir()
+    script = tmp_path / "ns.py"
+    script.write_text(_SHARDS_NS_SCRIPT)
+    cmd = (f"mount -t tmpfs -o size=1600k tmpfs {full} && mount -t tmpfs -o ro,size=64k tmpfs {ro} && "
+           f"exec {sys.executable} {script} {full} {ro}")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert out["full"]["errno"] == errno.ENOSPC and "[ENOSPC] No space left on device" in out["full"]["msg"]
+    assert f"under {full}/tasks" in out["full"]["msg"] and "paths.shards" in out["full"]["msg"]
+    assert out["full_left"] and not [f for f in out["full_left"] if f.startswith(".")]  # complete tasks only
+    assert out["ro"]["errno"] == errno.EROFS and "task 't0'" in out["ro"]["msg"] and out["ro_left"] == []

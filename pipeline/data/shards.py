@@ -32,6 +32,7 @@ paths.shards=/some/folder``) and serving or uploading that whole folder.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -49,7 +50,7 @@ import webdataset as wds
 
 from .arrays import ArraySplit, channel_stats
 from .benchmarks import TaskSpec, build_task, expand, spec_of, task_specs
-from ..errors import ConfigError, unknown_name
+from ..errors import ConfigError, DataError, ShardWriteError, unknown_name
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, TaskInfo, is_local, join_url, sample_key, sha256_file
 
 #: benchmark keys that only change how shards are read, not what they hold: not part of the spec hash
@@ -134,10 +135,10 @@ def write_task(spec: TaskSpec, tasks_root: str) -> TaskInfo:
     in a Ray job: it needs nothing but the spec and the shared path."""
     root = Path(tasks_root)
     final = root / spec.folder
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{spec.folder}.tmp-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         task = build_task(spec)
         fmt = image_format(spec.shard["format"], task.train.image_shape)
         splits = {split: write_split(task.split(split), tmp, split, fmt, spec.shard["max_samples"])
@@ -171,6 +172,16 @@ def write_task(spec: TaskSpec, tasks_root: str) -> TaskInfo:
                 raise
             # another launch wrote the same task first: same spec, same bytes; keep theirs
         return info
+    except DataError:  # a missing source, an unknown class: already said in its own words
+        raise
+    except OSError as e:  # a full disk, a read-only folder: say where and what, keep nothing half-written
+        code = errno.errorcode.get(e.errno or 0, str(e.errno))
+        err = ShardWriteError(f"cannot write the shards of task {spec.name!r} under {root}: [{code}] "
+                              f"{e.strerror} ({e.filename or tmp}); free space there or set paths.shards to another "
+                              "folder. Nothing half-written is left: the task's temp folder is removed, and the "
+                              "tasks written before it are kept")
+        err.errno, err.path = e.errno, e.filename  # not .filename: OSError.__str__ would replace the message
+        raise err from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
