@@ -4,8 +4,8 @@ side by side in one Ray session, on real Fashion-MNIST (split_fashion_mnist's t0
     python benchmarks/bench_backbone_dp.py                 # 4 epochs, width 0.125, ~3 min on 2 cores
     python benchmarks/bench_backbone_dp.py --epochs 2 --width 0.0625
 
-Each worker gets `cluster.cpus_per_task` CPUs and a per-worker batch of `train.backbone.batch_size` (64), so two
-workers take half the steps per epoch on twice the global batch.
+Each worker gets `cluster.cpus_per_task` CPUs and half of the global batch `train.backbone.batch_size` (64): both
+runs take the same optimizer steps.
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ class MethodCfg:
 class BackboneCfg:
     epochs: int = 4
     lr: float = 1e-3
-    batch_size: int = 64                 # per worker
+    batch_size: int = 64                 # global: split over the workers
     workers: int = 1                     # > 1: data-parallel with Ray Train (DDP), one worker per cluster.*_per_task
 
 
