@@ -204,9 +204,21 @@ class Tracker:
         return self.client.download_artifacts(run_id, artifact_path, str(dst))
 
     def inputs(self, run_id: str, datasets: Iterable[tuple[Dataset, str]]) -> None:
-        """Log datasets as the run's inputs, each with its context (``train``, ``test``): the UI's Dataset column."""
-        self.client.log_inputs(run_id, [DatasetInput(d, tags=[InputTag("mlflow.data.context", ctx)])
-                                        for d, ctx in datasets])
+        """Log datasets as the run's inputs, each with its context (``train``, ``test``): the UI's Dataset column.
+
+        Jobs training one task at once (compare: methods x seeds) race to create the same dataset row (the store
+        keys it by experiment, name and digest); the loser's insert fails on that key. The row then exists, and
+        logging again links the run to it."""
+        inputs = [DatasetInput(d, tags=[InputTag("mlflow.data.context", ctx)]) for d, ctx in datasets]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(run_id, inputs)
+                return
+            except Exception as exc:
+                if "UNIQUE constraint failed: datasets" not in str(exc) and "Duplicate entry" not in str(exc) \
+                        or attempt == 2:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     @contextlib.contextmanager
     def system_metrics(self, run_id: str, interval_s: float) -> Iterator[None]:

@@ -13,7 +13,7 @@ from pipeline.data import ensure_shards, load_benchmark_config, make_loader
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
 TINY = ["train.epochs=1", "train.backbone.epochs=2", "model.width=0.0625", "progress=false", "cluster.num_cpus=2",
-        "benchmark.num_tasks=3", "benchmark.caps.train=200", "benchmark.caps.test=100",
+        "benchmark.num_tasks=2", "benchmark.caps.train=200", "benchmark.caps.test=100",
         "benchmark.initial_caps.train=601", "benchmark.initial_caps.test=200"]
 
 
@@ -32,7 +32,7 @@ def test_a_backbone_trained_by_two_ray_train_workers_carries_the_sequence(tmp_pa
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.root={tmp_path}", *TINY, "train.backbone.workers=2"])
     out = run_pipeline.main_from_config(cfg)
-    assert [r["status"] for r in out["results"]] == ["trained", "trained"]
+    assert [r["status"] for r in out["results"]] == ["trained"]
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = c.get_experiment_by_name("ksm")
     (bb,) = c.search_runs([exp.experiment_id], "tags.ksm_kind = 'backbone'")

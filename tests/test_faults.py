@@ -42,7 +42,7 @@ def test_a_tracking_server_restarted_mid_run_costs_a_pause_not_the_run(tmp_path)
     log = tmp_path / "driver.log"
     argv = [sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", "benchmark=catalogue",
             f"benchmark.path={cat}", "tracking=server", f"tracking.uri={uri}", "tracking.outage_s=90",
-            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1", "train.epochs=30"]
+            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1", "train.epochs=15"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
         driver = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -126,7 +126,7 @@ def test_a_worker_node_lost_mid_run_the_sequence_finishes_on_the_head(tmp_path, 
                 "cluster=remote", f"cluster.address={cluster.address}", "cluster.cpus_per_task=1",
                 "cluster.gpus_per_task=0", "tracking=local", f"paths.root={tmp_path}", "benchmark=catalogue",
                 f"benchmark.path={cat}", "model.width=0.0625", "progress=false", "train.backbone.epochs=1",
-                "train.epochs=40"])
+                "train.epochs=25"])
         watcher.start()
         t0 = time.monotonic()
         out = run_pipeline.main_from_config(cfg)

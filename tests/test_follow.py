@@ -56,8 +56,8 @@ def end(proc: subprocess.Popen, timeout: float = 120) -> int:
 
 def runs(root: Path) -> list:
     c = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    exp = c.get_experiment_by_name("ksm")
-    return c.search_runs([exp.experiment_id], "", max_results=1000)
+    exp = c.get_experiment_by_name("ksm")  # None while the driver is still creating it
+    return c.search_runs([exp.experiment_id], "", max_results=1000) if exp else []
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_a_signal_during_the_fan_out_leaves_no_run_running_and_the_rerun_resumes
     the parent run KILLED, and the process exits 128 + signal. The same command then trains only what is missing."""
     cat = write(tmp_path / "tasks.jsonl", [*LINES, NEW])
     args = ["benchmark=catalogue", f"benchmark.path={cat}", "cluster.num_cpus=1", "cluster.stop_grace_s=0"]
-    proc, log = launch(tmp_path, *args, "train.epochs=40")  # long enough to be caught in flight
+    proc, log = launch(tmp_path, *args, "train.epochs=20")  # long enough to be caught in flight
     try:
         deadline = time.monotonic() + 300
         while not any(r.data.tags.get("ksm_kind") == "task" and r.info.status == "RUNNING"
@@ -120,8 +120,10 @@ def test_a_signal_during_the_fan_out_leaves_no_run_running_and_the_rerun_resumes
     assert killed and all(r.data.tags.get("ksm_stopped") == "signal" for r in killed)
     assert [r.info.status for r in after if r.data.tags.get("ksm_kind") == "sequence"] == ["KILLED"]
 
+    if sig == signal.SIGINT:
+        return  # the resume is the same for either signal; run it once (suite time)
     t0 = time.monotonic()
-    proc, log = launch(tmp_path, *args, "train.epochs=40")
+    proc, log = launch(tmp_path, *args, "train.epochs=20")
     assert end(proc, timeout=600) == 0, log.read_text()[-3000:]
     print(f"[fault] the resumed run took {time.monotonic() - t0:.1f}s")
     final = runs(tmp_path)
