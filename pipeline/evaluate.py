@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import PipelineError
-from .orchestrate import backbone_key, prepare, result_key, sequence_key, trained_runs
+from .orchestrate import prepare, trained_sequence
 from .present import text_table
 
 __all__ = ["run_evaluate", "evaluate_one_at_a_time"]
@@ -38,15 +38,7 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
 
     p = prepare(rc, log)
     tr, m = p.tracker, p.manifest
-    key = sequence_key(rc, backbone_key(rc, m))
-    parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
-    if parent is None or not parent.data.tags.get("ksm_backbone_run"):
-        raise PipelineError(f"no trained sequence matches this config (run_name={rc.run_name!r}, benchmark "
-                            f"{rc.benchmark['name']}, method {rc.method.name}) in {rc.tracking.uri}; "
-                            "run the same command without mode=evaluate first")
-    bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
-    fp = bb_run.data.tags.get("ksm_fingerprint", "")
-    done = trained_runs(tr, {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks})
+    parent, bb_run, done = trained_sequence(tr, rc, m, "evaluate")
     missing = [t for t in m.new_tasks if t not in done]
     init = m.task(m.initial_task)
     cfg = rc.train.to_core(device=rc.device())
@@ -93,7 +85,8 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     log(f"largest |accuracy now - accuracy when trained| = {worst:.4f}; backbone tensors "
         f"{'bit-identical to' if unchanged else 'CHANGED from'} the logged fingerprint; {seconds:.1f} s")
 
-    run_id = tr.start("evaluation", {"ksm_kind": "evaluation", "ksm_sequence": key}, parent=parent.info.run_id)
+    run_id = tr.start("evaluation", {"ksm_kind": "evaluation", "ksm_sequence": parent.data.tags["ksm_sequence"]},
+                      parent=parent.info.run_id)
     try:
         tr.metrics(run_id, {**{f"test_acc.{r['task']}": r["acc"] for r in rows},
                             **{f"delta.{r['task']}": r["delta"] for r in rows},

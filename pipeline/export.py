@@ -241,20 +241,12 @@ def export_after_sequence(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id
 def run_export(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """mode=export: the sequence this config names (same run name and spec), every task with a FINISHED run,
     as a new version of the registered model."""
-    from .orchestrate import backbone_key, prepare, result_key, sequence_key, trained_runs  # it imports this module
+    from .orchestrate import prepare, trained_sequence  # it imports this module
 
     p = prepare(rc, log)
     tr, m = p.tracker, p.manifest
-    key = sequence_key(rc, backbone_key(rc, m))
-    parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
-    if parent is None or not parent.data.tags.get("ksm_backbone_run"):
-        raise PipelineError(f"no trained sequence matches this config (run_name={rc.run_name!r}, benchmark "
-                            f"{rc.benchmark['name']}, method {rc.method.name}) in {rc.tracking.uri}; "
-                            "run the same command without mode=export first")
-    bb_run = parent.data.tags["ksm_backbone_run"]
-    fp = tr.client.get_run(bb_run).data.tags.get("ksm_fingerprint", "")
-    done = trained_runs(tr, {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks})
+    parent, bb_run, done = trained_sequence(tr, rc, m, "export")
     missing = [t for t in m.new_tasks if t not in done]
     if missing:
         log(f"[export] not trained yet, left out: {', '.join(missing)}")
-    return export_model(rc, tr, m, parent.info.run_id, bb_run, done, log)
+    return export_model(rc, tr, m, parent.info.run_id, bb_run.info.run_id, done, log)

@@ -35,7 +35,7 @@ from .tracking import Tracker
 
 __all__ = ["run_sequence", "run_shards", "check_inputs", "prepare", "Prepared", "backbone_stage", "backbone_key",
            "sequence_key", "result_key", "trained_runs", "fan_out", "Job", "job_resources", "check_cluster",
-           "shard_writers", "shards_before_ray", "JobPool", "open_stream_run", "supersede"]
+           "shard_writers", "shards_before_ray", "JobPool", "open_stream_run", "supersede", "trained_sequence"]
 
 
 def run_shards(rc: RunConfig, log: Log = print) -> Manifest:
@@ -194,6 +194,20 @@ def sequence_key(rc: RunConfig, bb_key: str) -> str:
     return stable_hash({"name": rc.run_name, "backbone": bb_key, "model": rc.section("model"),
                         "method": rc.section("method"), "train": rc.train_identity(), "seed": rc.seed,
                         "data_opts": rc.section("data")})
+
+
+def trained_sequence(tr: Tracker, rc: RunConfig, m: Manifest, mode: str) -> tuple[Any, Any, dict[str, Any]]:
+    """The sequence this config names (same run name and spec) as ``mode=evaluate`` / ``mode=export`` read it:
+    its parent run, its backbone run, and each task's FINISHED run (task -> run; tasks not trained yet are absent).
+    No such sequence: a PipelineError saying to run it first."""
+    parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=sequence_key(rc, backbone_key(rc, m)))
+    if parent is None or not parent.data.tags.get("ksm_backbone_run"):
+        raise PipelineError(f"no trained sequence matches this config (run_name={rc.run_name!r}, benchmark "
+                            f"{rc.benchmark['name']}, method {rc.method.name}) in {rc.tracking.uri}; "
+                            f"run the same command without mode={mode} first")
+    bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
+    fp = bb_run.data.tags.get("ksm_fingerprint", "")
+    return parent, bb_run, trained_runs(tr, {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks})
 
 
 def _check_same_initial_task(tr: Tracker, rc: RunConfig, manifest: Manifest) -> None:
