@@ -6,6 +6,7 @@ scripts/install.sh); their file names carry the test-set index and the fine labe
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -124,3 +125,39 @@ def small_fashion_benchmark(**overrides) -> dict:
     }
     bench.update(overrides)
     return bench
+
+
+def namespace_mounts_work() -> bool:
+    """Whether this machine lets a process mount a tmpfs in a private mount namespace (``unshare -rm``)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=8k tmpfs $d"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def run_on_full_and_read_only_disks(tmp_path: Path, script: str, full_size: str, skip_why: str
+                                    ) -> tuple[dict, Path, Path]:
+    """Run the Python ``script`` (argv: FULL RO) in a private mount namespace where FULL is a real tmpfs of
+    ``full_size`` and RO a real read-only tmpfs: a full disk and a read-only file system, as root, without touching
+    the machine's own mounts. Returns the JSON the script prints after ``RESULT ``, and the two folders. Skips the
+    test (``skip_why``) where the machine refuses such namespaces."""
+    import subprocess
+    import sys
+
+    if not namespace_mounts_work():
+        pytest.skip(skip_why)
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir()
+    ro.mkdir()
+    path = tmp_path / "ns.py"
+    path.write_text(script)
+    cmd = (f"mount -t tmpfs -o size={full_size} tmpfs {full} && mount -t tmpfs -o ro,size=64k tmpfs {ro} && "
+           f"exec {sys.executable} {path} {full} {ro}")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT ", 1)[1]), full, ro

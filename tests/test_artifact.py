@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import run_on_full_and_read_only_disks
 
 from ksm_core import (ArtifactWriteError, BackboneMismatch, KSMNet, TrainConfig, create_model, fit_task, load_task,
                       read_metadata, save_task)
@@ -170,40 +171,15 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _namespace_mounts_work() -> bool:
-    import shutil
-    import subprocess
-
-    if not shutil.which("unshare"):
-        return False
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=8k tmpfs $d"],
-                       capture_output=True)
-    return r.returncode == 0
-
-
 @pytest.mark.slow
 def test_disk_full_and_read_only_fs_fail_clearly_and_leave_no_partial_file(tmp_path):
     """ENOSPC on a real full tmpfs and EROFS on a real read-only one: the error names the path and the errno, the
     previous complete artifact under that name is kept byte for byte, and no temporary file is left."""
     import errno
-    import json
-    import subprocess
-    import sys
 
-    if not _namespace_mounts_work():
-        pytest.skip("no private mount namespace here (unshare -rm + mount tmpfs refused): the full-disk case is "
-                    "then covered only by the read-only folder test")
-    full, ro = tmp_path / "full", tmp_path / "ro"
-    full.mkdir()
-    ro.mkdir()
-    script = tmp_path / "ns.py"
-    script.write_text(_NS_SCRIPT)
-    cmd = (f"mount -t tmpfs -o size=64k tmpfs {full} && mount -t tmpfs -o ro,size=64k tmpfs {ro} && "
-           f"exec {sys.executable} {script} {full} {ro}")
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[1])
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    out, full, ro = run_on_full_and_read_only_disks(
+        tmp_path, _NS_SCRIPT, "64k", "no private mount namespace here (unshare -rm + mount tmpfs refused): the "
+        "full-disk case is then covered only by the read-only folder test")
     assert out["first_size"] > 0 and out["filler_errno"] == errno.ENOSPC
     full_err = out["full"]
     assert full_err["errno"] == errno.ENOSPC and full_err["filename"] == f"{full}/a.safetensors"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import small_fashion_benchmark, write_cifar100_tree
+from data_helpers import run_on_full_and_read_only_disks, small_fashion_benchmark, write_cifar100_tree
 
 from pipeline.data import (
     Manifest,
@@ -473,25 +473,9 @@ def test_shards_on_a_full_or_read_only_disk_fail_naming_the_task_path_and_errno(
     first (EROFS): each error names the task, the folder, the errno and the fix; no temp folder is left, and the
     complete first task stays (a rerun with room reuses it)."""
     import errno
-    import json
-    import subprocess
-    import sys
 
-    from test_artifact import _namespace_mounts_work
-
-    if not _namespace_mounts_work():
-        pytest.skip("no private mount namespace here (unshare -rm + mount tmpfs refused)")
-    full, ro = tmp_path / "full", tmp_path / "ro"
-    full.mkdir()
-    ro.mkdir()
-    script = tmp_path / "ns.py"
-    script.write_text(_SHARDS_NS_SCRIPT)
-    cmd = (f"mount -t tmpfs -o size=1600k tmpfs {full} && mount -t tmpfs -o ro,size=64k tmpfs {ro} && "
-           f"exec {sys.executable} {script} {full} {ro}")
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[1])
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    out, full, ro = run_on_full_and_read_only_disks(tmp_path, _SHARDS_NS_SCRIPT, "1600k",
+                                                    "no private mount namespace here (unshare -rm + mount tmpfs refused)")
     assert out["full"]["errno"] == errno.ENOSPC and "[ENOSPC] No space left on device" in out["full"]["msg"]
     assert f"under {full}/tasks" in out["full"]["msg"] and "paths.shards" in out["full"]["msg"]
     assert out["full_left"] and not [f for f in out["full_left"] if f.startswith(".")]  # complete tasks only
