@@ -21,10 +21,10 @@ from collections import deque
 from typing import Any
 
 from .config import RunConfig
-from .data import Manifest
+from .data import Manifest, ensure_shards
 from .errors import PipelineError, Stopped
 from .jobs import JobContext, result_from_run, warm_worker
-from .orchestrate import (Job, JobPool, backbone_key, backbone_stage, check_cluster, check_inputs, job_resources,
+from .orchestrate import (Job, JobPool, backbone_key, backbone_stage, check_cluster, job_resources,
                           open_stream_run, prepare, result_key, shard_writers, shards_before_ray, supersede,
                           trained_runs)
 from .report import write_report
@@ -52,11 +52,11 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     import ray
 
     check_fits_before_ray(rc.cluster, *job_resources(rc))
-    published = shards_before_ray(rc, log)
+    published, _ = shards_before_ray(rc, log)
     with ray_session(rc.cluster, log), StopSignals() as stop:
         check_cluster(rc)
         warm_workers(warm_worker, rc.cluster, 1 << 30)
-        m = published or check_inputs(rc, log, map_tasks=shard_writers(rc))
+        m = published or ensure_shards(rc.benchmark, rc.paths.shards, log=log, map_tasks=shard_writers(rc))
         p = prepare(rc, log, manifest=m)
         tr = p.tracker
         key, parent_id = open_stream_run(tr, rc, m, log)
@@ -123,7 +123,7 @@ def _replan(rc: RunConfig, m: Manifest, bb_key: str, log: Log) -> Manifest:
     """The stream as the catalogue says now, with its new tasks' shards written (as Ray jobs). A catalogue whose
     first line changed would need another backbone: refused, naming the fix."""
     try:
-        new = check_inputs(rc, log, map_tasks=shard_writers(rc))
+        new = ensure_shards(rc.benchmark, rc.paths.shards, log=log, map_tasks=shard_writers(rc))
     except Exception as exc:  # a file caught while being rewritten, a bad first line: keep following
         log(f"[follow] the stream cannot be read right now ({exc}); trying again in {rc.follow.poll_s:g}s")
         return m

@@ -52,15 +52,16 @@ def run_shards(rc: RunConfig, log: Log = print) -> Manifest:
     return m
 
 
-def shards_before_ray(rc: RunConfig, log: Log = print) -> Manifest | None:
+def shards_before_ray(rc: RunConfig, log: Log = print) -> tuple[Manifest | None, int]:
     """What can fail in seconds, before Ray starts: the tracking server answers, the config's tasks plan (a bad
-    catalogue line, an unknown class), and published shards (a URL) are there. Returns their manifest; None for
-    a local shard folder, whose missing tasks the Ray jobs then write (:func:`shard_writers`)."""
+    catalogue line, an unknown class), and published shards (a URL) are there. Returns their manifest (None for
+    a local shard folder, whose missing tasks the Ray jobs then write: :func:`shard_writers`) and the number of
+    tasks in the stream."""
     check_tracking_uri(rc.tracking.uri)
     if not is_local(rc.paths.shards):
-        return ensure_shards(rc.benchmark, rc.paths.shards, log=log)
-    task_specs(rc.benchmark)
-    return None
+        m = ensure_shards(rc.benchmark, rc.paths.shards, log=log)
+        return m, len(m.tasks)
+    return None, len(task_specs(rc.benchmark))
 
 
 def shard_writers(rc: RunConfig) -> Any:
@@ -244,13 +245,13 @@ def open_stream_run(tr: Tracker, rc: RunConfig, m: Manifest, log: Log = print) -
 def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """mode=sequence: the whole task sequence; returns {"parent_run_id", "results": [per-task dicts], ...}."""
     check_fits_before_ray(rc.cluster, *job_resources(rc))
-    published = shards_before_ray(rc, log)
+    published, n_tasks = shards_before_ray(rc, log)
     with ray_session(rc.cluster, log):
         check_cluster(rc)
         # a fresh worker spends ~3 s importing torch, MLflow and torch._dynamo before its first job: start that
         # now, so it overlaps the shard writes, the MLflow set-up, the run lookups and the backbone stage
-        warm_workers(warm_worker, rc.cluster, len(task_specs(rc.benchmark)) - 1)
-        m = published or check_inputs(rc, log, map_tasks=shard_writers(rc))
+        warm_workers(warm_worker, rc.cluster, n_tasks - 1)
+        m = published or ensure_shards(rc.benchmark, rc.paths.shards, log=log, map_tasks=shard_writers(rc))
         p = prepare(rc, log, manifest=m)
         tr = p.tracker
         key, parent_id = open_stream_run(tr, rc, m, log)
