@@ -5,12 +5,16 @@ node already shares (a shard root may be a read-only URL, an output folder may b
 then visible where users look, as the RUNNING run of the work itself.
 
 The protocol ("announce, then look"), for the runs that share a set of tags (``ksm_result=...`` for a task):
-1. a FINISHED run with the tags is the result: nothing to do;
-2. else the caller creates its own RUNNING run (its announcement) with a heartbeat tag, then lists the RUNNING
-   runs with the tags, then looks for a FINISHED one again. Alone and still no result: it holds the claim and
-   does the work. Else it withdraws (deletes its run) and takes the result, or waits and starts over.
+1. the caller creates its own RUNNING run (its announcement) with a heartbeat tag;
+2. then it lists the runs with the tags, in every state, in one search. A FINISHED one is the result: it withdraws
+   (deletes its run) and takes it. Another live RUNNING one: it withdraws and waits, then looks (one search per
+   poll) until the result appears or the rival is gone, and announces again. Alone: it holds the claim and does
+   the work.
 Two callers can never both be alone: the one that announced second sees the first (the store orders the
 writes). Both may see each other and withdraw; each waits a random time before trying again, so one wins soon.
+For a task the driver has already skipped the work it found FINISHED (one paged scan), so announcing without a
+first look costs a created-and-deleted run only when two launches race, and saves a search on every task. A
+backbone, usually found done, is looked for first.
 
 A claim is given up when its heartbeat is older than ``stale_s`` (its holder died with its node), or at once when
 its holder's process is gone on this very host (a Ray worker killed and retried here). Such a run is marked
@@ -24,11 +28,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .tracking import Tracker
 
-__all__ = ["acquire", "Heartbeat", "HEARTBEAT_TAG"]
+__all__ = ["acquire", "Claim", "Heartbeat", "HEARTBEAT_TAG"]
 
 HEARTBEAT_TAG = "ksm_heartbeat"
 Log = Callable[[str], Any]
@@ -50,40 +55,73 @@ def _alive(run: Any, stale_s: float, now: float) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What :func:`acquire` got: ``run`` when this caller holds the work (its RUNNING run, to be finished by the
+    caller; keep a :class:`Heartbeat` on it), else ``done``, the FINISHED run another holder made."""
+
+    run: Any | None = None
+    done: Any | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run is not None else None
+
+
 def acquire(tr: Tracker, keys: dict[str, str], name: str, tags: dict[str, str], parent: str | None = None, *,
-            stale_s: float = 60.0, poll_s: float = 1.0, log: Log = lambda _: None) -> tuple[str | None, Any | None]:
-    """Claim the work named by ``keys``: ``(run_id, None)`` when this caller holds it (its RUNNING run, to be
-    finished by the caller; keep a :class:`Heartbeat` on it), or ``(None, run)`` with the FINISHED run that
-    another holder made meanwhile. Waits while another live holder works on it; returns the dead holders' runs
-    to KILLED on the way."""
-    waiting = False
+            stale_s: float = 60.0, poll_s: float = 1.0, look_first: bool = False, log: Log = lambda _: None) -> Claim:
+    """Claim the work named by ``keys``. Waits while another live holder works on it; returns the dead holders'
+    runs to KILLED on the way. The holder's run is tagged ``ksm_attempt``: 1 + the earlier KILLED attempts.
+
+    Two store round-trips in the common case (nobody else wants the work): the announcement, then one search of
+    the work's runs in every state. A caller that has had to wait looks before it announces again, so a long wait
+    costs one search per poll, not a run created and deleted per poll. ``look_first``: look before the first
+    announcement too, for work usually found done (a launch's backbone), so reusing it creates no run."""
+    waiting, look = False, look_first
     while True:
-        done = tr.find_one("FINISHED", **keys)
-        if done is not None:
-            return None, done
-        now = time.time()
-        rivals = tr.find("RUNNING", **keys)
-        for r in rivals:
-            if not _alive(r, stale_s, now):
-                tr.tags(r.info.run_id, {"ksm_claim": "expired"})
-                tr.finish(r.info.run_id, "KILLED")
-        if not any(_alive(r, stale_s, now) for r in rivals):
-            run_id = tr.start(name, {**tags, **keys, HEARTBEAT_TAG: f"{time.time():.3f}",
-                                     "ksm_claim_host": socket.gethostname(), "ksm_claim_pid": str(os.getpid())},
-                              parent=parent)
-            others = [r for r in tr.find("RUNNING", **keys) if r.info.run_id != run_id]
-            # FINISHED is looked at again after the announcement: a holder that finished between the first look
-            # and the announcement is neither RUNNING nor seen as FINISHED by that first look
-            done = None if others else tr.find_one("FINISHED", **keys)
-            if not others and done is None:
-                return run_id, None
-            tr.client.delete_run(run_id)  # withdrawn: another announced too; not a run anyone should browse
+        if look:
+            runs = tr.find(None, **keys)
+            done = _first(runs, "FINISHED")
             if done is not None:
-                return None, done
+                return Claim(done=done)
+            now = time.time()
+            if any(r.info.status == "RUNNING" and _alive(r, stale_s, now) for r in runs):
+                if not waiting:
+                    log(f"[claim] {name}: another launch is working on it; waiting for its result")
+                    waiting = True
+                time.sleep(poll_s * (1 + random.random()))
+                continue
+        run = tr.create(name, {**tags, **keys, HEARTBEAT_TAG: f"{time.time():.3f}", "ksm_attempt": "1",
+                               "ksm_claim_host": socket.gethostname(), "ksm_claim_pid": str(os.getpid())},
+                        parent=parent)
+        me = run.info.run_id
+        # FINISHED is looked for after the announcement: a holder that finishes at any moment before it is seen
+        # here, and one that announced before us is seen RUNNING (the store orders the writes)
+        runs = tr.find(None, **keys)
+        done = _first(runs, "FINISHED")
+        now = time.time()
+        others = [r for r in runs if r.info.status == "RUNNING" and r.info.run_id != me]
+        dead = [r for r in others if not _alive(r, stale_s, now)]
+        for r in dead:
+            tr.tags(r.info.run_id, {"ksm_claim": "expired"})
+            tr.finish(r.info.run_id, "KILLED")
+        if done is None and len(dead) == len(others):
+            earlier = sum(r.info.status == "KILLED" for r in runs) + len(dead)
+            if earlier:  # a retry: rare, so the common case pays no extra write for it
+                tr.tags(me, {"ksm_attempt": str(earlier + 1)})
+            return Claim(run=run)
+        tr.client.delete_run(me)  # withdrawn: another announced too; not a run anyone should browse
+        if done is not None:
+            return Claim(done=done)
         if not waiting:
             log(f"[claim] {name}: another launch is working on it; waiting for its result")
-            waiting = True
+            waiting = look = True
         time.sleep(poll_s * (1 + random.random()))
+
+
+def _first(runs: list[Any], status: str) -> Any | None:
+    """The newest run in ``status`` (``runs`` come newest first)."""
+    return next((r for r in runs if r.info.status == status), None)
 
 
 class Heartbeat:

@@ -18,7 +18,7 @@ import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,7 +239,11 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
              backbone_state: dict[str, np.ndarray]) -> dict[str, Any]:
     """One new task, end to end, tracked as a child run of the sequence. ``result`` is its result key (backbone,
     task content, method, training, seed): a FINISHED run with it, from any stream, is the task's result. Safe to
-    run more than once."""
+    run more than once.
+
+    Store round-trips are what a tiny task of a large stream pays most for (~10 ms each on sqlite), so a task
+    makes seven: the claim (create, one search), its datasets, one batch per epoch, the artifact, one final batch
+    (params, metrics, tags, system metrics) and the finish; its result is built here, not read back."""
     prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
     tr = Tracker(rc.tracking.uri, ctx.experiment_id, rc.tracking.outage_s)
     keys = {"ksm_kind": "task", "ksm_result": result}
@@ -247,11 +251,11 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
             "ksm_task_id": manifest(ctx.manifest).task(task_name).identity, **node_info()}
     # a FINISHED run with this result (a retry after the run finished, another stream, another launch) is the
     # result; another live launch training it is waited for; a dead attempt's run is closed KILLED
-    run_id, done = acquire(tr, keys, task_name, tags, parent=ctx.parent_run_id, stale_s=rc.cluster.claim_timeout_s)
-    if done is not None:
-        return result_from_run(done, status="reused")
+    claim = acquire(tr, keys, task_name, tags, parent=ctx.parent_run_id, stale_s=rc.cluster.claim_timeout_s)
+    if claim.done is not None:
+        return result_from_run(claim.done, status="reused")
+    run_id = claim.run_id
     assert run_id is not None
-    tr.tags(run_id, {"ksm_attempt": str(len(tr.find("KILLED", **keys)) + 1)})
     tr.inputs(run_id, task_datasets(manifest(ctx.manifest), task_name))
     t0 = time.perf_counter()
     with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6):  # the claim stays alive while it works
@@ -259,11 +263,11 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
             def on_epoch(epoch: int, rec: dict[str, float]) -> None:
                 tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
 
-            with tr.system_metrics(run_id, rc.tracking.system_metrics_s):  # CPU, memory, GPU while it trains
+            with tr.system_metrics(run_id, rc.tracking.system_metrics_s) as system:  # CPU, memory, GPU
                 out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
             stats = out.net.mask_stats(out.task)
             size = log_task_artifact(tr, run_id, rc, out, task_name)
-            tr.params(run_id, {
+            params = {
                 **method_params(rc.method, rc.train),
                 "epochs": rc.train.epochs, "batch_size": rc.train.batch_size,
                 "model": rc.model.name, "model_width": rc.model.width,
@@ -271,20 +275,21 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
                 "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
                 "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc.seed,
                 "device": out.fit.device,
-            })
+            }
             final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
                      "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
                      "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
                      "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples}
             final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
-            tr.metrics(run_id, final, step=rc.train.epochs)
-            tr.tags(run_id, {"ksm_device": out.fit.device,
-                             **({"ksm_skipped_shards": ", ".join(out.skipped_shards)} if out.skipped_shards else {})})
+            end_tags = {"ksm_device": out.fit.device,
+                        **({"ksm_skipped_shards": ", ".join(out.skipped_shards)} if out.skipped_shards else {})}
+            tr.log(run_id, params=params, metrics={**final, **system}, tags=end_tags, step=rc.train.epochs)
             tr.finish(run_id, "FINISHED")
         except BaseException:
             tr.finish(run_id, "FAILED")
             raise
-    return result_from_run(tr.client.get_run(run_id), status="trained")
+    return task_result(claim.run.info, "trained", params={k: str(v) for k, v in params.items()}, metrics=final,
+                       tags={**claim.run.data.tags, **end_tags})
 
 
 def warm_worker(cpus: float, gpus: float = 0.0) -> int:
@@ -300,15 +305,21 @@ def warm_worker(cpus: float, gpus: float = 0.0) -> int:
 
 def result_from_run(run: Any, status: str) -> dict[str, Any]:
     """The per-task summary the driver reports, read back from a FINISHED task run."""
-    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    return task_result(run.info, status, run.data.params, run.data.metrics, run.data.tags)
+
+
+def task_result(info: Any, status: str, params: Mapping[str, str], metrics: Mapping[str, float | None],
+                tags: Mapping[str, str]) -> dict[str, Any]:
+    """The per-task summary the driver reports, from a task run's info (id, start time) and what it logged."""
+    m, p, t = metrics, params, tags
     layers = {k.split(".", 2)[2]: v for k, v in sorted(m.items()) if k.startswith("layer_ones.")}
     return {
-        "task": t.get("ksm_task"), "run_id": run.info.run_id, "status": status,
+        "task": t.get("ksm_task"), "run_id": info.run_id, "status": status,
         "classes": p.get("classes", ""), "test_acc": m.get("test_acc"), "train_seconds": m.get("train_seconds"),
         "artifact_bytes": m.get("artifact_bytes"), "mask_ones": m.get("mask_ones"), "mask_soft": m.get("mask_soft"),
         "layers": layers, "node": t.get("ksm_node_ip") or t.get("ksm_host"), "device": t.get("ksm_device", ""),
         "skipped_samples": int(m.get("skipped_samples") or 0), "skipped_shards": t.get("ksm_skipped_shards", ""),
-        "start_time": run.info.start_time,
+        "start_time": info.start_time,
     }
 
 

@@ -139,8 +139,9 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
     key = backbone_key(rc, p.manifest)
     init = p.manifest.initial_task
     # another launch may be training this very backbone: wait for its run instead of training it twice
-    run_id, found = acquire(tr, {"ksm_kind": "backbone", "ksm_backbone": key}, f"backbone-{init}", {"ksm_task": init},
-                            stale_s=rc.cluster.claim_timeout_s, log=log)
+    claim = acquire(tr, {"ksm_kind": "backbone", "ksm_backbone": key}, f"backbone-{init}", {"ksm_task": init},
+                    stale_s=rc.cluster.claim_timeout_s, look_first=True, log=log)
+    run_id, found = claim.run_id, claim.done
     if found is not None:
         with tempfile.TemporaryDirectory(prefix="ksm-bb-") as tmp:
             path = tr.download(found.info.run_id, "backbone/backbone.safetensors", tmp)

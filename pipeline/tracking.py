@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -163,14 +164,18 @@ class Tracker:
         return runs[0] if runs else None
 
     # -- writing ------------------------------------------------------------------------------------------
-    def start(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> str:
+    def create(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> Any:
+        """A new RUNNING run (the MLflow Run: its id and start time) with the tags, under ``parent``."""
         t = dict(tags)
         if parent:
             t[PARENT_TAG] = parent
         t.setdefault("ksm_host", socket.gethostname())
         for k, v in source_tags().items():
             t.setdefault(k, v)
-        return self.client.create_run(self.experiment_id, tags=t, run_name=name).info.run_id
+        return self.client.create_run(self.experiment_id, tags=t, run_name=name)
+
+    def start(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> str:
+        return self.create(name, tags, parent).info.run_id
 
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
@@ -179,18 +184,29 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        ps = [Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items()]
-        for i in range(0, len(ps), 100):  # MLflow's per-batch param limit
-            self.client.log_batch(run_id, params=ps[i:i + 100])
+        self.log(run_id, params=params)
 
     def metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(ms), 1000):
-            self.client.log_batch(run_id, metrics=ms[i:i + 1000])
+        self.log(run_id, metrics=metrics, step=step)
 
     def tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.log(run_id, tags=tags)
+
+    def log(self, run_id: str, *, params: Mapping[str, Any] | None = None,
+            metrics: Mapping[str, float | None] | None = None, tags: Mapping[str, Any] | None = None,
+            step: int = 0) -> None:
+        """Params, metrics (at ``step``; None values skipped) and tags in as few ``log_batch`` calls as MLflow's
+        limits allow (100 params, 100 tags, 1000 entries a call): one, for what a task run logs at its end. Each
+        call is a store round-trip (~10 ms on sqlite), which is what a task of a large stream pays most for."""
+        ts = int(time.time() * 1000)
+        ps = [Param(k, str(v)[:_MAX_PARAM]) for k, v in (params or {}).items()]
+        ms = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items() if v is not None]
+        tgs = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        while ps or ms or tgs:
+            p, ps = ps[:100], ps[100:]
+            t, tgs = tgs[:100], tgs[100:]
+            m, ms = ms[:1000 - len(p) - len(t)], ms[1000 - len(p) - len(t):]
+            self.client.log_batch(run_id, metrics=m, params=p, tags=t)
 
     def artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -221,13 +237,18 @@ class Tracker:
                 time.sleep(0.1 * (attempt + 1))
 
     @contextlib.contextmanager
-    def system_metrics(self, run_id: str, interval_s: float) -> Iterator[None]:
+    def system_metrics(self, run_id: str, interval_s: float) -> Iterator[dict[str, float]]:
         """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py on an NVIDIA machine) on the
-        run while the block runs, sampled every ``interval_s`` seconds in a thread (0: off). MLflow's monitor logs
-        only the samples of whole intervals; a job shorter than one interval gets its samples logged at the end, so
-        it still has one point (a longer one does not pay that extra write)."""
+        run while the block runs, sampled every ``interval_s`` seconds (0: off).
+
+        MLflow's monitor (a thread that logs a point per interval) starts only once the block has run for one
+        interval. A shorter block (most tasks of a large stream) is sampled at its start and end instead, and the
+        dict this yields is filled on exit with that one point ("system/..." keys): the caller logs it with its
+        final metrics, so a short job still has its point and pays no store call of its own for it. The same
+        holds for a longer block that ended before the monitor logged anything."""
+        pending: dict[str, float] = {}
         if interval_s <= 0:
-            yield
+            yield pending
             return
         import logging
 
@@ -238,18 +259,23 @@ class Tracker:
         quiet.setLevel(logging.WARNING)  # its INFO lines (started, no GPU) would print in every job's log
         try:
             mon = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=self.uri)
-            mon.start()
+            mon.collect_metrics()
         finally:
             quiet.setLevel(level)
+        later = threading.Timer(interval_s, mon.start)
+        later.daemon = True
+        later.start()
         try:
-            yield
+            yield pending
         finally:
+            later.cancel()
+            later.join()  # a monitor being started right now has started when this returns
             quiet.setLevel(logging.WARNING)
             try:
-                mon.finish()  # stops and joins its thread, flushes what it published
-                if mon._logging_step == 0 and any(m._metrics for m in mon.monitors):  # nothing logged yet
-                    mon.publish_metrics(mon.aggregate_metrics())
-                    mon.mlflow_logger.flush()
+                mon.finish()  # a started monitor: stops and joins its thread, flushes what it published
+                if mon._logging_step == 0:  # nothing logged yet: this block's one point, for the caller
+                    mon.collect_metrics()
+                    pending.update({f"system/{k}": v for k, v in mon.aggregate_metrics().items()})
             except Exception:  # noqa: BLE001  (system metrics are a diagnostic: never fail the job over them)
                 pass
             finally:
