@@ -16,6 +16,11 @@ class PipelineError(RuntimeError):
     """A problem with the run's configuration or environment, explained for the user (no traceback needed)."""
 
 
+class TrackingUnreachable(PipelineError):
+    """The tracking server stayed unreachable past ``tracking.outage_s``: names the URI. Nothing can be logged
+    meanwhile, so whoever catches it keeps its work locally instead of closing runs it cannot reach."""
+
+
 class Stopped(Exception):
     """The driver was asked to stop (SIGINT, SIGTERM) and did: nothing is left RUNNING. ``run_pipeline.py`` prints
     the message (what finished, the command that resumes) and exits 128 + the signal's number."""

@@ -14,12 +14,12 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ import torch
 from torch import nn
 
 from ksm_core import (ArtifactWriteError, KSMNet, create_model, drain_epochs, evaluate, fit_task_epochs, save_task,
-                      train_backbone)
+                      train_backbone, write_atomic)
 from ksm_core.cpu import tune_malloc
 from ksm_core.train import FitResult, TrainConfig, resolve_device
 
 from .claims import Heartbeat, acquire
 from .config import MethodCfg, ModelCfg, RunConfig, TrainCfg
 from .data import Manifest, make_loader
-from .errors import PipelineError
+from .errors import PipelineError, TrackingUnreachable
 from .params import method_params
 from .tracking import Tracker
 
@@ -204,35 +204,90 @@ def task_datasets(m: Manifest, task_name: str) -> list[tuple[Any, str]]:
     return out
 
 
-def log_task_artifact(tr: Tracker, run_id: str, rc: RunConfig, out: TaskOutcome, task_name: str) -> int:
-    """Write the task's artifact under ``paths.output`` (the run's scratch: artifacts before upload) and log it to
-    the run; returns its size. The write is atomic (``ksm_core.write_atomic``) and the scratch folder is removed
-    afterwards. A write that fails (disk full, read-only or forbidden folder) raises a PipelineError naming the
-    path, the errno and the fix; the caller marks the run FAILED, so no rerun trusts anything it left."""
-    scratch = Path(rc.paths.output) / "scratch"
+#: ``paths.output/unlogged/<task>-<result>/``: a task's artifact between its training and its upload, and, when the
+#: tracking server stayed down past ``tracking.outage_s``, its whole record (RECORD_FILE) until a rerun logs it
+UNLOGGED_DIR = "unlogged"
+RECORD_FILE = "run.json"
+
+
+def unlogged_dir(rc: RunConfig, task_name: str, result: str) -> Path:
+    return Path(rc.paths.output) / UNLOGGED_DIR / f"{task_name}-{result}"
+
+
+@dataclass
+class Unlogged:
+    """What a trained task's run logs at its end (its artifact file, params, final metrics at ``step``, tags, and
+    the epoch records the server did not take while it was down), kept as ``run.json`` beside the artifact when
+    the tracking server cannot be reached: the next run of the same result logs this instead of training."""
+
+    artifact: str
+    sha256: str
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    step: int
+    run_id: str                                   # the run that trained it
+    epochs: list[tuple[int, dict[str, float]]]
+
+    def keep(self) -> Path:
+        """Write ``run.json`` beside the artifact, atomically: from then on a rerun trusts the folder."""
+        path = Path(self.artifact).parent / RECORD_FILE
+        write_atomic(json.dumps(asdict(self), indent=1).encode(), path)
+        return path.parent
+
+    @classmethod
+    def load(cls, folder: Path) -> "Unlogged | None":
+        """A kept record whose artifact still has its sha256, else None (the folder is then removed: the task
+        trains again)."""
+        try:
+            rec = cls(**json.loads((folder / RECORD_FILE).read_text()))
+            if hashlib.sha256(Path(rec.artifact).read_bytes()).hexdigest() == rec.sha256:
+                rec.epochs = [(int(e), m) for e, m in rec.epochs]
+                return rec
+        except (OSError, ValueError, TypeError):
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def save_task_artifact(rc: RunConfig, out: TaskOutcome, task_name: str, folder: Path) -> tuple[Path, int]:
+    """Write the task's artifact into ``folder`` (under ``paths.output``), atomically (``ksm_core.write_atomic``);
+    returns its path and size. A write that fails (disk full, read-only or forbidden folder) raises a
+    PipelineError naming the path, the errno and the fix; the caller marks the run FAILED, so no rerun trusts
+    anything it left."""
     fix = (f"free space there, or point paths.output at another folder (python run_pipeline.py "
            f"paths.output=/a/roomier/disk); the task's run is marked FAILED and a rerun trains it again")
     try:
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="ksm-task-", dir=scratch) as tmp:
-            path = Path(tmp) / f"{task_name}.safetensors"
-            size = save_task(out.net, out.task, path, extra={"classes": out.classes, "task": task_name,
-                                                               "test_acc": out.fit.test_acc})
-            try:
-                tr.artifact(run_id, path, "task")
-            except OSError as e:  # a local artifact store: the copy into it failed (the run ends FAILED)
-                raise PipelineError(f"task {task_name}: cannot copy its artifact into the tracking store's artifact "
-                                    f"location ({rc.tracking.artifact_root or rc.tracking.uri}): "
-                                    f"[{errno.errorcode.get(e.errno or 0, e.errno)}] {e.strerror or e}"
-                                    f"{f' ({e.filename})' if e.filename else ''}; free space there or set "
-                                    "tracking.artifact_root to another folder") from e
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{task_name}.safetensors"
+        size = save_task(out.net, out.task, path, extra={"classes": out.classes, "task": task_name,
+                                                           "test_acc": out.fit.test_acc})
     except ArtifactWriteError as e:  # the sentence names the path and the errno
+        shutil.rmtree(folder, ignore_errors=True)
         raise PipelineError(f"task {task_name}: {e}; {fix}") from e
-    except OSError as e:  # the scratch folder itself could not be made
+    except OSError as e:  # the folder itself could not be made
         raise PipelineError(f"task {task_name}: cannot write its artifact under paths.output={rc.paths.output}: "
                             f"[{errno.errorcode.get(e.errno or 0, e.errno)}] {e.strerror or e}"
                             f"{f' ({e.filename})' if e.filename else ''}; {fix}") from e
-    return size
+    return path, size
+
+
+def log_outcome(tr: Tracker, run: Any, rec: Unlogged, rc: RunConfig, tags: Mapping[str, str] | None = None) -> None:
+    """Everything a trained task's run still needs, then FINISHED: the artifact, then one batch of the epoch
+    records not logged yet, the params, the final metrics and the tags. Raises TrackingUnreachable when the
+    server stays down."""
+    run_id = run.info.run_id
+    try:
+        tr.artifact(run_id, rec.artifact, "task", artifact_uri=run.info.artifact_uri)
+    except OSError as e:  # a local artifact store: the copy into it failed (the run ends FAILED)
+        raise PipelineError(f"task {rec.params.get('task')}: cannot copy its artifact into the tracking store's "
+                            f"artifact location ({rc.tracking.artifact_root or rc.tracking.uri}): "
+                            f"[{errno.errorcode.get(e.errno or 0, e.errno)}] {e.strerror or e}"
+                            f"{f' ({e.filename})' if e.filename else ''}; free space there or set "
+                            "tracking.artifact_root to another folder") from e
+    tr.log(run_id, params=rec.params, metrics=rec.metrics, tags={**rec.tags, **(tags or {})}, step=rec.step,
+           history=rec.epochs)
+    tr.finish(run_id, "FINISHED")
 
 
 def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
@@ -242,8 +297,13 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     run more than once.
 
     Store round-trips are what a tiny task of a large stream pays most for (~10 ms each on sqlite), so a task
-    makes seven: the claim (create, one search), its datasets, one batch per epoch, the artifact, one final batch
-    (params, metrics, tags, system metrics) and the finish; its result is built here, not read back."""
+    makes six plus one per epoch but the last: the claim (create, one search), its datasets, the artifact, one
+    final batch (the last epoch's record, params, metrics, tags, system metrics) and the finish; its result is
+    built here, not read back.
+
+    A tracking server down for longer than ``tracking.outage_s`` costs no training: the epochs go on (their
+    records wait), and a task that finished training is kept under ``paths.output/unlogged/`` with its whole
+    record; the next run of the same command logs it there instead of training it again."""
     prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
     tr = Tracker(rc.tracking.uri, ctx.experiment_id, rc.tracking.outage_s)
     keys = {"ksm_kind": "task", "ksm_result": result}
@@ -256,17 +316,34 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
         return result_from_run(claim.done, status="reused")
     run_id = claim.run_id
     assert run_id is not None
+    folder = unlogged_dir(rc, task_name, result)
+    kept = Unlogged.load(folder) if (folder / RECORD_FILE).is_file() else None
+    if kept is not None:  # trained before, while the server was down: log that, do not train again
+        log_outcome(tr, claim.run, kept, rc, tags={"ksm_recovered_from": kept.run_id})
+        shutil.rmtree(folder, ignore_errors=True)
+        return task_result(claim.run.info, "recovered", kept.params, kept.metrics, {**claim.run.data.tags, **kept.tags})
     tr.inputs(run_id, task_datasets(manifest(ctx.manifest), task_name))
     t0 = time.perf_counter()
+    # epoch records logged with the final batch: the last one (one store call fewer per task; a one-epoch task
+    # of a large stream makes no call of its own for it), and any the server did not take
+    waiting: list[tuple[int, dict[str, float]]] = []
+
+    def on_epoch(epoch: int, rec: dict[str, float]) -> None:
+        m = {k: v for k, v in rec.items() if k != "epoch"}
+        if not waiting and epoch < rc.train.epochs - 1:
+            try:
+                tr.metrics(run_id, m, step=epoch)
+                return
+            except TrackingUnreachable:  # training goes on; this and later records are logged at the end
+                pass
+        waiting.append((epoch, m))
+
     with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6):  # the claim stays alive while it works
         try:
-            def on_epoch(epoch: int, rec: dict[str, float]) -> None:
-                tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=epoch)
-
             with tr.system_metrics(run_id, rc.tracking.system_metrics_s) as system:  # CPU, memory, GPU
                 out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
             stats = out.net.mask_stats(out.task)
-            size = log_task_artifact(tr, run_id, rc, out, task_name)
+            path, size = save_task_artifact(rc, out, task_name, folder)
             params = {
                 **method_params(rc.method, rc.train),
                 "epochs": rc.train.epochs, "batch_size": rc.train.batch_size,
@@ -283,12 +360,26 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
             final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
             end_tags = {"ksm_device": out.fit.device,
                         **({"ksm_skipped_shards": ", ".join(out.skipped_shards)} if out.skipped_shards else {})}
-            tr.log(run_id, params=params, metrics={**final, **system}, tags=end_tags, step=rc.train.epochs)
-            tr.finish(run_id, "FINISHED")
+            rec = Unlogged(artifact=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                           params={k: str(v) for k, v in params.items()}, metrics={**final, **system},
+                           tags=end_tags, step=rc.train.epochs, run_id=run_id, epochs=waiting)
+            try:
+                log_outcome(tr, claim.run, rec, rc)
+            except TrackingUnreachable as e:
+                where = rec.keep()
+                raise TrackingUnreachable(f"task {task_name} finished training, but {e}. Nothing is lost: the "
+                                          f"trained task is kept at {where} and the next run of the same command "
+                                          "logs it from there without training it again") from None
+            shutil.rmtree(folder, ignore_errors=True)
+        except TrackingUnreachable:
+            raise  # the server cannot take a FAILED either: the rerun's claim closes this run KILLED
         except BaseException:
-            tr.finish(run_id, "FAILED")
+            try:
+                tr.finish(run_id, "FAILED")
+            except TrackingUnreachable:  # the server cannot take it either: the rerun's claim closes it KILLED
+                pass
             raise
-    return task_result(claim.run.info, "trained", params={k: str(v) for k, v in params.items()}, metrics=final,
+    return task_result(claim.run.info, "trained", params=rec.params, metrics=final,
                        tags={**claim.run.data.tags, **end_tags})
 
 

@@ -400,6 +400,9 @@ def fan_out(jobs: list[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: 
             else:
                 failures[job.label] = err or "?"
                 bar.set_postfix_str(f"{job.label}: FAILED")
+                # now, not only in the end's summary: a driver that dies later (its tracking server gone) has
+                # still said why each job failed, and where a job kept its work
+                log(f"[fan-out] {job.label} FAILED: {failures[job.label]}")
             bar.update(1)
 
         grace = cl.stop_grace_s

@@ -145,3 +145,71 @@ def test_a_worker_node_lost_mid_run_the_sequence_finishes_on_the_head(tmp_path, 
     assert finished == ["shoes", "tops"]
     lost = [r for r in runs if r.info.status == "KILLED"]
     assert lost and all(r.data.tags["ksm_node_id"] == worker.node_id for r in lost)  # the attempt on the lost node
+
+
+@pytest.mark.slow
+def test_a_tracking_server_down_past_outage_s_loses_no_training(tmp_path):
+    """The server is killed while a task trains and stays down past tracking.outage_s (3 s). The job finishes
+    training anyway, keeps the trained task (artifact + run.json) under paths.output/unlogged/ and fails naming
+    the URI and that folder; the driver exits 2. With the server back, the same command logs the kept task
+    without training it (tag ksm_recovered_from, the kept accuracy) and trains the rest: one FINISHED run per
+    task, nothing RUNNING, the folder gone."""
+    store = tmp_path / "server-store"
+    server, port = serve_on_a_free_port(lambda p: mlflow_server(store, tmp_path / "mlflow-1.log", p), "/health")
+    uri = f"http://127.0.0.1:{port}"
+    cat = tmp_path / "tasks.jsonl"
+    cat.write_text("".join(json.dumps(x) + "\n" for x in LINES))
+    argv = [sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", "benchmark=catalogue",
+            f"benchmark.path={cat}", "tracking=server", f"tracking.uri={uri}", "tracking.outage_s=3",
+            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1", "train.epochs=30"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "driver-1.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while True:  # a task job is past its first epoch (its run RUNNING with metrics) when the server goes
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            exp = client.get_experiment_by_name("ksm")
+            running = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task' and attributes.status = "
+                                         "'RUNNING'") if exp else []
+            if running and running[0].data.metrics:
+                break
+            time.sleep(0.3)
+        victim = running[0]
+        task = victim.data.tags["ksm_task"]
+        server.stop()
+        assert driver.wait(timeout=600) == 2, log.read_text()[-3000:]
+        out1 = log.read_text()
+        kept = tmp_path / "outputs" / "unlogged" / f"{task}-{victim.data.tags['ksm_result']}"
+        assert f"[fan-out] {task} FAILED: TrackingUnreachable: task {task} finished training" in out1, out1[-3000:]
+        assert uri in out1 and f"kept at {kept}" in out1
+        assert sorted(p.name for p in kept.iterdir()) == ["run.json", f"{task}.safetensors"]
+        record = json.loads((kept / "run.json").read_text())
+        assert record["run_id"] == victim.info.run_id and len(record["epochs"]) > 1  # the epochs it missed, kept
+
+        server = mlflow_server(store, tmp_path / "mlflow-2.log", port)  # back: same port, same store
+        server.wait_http(f"{uri}/health")
+        again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+        row = next(line for line in again.stdout.splitlines() if line.startswith(f"{task} "))
+        assert row.split()[-1] == "recovered", again.stdout[-3000:]
+        assert not kept.exists()
+        exp = client.get_experiment_by_name("ksm")
+        runs = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task'", max_results=1000)
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        finished = {r.data.tags["ksm_task"]: r for r in runs if r.info.status == "FINISHED"}
+        assert sorted(finished) == ["shoes", "tops"] and len([r for r in runs if r.info.status == "FINISHED"]) == 2
+        got = finished[task]
+        assert got.data.tags["ksm_recovered_from"] == victim.info.run_id
+        assert got.data.metrics["test_acc"] == record["metrics"]["test_acc"]
+        assert got.data.metrics["train_seconds"] == record["metrics"]["train_seconds"]  # not trained again
+        assert client.list_artifacts(got.info.run_id, "task")[0].path == f"task/{task}.safetensors"
+        assert client.get_run(victim.info.run_id).info.status == "KILLED"  # closed by the rerun's claim
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        server.stop()

@@ -130,3 +130,100 @@ def test_a_signal_during_the_fan_out_leaves_no_run_running_and_the_rerun_resumes
     finished = sorted(r.data.tags["ksm_task"] for r in final
                       if r.data.tags.get("ksm_kind") == "task" and r.info.status == "FINISHED")
     assert finished == ["boots", "shoes"] and not [r for r in final if r.info.status == "RUNNING"]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc), to check that none outlives a killed driver."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier and p not in out}
+        out |= frontier
+    return out
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path):
+    """kill -9 on the driver while its second task trains: nothing can close its runs, and its embedded Ray goes
+    with it. The same command then closes the dead attempt KILLED (its pid is gone), reopens the parent run,
+    keeps the task that had finished (same run, same accuracy) and trains only the other one."""
+    cat = write(tmp_path / "tasks.jsonl", [*LINES, NEW])
+    args = ["benchmark=catalogue", f"benchmark.path={cat}", "cluster.num_cpus=1"]
+    proc, log = launch(tmp_path, *args, "train.epochs=20")
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # one task FINISHED, the other RUNNING
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            tasks = [r for r in (runs(tmp_path) if (tmp_path / "mlflow.db").exists() else [])
+                     if r.data.tags.get("ksm_kind") == "task"]
+            if {r.info.status for r in tasks} == {"FINISHED", "RUNNING"}:
+                break
+            time.sleep(0.3)
+        children = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        # Ray's core (GCS, raylet, the workers) shares the driver's fate. Its dashboard and runtime-env agents
+        # notice their raylet is gone only at their next parent check (~65 s measured), then exit on their own:
+        # not waited for here (suite time); the test ends them by their ids.
+        gone_by = time.monotonic() + 30
+        while core(descendants_alive(children)) and time.monotonic() < gone_by:
+            time.sleep(0.5)
+        left = core(descendants_alive(children))
+    finally:
+        end(proc, timeout=1) if proc.poll() is None else None
+        for pid in descendants_alive(children):  # never leave one behind, whatever the assertions say
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the killed driver still alive after 30 s: {left}"
+    done = next(r for r in tasks if r.info.status == "FINISHED")
+    cut = next(r for r in tasks if r.info.status == "RUNNING")
+
+    t0 = time.monotonic()
+    proc, log = launch(tmp_path, *args, "train.epochs=20")
+    assert end(proc, timeout=600) == 0, log.read_text()[-3000:]
+    print(f"[fault] driver SIGKILLed mid-task: the same command resumed in {time.monotonic() - t0:.1f}s")
+    final = runs(tmp_path)
+    assert not [r for r in final if r.info.status == "RUNNING"]
+    finished = {r.data.tags["ksm_task"]: r for r in final
+                if r.data.tags.get("ksm_kind") == "task" and r.info.status == "FINISHED"}
+    assert sorted(finished) == ["boots", "shoes"]
+    kept = finished[done.data.tags["ksm_task"]]
+    assert kept.info.run_id == done.info.run_id and kept.data.metrics["test_acc"] == done.data.metrics["test_acc"]
+    assert finished[cut.data.tags["ksm_task"]].info.run_id != cut.info.run_id  # trained again, by the rerun
+    dead = next(r for r in final if r.info.run_id == cut.info.run_id)
+    assert dead.info.status == "KILLED" and dead.data.tags["ksm_claim"] == "expired"
+    parents = [r for r in final if r.data.tags.get("ksm_kind") == "sequence"]
+    assert [p.info.status for p in parents] == ["FINISHED"]  # the same parent run, reopened and finished
+
+
+def core(pids: set[int]) -> dict[int, str]:
+    """Those of ``pids`` that are not Ray's agents (which outlive a killed raylet by up to a minute), with their
+    command lines."""
+    out = {}
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if not cmd.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")):
+            out[pid] = cmd[:200]
+    return out
+
+
+def descendants_alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (a zombie waiting for its reaper is gone)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(pid)
+        except (OSError, IndexError):
+            pass
+    return alive
