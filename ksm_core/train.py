@@ -40,6 +40,7 @@ class TrainConfig:
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     amp: bool = True           # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
+    compile: bool = False      # torch.compile the training step (see _fit_epochs): pays off on long tasks only
     seed: int = 0
     max_steps_per_epoch: int | None = None  # cap for smoke runs; None = whole loader
 
@@ -65,6 +66,9 @@ class FitResult:
     test_acc: float = float("nan")
     test_loss: float = float("nan")
     train_seconds: float = 0.0   # optimisation steps only (data loading included, evaluation excluded)
+    # with compile: the first step's time beyond a compiled step's (part of train_seconds); a recompile for a
+    # later batch shape (an epoch's smaller last batch) is not counted here, only in train_seconds
+    compile_seconds: float = 0.0
     total_seconds: float = 0.0
     steps: int = 0
     samples: int = 0
@@ -146,6 +150,19 @@ def _fit_epochs(model: nn.Module, groups: list[dict], train_loader: Iterable, te
     """The training loop, one epoch per ``next()``: it yields each epoch's record and returns the FitResult.
     A generator so that a caller can step several tasks in lockstep in one thread (Tune trials do)."""
     groups = [g for g in groups if g["params"]]
+    # cfg.compile: the training forward (and so its backward) through torch.compile. Inductor fuses each masked
+    # layer's element-wise passes (threshold, soft part, slope) into a few kernels: on the narrow CPU VGG a KSM step
+    # then costs what a Piggyback step does, but compiling costs 7-40 s per task, more than a task of a few
+    # hundred steps saves (benchmarks/RESULTS.md); hence off by default. Evaluation stays eager (the eval-mode and
+    # deployed graphs would compile again for a few batches). dynamo's caches are reset first: a long-lived
+    # worker trains one new network per task, and past torch._dynamo.config.cache_size_limit recompilations of
+    # the same code it would fall back to eager; inductor's on-disk cache still serves the repeated graphs.
+    fwd = model
+    if cfg.compile:
+        from torch import _dynamo
+
+        _dynamo.reset()
+        fwd = torch.compile(model)
     opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay, foreach=True)
     spe = _steps_per_epoch(train_loader, cfg)
     sched = None
@@ -162,15 +179,21 @@ def _fit_epochs(model: nn.Module, groups: list[dict], train_loader: Iterable, te
         for step, (x, y) in enumerate(train_loader):
             if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
                 break
+            first = cfg.compile and res.steps == 0
+            if first:
+                t_first = time.perf_counter()
             x, y = _to(x, dev, cfg), y.to(dev, non_blocking=True)
             with _autocast(dev, cfg):
-                logits = model(x)
+                logits = fwd(x)
                 loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
+            if first:
+                res.compile_seconds = time.perf_counter() - t_first  # a compiled step's time is taken off below
+                t_rest = time.perf_counter()
             loss_sum += loss.detach() * y.numel()  # stays on device: no sync per step
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
@@ -178,6 +201,8 @@ def _fit_epochs(model: nn.Module, groups: list[dict], train_loader: Iterable, te
         if seen == 0:
             raise ValueError("training loader yielded no samples; check the task's train split")
         res.train_seconds += time.perf_counter() - t0
+        if cfg.compile and epoch == 0 and res.steps > 1:
+            res.compile_seconds = max(0.0, res.compile_seconds - (time.perf_counter() - t_rest) / (res.steps - 1))
         res.samples += seen
         rec = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
                "epoch_seconds": time.perf_counter() - t0}

@@ -96,7 +96,8 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             rows = summarise(results, methods, seeds, m.new_tasks)
             _report(tr, parent_id, rows, rc, log)
             tr.metrics(parent_id, {**{f"{k}.{r['method']}": r[k] for r in rows
-                                      for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes")},
+                                      for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes")
+                                      + (("compile_seconds",) if rc.train.compile else ())},
                                    "fanout_wall_seconds": wall})
             tr.finish(parent_id, "FINISHED")
         except BaseException as e:
@@ -117,6 +118,8 @@ def summarise(results: dict[str, dict[str, Any]], methods: list[str], seeds: lis
         rows.append({"method": meth, "mean_test_acc": statistics.fmean(per_seed),
                      "std_test_acc": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
                      "task_seconds": statistics.fmean(j["train_seconds"] for j in jobs),
+                     # train.compile: the part of task_seconds that compiled the step (0 without it)
+                     "compile_seconds": statistics.fmean(j.get("compile_seconds") or 0.0 for j in jobs),
                      "artifact_bytes": statistics.fmean(j["artifact_bytes"] for j in jobs), "per_seed": per_seed})
     ft = next((r["artifact_bytes"] for r in rows if r["method"] == "finetune"), None)
     for rank, r in enumerate(sorted(rows, key=lambda r: -r["mean_test_acc"]), start=1):
@@ -127,7 +130,8 @@ def summarise(results: dict[str, dict[str, Any]], methods: list[str], seeds: lis
 
 def _table(rows: list[dict[str, Any]], seeds: int, markdown: bool = False) -> str:
     head = ["method", f"test acc (mean ± std, {seeds} seeds)", "s/task", "KB/task", "% of fine-tune bytes", "rank"]
-    cells = [[r["method"], f"{r['mean_test_acc']:.4f} ± {r['std_test_acc']:.4f}", f"{r['task_seconds']:.2f}",
+    cells = [[r["method"], f"{r['mean_test_acc']:.4f} ± {r['std_test_acc']:.4f}", f"{r['task_seconds']:.2f}"
+              + (f" ({r['compile_seconds']:.1f} compiling)" if r.get("compile_seconds") else ""),
               f"{r['artifact_bytes'] / 1024:.1f}",
               "-" if r["bytes_vs_finetune"] is None else f"{r['bytes_vs_finetune']:.1f}", str(r["rank"])]
              for r in rows]
@@ -145,8 +149,8 @@ def _report(tr: Any, parent_id: str, rows: list[dict[str, Any]], rc: RunConfig, 
         (out / "compare.md").write_text(f"# {rc.run_name}: methods compared\n\n{_table(rows, seeds, markdown=True)}\n")
         with open(out / "compare.csv", "w", newline="") as f:
             w = csv.writer(f)
-            keys = ["method", "mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes", "bytes_vs_finetune",
-                    "rank"]
+            keys = ["method", "mean_test_acc", "std_test_acc", "task_seconds", "compile_seconds", "artifact_bytes",
+                    "bytes_vs_finetune", "rank"]
             w.writerow(keys)
             w.writerows([[r[k] for k in keys] for r in rows])
         plt = pyplot()

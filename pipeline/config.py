@@ -80,12 +80,13 @@ class TrainCfg:
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
+    compile: bool = False
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
 
     def to_core(self, **over: Any) -> TrainConfig:
         """ksm_core's TrainConfig for a task (``over``: device, seed, ...); raises ValueError on bad values."""
         keys = ("epochs", "lr_mask", "lr_head", "lr_finetune", "weight_decay", "schedule", "device", "amp",
-                "channels_last")
+                "channels_last", "compile")
         return TrainConfig(**{**{k: getattr(self, k) for k in keys}, **over})
 
 
@@ -197,11 +198,14 @@ class RunConfig:
         return dataclasses.asdict(getattr(self, name))
 
     def train_identity(self) -> dict[str, Any]:
-        """The train section as the identity keys hash it: ``backbone.workers`` is left out at its default (1),
-        so the backbones and results made before the setting existed keep their keys."""
+        """The train section as the identity keys hash it: ``backbone.workers`` (1) and ``compile`` (false) are
+        left out at their defaults, so the backbones and results made before those settings existed keep their
+        keys."""
         train = self.section("train")
         if train["backbone"].get("workers") == 1:
             del train["backbone"]["workers"]
+        if train.get("compile") is False:
+            del train["compile"]
         return train
 
     def device(self) -> str:

@@ -351,10 +351,11 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
                 "backbone_fingerprint": ctx.backbone_fingerprint, "backbone_run_id": ctx.backbone_run_id,
                 "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
                 "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc.seed,
-                "device": out.fit.device,
+                "device": out.fit.device, "compile": rc.train.compile,
             }
             final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
                      "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
+                     "compile_seconds": out.fit.compile_seconds if rc.train.compile else None,
                      "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
                      "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples}
             final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
@@ -407,6 +408,7 @@ def task_result(info: Any, status: str, params: Mapping[str, str], metrics: Mapp
     return {
         "task": t.get("ksm_task"), "run_id": info.run_id, "status": status,
         "classes": p.get("classes", ""), "test_acc": m.get("test_acc"), "train_seconds": m.get("train_seconds"),
+        "compile_seconds": m.get("compile_seconds"),
         "artifact_bytes": m.get("artifact_bytes"), "mask_ones": m.get("mask_ones"), "mask_soft": m.get("mask_soft"),
         "layers": layers, "node": t.get("ksm_node_ip") or t.get("ksm_host"), "device": t.get("ksm_device", ""),
         "skipped_samples": int(m.get("skipped_samples") or 0), "skipped_shards": t.get("ksm_skipped_shards", ""),

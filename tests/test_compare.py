@@ -9,7 +9,9 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 import run_pipeline
+from pipeline.config import resolve
 from pipeline.errors import PipelineError
+from pipeline.orchestrate import result_key
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
 TINY = ["benchmark.num_tasks=3", "benchmark.caps.train=200", "benchmark.caps.test=100",
@@ -69,3 +71,14 @@ def test_bad_compare_input_is_refused_before_any_work(tmp_path, over, says):
     for part in says:
         assert part in str(e.value)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()  # nothing started
+
+
+def test_new_train_settings_at_their_defaults_keep_every_result_key():
+    """train.compile=false and train.backbone.workers=1 are left out of the identity, so the results made before
+    those settings existed are found again; turning one on is another result."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        base = resolve(compose("config", overrides=["paths.root=/tmp/ksm-identity"]))
+        on = resolve(compose("config", overrides=["paths.root=/tmp/ksm-identity", "train.compile=true"]))
+    assert "compile" not in base.train_identity() and "workers" not in base.train_identity()["backbone"]
+    assert on.train_identity()["compile"] is True
+    assert result_key(base, "fp", "task") != result_key(on, "fp", "task")

@@ -172,3 +172,43 @@ def test_fingerprint_is_the_same_for_torch_and_numpy_states():
     assert fingerprint(state) == fingerprint(model.state_dict()) == KSMNet.from_backbone(model).backbone_fingerprint
     state["features.1.num_batches_tracked"] = state["features.1.num_batches_tracked"] + 1
     assert fingerprint(state) != fingerprint(model.state_dict())
+
+
+def _tiny_backbone() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ksm", "piggyback"])
+def test_a_compiled_step_gives_the_eager_gradients_and_reports_its_compile_time(method):
+    """train compile=True: torch.compile'd forward/backward with the mask node inside. Its mask gradients equal
+    the eager ones up to float summation order, and a fit reports the first step's compile time apart (inside
+    train_seconds) and still deploys the task."""
+    import copy
+
+    import torch.nn.functional as F
+
+    bb = _tiny_backbone()
+    net = KSMNet.from_backbone(bb)
+    t = net.add_task(2, method=method)
+    net.set_task(t)
+    with torch.no_grad():  # a trained-like spread around tau, so both sides of the threshold are exercised
+        for _, m in net.masked_layers():
+            mr = m.state_for(t).mask_real
+            mr.copy_(1e-2 + 6e-3 * torch.randn(mr.shape, generator=torch.Generator().manual_seed(1)))
+    twin = copy.deepcopy(net)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 2, (16,))
+    F.cross_entropy(net(x), y).backward()
+    F.cross_entropy(torch.compile(twin)(x), y).backward()
+    for (name, a), (_, b) in zip(net.named_parameters(), twin.named_parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
+
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in (0, 8)]
+    net = KSMNet.from_backbone(bb)
+    t = net.add_task(2, method=method)
+    res = fit_task(net, t, batches, batches, TrainConfig(epochs=2, device="cpu", compile=True))
+    assert 0 < res.compile_seconds < res.train_seconds and res.steps == 4
+    assert net.is_deployed(t) and 0.0 <= res.test_acc <= 1.0
