@@ -274,7 +274,15 @@ class Tracker:
             mon.collect_metrics()
         finally:
             quiet.setLevel(level)
-        later = threading.Timer(interval_s, mon.start)
+
+        def start() -> None:  # in the timer's thread, as quietly
+            quiet.setLevel(logging.WARNING)
+            try:
+                mon.start()
+            finally:
+                quiet.setLevel(level)
+
+        later = threading.Timer(interval_s, start)
         later.daemon = True
         later.start()
         try:

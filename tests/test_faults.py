@@ -180,8 +180,10 @@ def test_a_tracking_server_down_past_outage_s_loses_no_training(tmp_path):
             time.sleep(0.3)
         victim = running[0]
         task = victim.data.tags["ksm_task"]
+        down = time.monotonic()
         server.stop()
         assert driver.wait(timeout=600) == 2, log.read_text()[-3000:]
+        print(f"[fault] tracking server down past outage_s=3: the driver exited 2 after {time.monotonic() - down:.1f}s")
         out1 = log.read_text()
         kept = tmp_path / "outputs" / "unlogged" / f"{task}-{victim.data.tags['ksm_result']}"
         assert f"[fan-out] {task} FAILED: TrackingUnreachable: task {task} finished training" in out1, out1[-3000:]
@@ -192,8 +194,11 @@ def test_a_tracking_server_down_past_outage_s_loses_no_training(tmp_path):
 
         server = mlflow_server(store, tmp_path / "mlflow-2.log", port)  # back: same port, same store
         server.wait_http(f"{uri}/health")
+        t0 = time.monotonic()
         again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
         assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+        print(f"[fault] the same command with the server back: {time.monotonic() - t0:.1f}s ({task} logged from "
+              "its kept record, not trained)")
         row = next(line for line in again.stdout.splitlines() if line.startswith(f"{task} "))
         assert row.split()[-1] == "recovered", again.stdout[-3000:]
         assert not kept.exists()
