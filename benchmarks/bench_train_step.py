@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every method's model (train.compile); compile times printed apart")
     ap.add_argument("--zeroed", type=float, default=0.17,
                     help="fraction of mask entries below tau at the start (trained state; 0 = fresh masks)")
     args = ap.parse_args()
@@ -106,9 +108,16 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    for m, o in steppers.values():  # warm-up (allocator, cudnn autotune, Adam state)
+    compile_s: dict[str, float] = {}
+    for name, (m, o) in list(steppers.items()):  # warm-up (allocator, cudnn autotune, Adam state; compiling)
+        t0 = time.perf_counter()
+        if args.compile:
+            m = torch.compile(m)
+            steppers[name] = (m, o)
         for _ in range(3):
             step(m, o, x, y, cuda)
+        sync()
+        compile_s[name] = time.perf_counter() - t0
     sync()
     times: dict[str, list[float]] = {k: [] for k in steppers}
     for _ in range(args.rounds):
@@ -126,7 +135,8 @@ def main() -> None:
     print(f"device: {name}; model {model}; batch {args.batch}; masks {args.zeroed:.0%} "
           f"zeroed; {args.rounds} rounds x {args.steps} steps, median per step")
     for k, v in med.items():
-        print(f"  {k:10s} {v * 1e3:8.2f} ms/step")
+        print(f"  {k:10s} {v * 1e3:8.2f} ms/step" + (f"   (compiling + 3 warm-up steps: {compile_s[k]:.1f} s)"
+                                                     if args.compile else ""))
     print(f"  ratio ksm / finetune  = {med['ksm'] / med['finetune']:.3f}   (target <= 1.05)")
     print(f"  ratio ksm / piggyback = {med['ksm'] / med['piggyback']:.3f}   (target <= 1.00)")
 
