@@ -98,6 +98,7 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             tr.metrics(parent_id, {**{f"{k}.{r['method']}": r[k] for r in rows
                                       for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes")
                                       + (("compile_seconds",) if rc.train.compile else ())},
+                                   **{f"time_ratio.{k.replace(' / ', '_vs_')}": v[0] for k, v in time_ratios(rows).items()},
                                    "fanout_wall_seconds": wall})
             tr.finish(parent_id, "FINISHED")
         except BaseException as e:
@@ -120,12 +121,32 @@ def summarise(results: dict[str, dict[str, Any]], methods: list[str], seeds: lis
                      "task_seconds": statistics.fmean(j["train_seconds"] for j in jobs),
                      # train.compile: the part of task_seconds that compiled the step (0 without it)
                      "compile_seconds": statistics.fmean(j.get("compile_seconds") or 0.0 for j in jobs),
-                     "artifact_bytes": statistics.fmean(j["artifact_bytes"] for j in jobs), "per_seed": per_seed})
+                     "artifact_bytes": statistics.fmean(j["artifact_bytes"] for j in jobs), "per_seed": per_seed,
+                     "per_seed_seconds": [statistics.fmean(results[f"{meth}/{s}/{t}"]["train_seconds"] for t in tasks)
+                                          for s in seeds]})
     ft = next((r["artifact_bytes"] for r in rows if r["method"] == "finetune"), None)
     for rank, r in enumerate(sorted(rows, key=lambda r: -r["mean_test_acc"]), start=1):
         r["rank"] = rank
         r["bytes_vs_finetune"] = 100 * r["artifact_bytes"] / ft if ft else None
     return rows
+
+
+def time_ratios(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
+    """The paper's speed claims as ratios of seconds per task, ``"a / b" -> (mean, lowest, highest)`` over the
+    seeds (each seed's jobs ran interleaved in one fan-out, so a seed's ratio compares like with like): KSM
+    against Piggyback, and every method against fine-tune, where those were compared."""
+    by = {r["method"]: r["per_seed_seconds"] for r in rows}
+    pairs = [("ksm", "piggyback")] if {"ksm", "piggyback"} <= set(by) else []
+    pairs += [(m, "finetune") for m in by if m != "finetune" and "finetune" in by]
+    out = {}
+    for a, b in pairs:
+        per = [x / y for x, y in zip(by[a], by[b])]
+        out[f"{a} / {b}"] = (statistics.fmean(per), min(per), max(per))
+    return out
+
+
+def _ratio_lines(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(f"s/task {k}: {m:.3f} (per seed {lo:.3f}-{hi:.3f})" for k, (m, lo, hi) in time_ratios(rows).items())
 
 
 def _table(rows: list[dict[str, Any]], seeds: int, markdown: bool = False) -> str:
@@ -144,9 +165,13 @@ def _report(tr: Any, parent_id: str, rows: list[dict[str, Any]], rc: RunConfig, 
     log(f"\nCompare '{rc.run_name}' ({rc.benchmark['name']}, {rc.model.name}, {rc.train.epochs} epochs, "
         f"{seeds} seed(s), one backbone):")
     log(_table(rows, seeds))
+    if time_ratios(rows):
+        log(_ratio_lines(rows))
     with tempfile.TemporaryDirectory(prefix="ksm-compare-") as tmp:
         out = Path(tmp)
-        (out / "compare.md").write_text(f"# {rc.run_name}: methods compared\n\n{_table(rows, seeds, markdown=True)}\n")
+        ratios = "".join(f"\n- {line}" for line in _ratio_lines(rows).splitlines())
+        (out / "compare.md").write_text(f"# {rc.run_name}: methods compared\n\n{_table(rows, seeds, markdown=True)}\n"
+                                        + (f"\nTime per task, as ratios:\n{ratios}\n" if ratios else ""))
         with open(out / "compare.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = ["method", "mean_test_acc", "std_test_acc", "task_seconds", "compile_seconds", "artifact_bytes",

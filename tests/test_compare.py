@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 import run_pipeline
 from pipeline.config import resolve
 from pipeline.errors import PipelineError
+from pipeline.compare import time_ratios
 from pipeline.orchestrate import result_key
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
@@ -52,6 +53,7 @@ def test_compare_logs_one_parent_with_per_method_metrics_and_reuses_everything(t
     assert arts == {"compare/compare.md", "compare/compare.csv", "compare/compare.png"}
     md = Path(c.download_artifacts(parent.info.run_id, "compare/compare.md", str(tmp_path))).read_text()
     assert "ksm" in md and "piggyback" in md and "± " in md
+    assert "s/task ksm / piggyback: " in md and metrics["time_ratio.ksm_vs_piggyback"] > 0
 
     again = run(tmp_path, *COMPARE)  # the same compare: every result is reused, nothing trains
     assert {r["status"] for r in again["results"].values()} == {"reused"}
@@ -82,3 +84,14 @@ def test_new_train_settings_at_their_defaults_keep_every_result_key():
     assert "compile" not in base.train_identity() and "workers" not in base.train_identity()["backbone"]
     assert on.train_identity()["compile"] is True
     assert result_key(base, "fp", "task") != result_key(on, "fp", "task")
+
+
+def test_time_ratios_compare_like_with_like_per_seed():
+    """KSM vs Piggyback and each method vs fine-tune, as the mean of the per-seed ratios with their range."""
+    rows = [{"method": "ksm", "per_seed_seconds": [11.0, 12.0]}, {"method": "piggyback", "per_seed_seconds": [10.0, 12.0]},
+            {"method": "finetune", "per_seed_seconds": [10.0, 10.0]}]
+    got = time_ratios(rows)
+    assert list(got) == ["ksm / piggyback", "ksm / finetune", "piggyback / finetune"]
+    assert got["ksm / piggyback"] == pytest.approx((1.05, 1.0, 1.1))
+    assert got["ksm / finetune"] == pytest.approx((1.15, 1.1, 1.2))
+    assert time_ratios([rows[0]]) == {}
