@@ -154,8 +154,8 @@ def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path):
     with it. The same command then closes the dead attempt KILLED (its pid is gone), reopens the parent run,
     keeps the task that had finished (same run, same accuracy) and trains only the other one."""
     cat = write(tmp_path / "tasks.jsonl", [*LINES, NEW])
-    args = ["benchmark=catalogue", f"benchmark.path={cat}", "cluster.num_cpus=1"]
-    proc, log = launch(tmp_path, *args, "train.epochs=20")
+    args = ["benchmark=catalogue", f"benchmark.path={cat}", "cluster.num_cpus=1", "train.epochs=10"]
+    proc, log = launch(tmp_path, *args)
     children: set[int] = set()
     try:
         deadline = time.monotonic() + 300
@@ -186,7 +186,7 @@ def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path):
     cut = next(r for r in tasks if r.info.status == "RUNNING")
 
     t0 = time.monotonic()
-    proc, log = launch(tmp_path, *args, "train.epochs=20")
+    proc, log = launch(tmp_path, *args)
     assert end(proc, timeout=600) == 0, log.read_text()[-3000:]
     print(f"[fault] driver SIGKILLed mid-task: the same command resumed in {time.monotonic() - t0:.1f}s")
     final = runs(tmp_path)

@@ -91,52 +91,63 @@ def beside(folder) -> list[str]:
 @pytest.mark.slow
 def test_store_opened_while_created_ten_times(tmp_path, monkeypatch):
     """An MlflowClient in another process opens the file the moment it appears, 10 fresh stores in a row: with an
-    in-place migration that collided 4 times out of 4 (alembic CommandError / 'table runs already exists')."""
+    in-place migration that collided 4 times out of 4 (alembic CommandError / 'table runs already exists').
+    The ten pollers start (and import MLflow) together, each watching its own store's path; the stores are then
+    created one after another, each raced by its own poller."""
     monkeypatch.chdir(tmp_path)
+    rounds = []
     for i in range(10):
         folder = tmp_path / f"race{i}"
         folder.mkdir()
         db = folder / "mlflow.db"
-        uri = f"sqlite:///{db}"
-        name = f"poller{i}"
-        proc = _start(tmp_path, POLLER, str(db), uri, name=name)
-        try:
+        rounds.append((folder, f"sqlite:///{db}", f"poller{i}", _start(tmp_path, POLLER, str(db), f"sqlite:///{db}",
+                                                                      name=f"poller{i}")))
+    try:
+        for *_, proc in rounds:
             _await_ready(proc)
+        for i, (folder, uri, name, proc) in enumerate(rounds):
             tracker = Tracker.setup(uri, "ksm")
             out, _ = proc.communicate(timeout=WAIT_S)
-        finally:
+            assert proc.returncode == 0, f"round {i}: poller failed:\n{out}\n{_stderr(tmp_path, name)}"
+            assert "SAW" in out and "'Default'" in out, f"round {i}: poller output {out!r}"
+            assert tracker.client.get_experiment(tracker.experiment_id).name == "ksm"
+            assert _experiments(uri) == ["Default", "ksm"]
+            assert beside(folder) == ["mlflow.db"], f"round {i}: left beside the store"
+    finally:
+        for *_, proc in rounds:
             _end(proc)
-        assert proc.returncode == 0, f"round {i}: poller failed:\n{out}\n{_stderr(tmp_path, name)}"
-        assert "SAW" in out and "'Default'" in out, f"round {i}: poller output {out!r}"
-        assert tracker.client.get_experiment(tracker.experiment_id).name == "ksm"
-        assert _experiments(uri) == ["Default", "ksm"]
-        assert beside(folder) == ["mlflow.db"], f"round {i}: left beside the store"
 
 
 @pytest.mark.slow
 def test_two_drivers_create_the_same_store_at_once(tmp_path):
     """Two processes set up the same experiment on the same fresh store at the same moment: both succeed, on one
-    store, with one experiment."""
+    store, with one experiment. Three rounds; all six processes import MLflow up front, together."""
+    rounds = []
     for i in range(3):
         folder = tmp_path / f"both{i}"
         db = folder / "mlflow.db"  # the folder does not exist yet: ensure_store makes it
         uri = f"sqlite:///{db}"
         go = tmp_path / f"go{i}"
-        procs = [_start(tmp_path, CREATOR, uri, str(go), name=f"creator{i}{k}") for k in range(2)]
-        try:
+        rounds.append((folder, uri, go, [_start(tmp_path, CREATOR, uri, str(go), name=f"creator{i}{k}")
+                                         for k in range(2)]))
+    try:
+        for *_, procs in rounds:
             for p in procs:
                 _await_ready(p)
+        for i, (folder, uri, go, procs) in enumerate(rounds):
             go.touch()
             outs = [p.communicate(timeout=WAIT_S)[0] for p in procs]
-        finally:
+            for k, (p, out) in enumerate(zip(procs, outs)):
+                assert p.returncode == 0, (f"round {i}: creator {k} failed:\n{out}\n"
+                                           f"{_stderr(tmp_path, f'creator{i}{k}')}")
+            ids = {out.split("EXP", 1)[1].strip() for out in outs}
+            assert len(ids) == 1, f"round {i}: two experiments {ids}"
+            assert _experiments(uri) == ["Default", "ksm"]
+            assert beside(folder) == ["mlflow.db"], f"round {i}: left beside the store"
+    finally:
+        for *_, procs in rounds:
             for p in procs:
                 _end(p)
-        for k, (p, out) in enumerate(zip(procs, outs)):
-            assert p.returncode == 0, f"round {i}: creator {k} failed:\n{out}\n{_stderr(tmp_path, f'creator{i}{k}')}"
-        ids = {out.split("EXP", 1)[1].strip() for out in outs}
-        assert len(ids) == 1, f"round {i}: two experiments {ids}"
-        assert _experiments(uri) == ["Default", "ksm"]
-        assert beside(folder) == ["mlflow.db"], f"round {i}: left beside the store"
 
 
 @pytest.mark.slow
