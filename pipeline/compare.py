@@ -98,7 +98,8 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             tr.metrics(parent_id, {**{f"{k}.{r['method']}": r[k] for r in rows
                                       for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes")
                                       + (("compile_seconds",) if rc.train.compile else ())},
-                                   **{f"time_ratio.{k.replace(' / ', '_vs_')}": v[0] for k, v in time_ratios(rows).items()},
+                                   **{f"time_ratio.{k.replace(' / ', '_vs_')}": v[0]
+                                      for k, v in time_ratios(rows).items()},
                                    "fanout_wall_seconds": wall})
             tr.finish(parent_id, "FINISHED")
         except BaseException as e:
@@ -146,7 +147,8 @@ def time_ratios(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, flo
 
 
 def _ratio_lines(rows: list[dict[str, Any]]) -> str:
-    return "\n".join(f"s/task {k}: {m:.3f} (per seed {lo:.3f}-{hi:.3f})" for k, (m, lo, hi) in time_ratios(rows).items())
+    return "\n".join(f"s/task {k}: {m:.3f} (per seed {lo:.3f}-{hi:.3f})"
+                     for k, (m, lo, hi) in time_ratios(rows).items())
 
 
 def _table(rows: list[dict[str, Any]], seeds: int, markdown: bool = False) -> str:

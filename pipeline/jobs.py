@@ -316,13 +316,13 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
         return result_from_run(claim.done, status="reused")
     run_id = claim.run_id
     assert run_id is not None
+    tr.inputs(run_id, task_datasets(manifest(ctx.manifest), task_name))
     folder = unlogged_dir(rc, task_name, result)
     kept = Unlogged.load(folder) if (folder / RECORD_FILE).is_file() else None
     if kept is not None:  # trained before, while the server was down: log that, do not train again
         log_outcome(tr, claim.run, kept, rc, tags={"ksm_recovered_from": kept.run_id})
         shutil.rmtree(folder, ignore_errors=True)
         return task_result(claim.run.info, "recovered", kept.params, kept.metrics, {**claim.run.data.tags, **kept.tags})
-    tr.inputs(run_id, task_datasets(manifest(ctx.manifest), task_name))
     t0 = time.perf_counter()
     # epoch records logged with the final batch: the last one (one store call fewer per task; a one-epoch task
     # of a large stream makes no call of its own for it), and any the server did not take

@@ -214,6 +214,8 @@ def test_a_tracking_server_down_past_outage_s_loses_no_training(tmp_path):
         assert got.data.metrics["test_acc"] == record["metrics"]["test_acc"]
         assert got.data.metrics["train_seconds"] == record["metrics"]["train_seconds"]  # not trained again
         assert client.list_artifacts(got.info.run_id, "task")[0].path == f"task/{task}.safetensors"
+        inputs = client.get_run(got.info.run_id).inputs.dataset_inputs
+        assert {d.dataset.name for d in inputs} == {task}  # its datasets, as a trained run has them
         assert client.get_run(victim.info.run_id).info.status == "KILLED"  # closed by the rerun's claim
     finally:
         if driver.poll() is None:

@@ -151,10 +151,11 @@ def descendants(pid: int) -> set[int]:
 @pytest.mark.slow
 def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path):
     """kill -9 on the driver while its second task trains: nothing can close its runs, and its embedded Ray goes
-    with it. The same command then closes the dead attempt KILLED (its pid is gone), reopens the parent run,
-    keeps the task that had finished (same run, same accuracy) and trains only the other one."""
+    with it. The same command then closes the dead attempt KILLED (its pid is gone) and trains that task again
+    (or reuses it, when the dying worker managed to finish it), reopens the parent run, and keeps the task that
+    had finished (same run, same accuracy)."""
     cat = write(tmp_path / "tasks.jsonl", [*LINES, NEW])
-    args = ["benchmark=catalogue", f"benchmark.path={cat}", "cluster.num_cpus=1", "train.epochs=10"]
+    args = ["benchmark=catalogue", f"benchmark.path={cat}", "cluster.num_cpus=1", "train.epochs=20"]
     proc, log = launch(tmp_path, *args)
     children: set[int] = set()
     try:
@@ -196,9 +197,15 @@ def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path):
     assert sorted(finished) == ["boots", "shoes"]
     kept = finished[done.data.tags["ksm_task"]]
     assert kept.info.run_id == done.info.run_id and kept.data.metrics["test_acc"] == done.data.metrics["test_acc"]
-    assert finished[cut.data.tags["ksm_task"]].info.run_id != cut.info.run_id  # trained again, by the rerun
+    # the cut attempt's worker may outlive the driver by a moment (it notices its raylet is gone at its next
+    # call into Ray) and, logging straight to the store, finish the task: then the rerun reuses that run. Else
+    # the rerun closes the dead attempt KILLED and trains the task again. Either way: one FINISHED run.
     dead = next(r for r in final if r.info.run_id == cut.info.run_id)
-    assert dead.info.status == "KILLED" and dead.data.tags["ksm_claim"] == "expired"
+    if dead.info.status == "FINISHED":
+        assert finished[cut.data.tags["ksm_task"]].info.run_id == cut.info.run_id
+    else:
+        assert dead.info.status == "KILLED" and dead.data.tags["ksm_claim"] == "expired"
+        assert finished[cut.data.tags["ksm_task"]].info.run_id != cut.info.run_id  # trained again, by the rerun
     parents = [r for r in final if r.data.tags.get("ksm_kind") == "sequence"]
     assert [p.info.status for p in parents] == ["FINISHED"]  # the same parent run, reopened and finished
 
