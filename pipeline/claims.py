@@ -77,7 +77,15 @@ def acquire(tr: Tracker, keys: dict[str, str], name: str, tags: dict[str, str], 
     the work's runs in every state. A caller that has had to wait looks before it announces again, so a long wait
     costs one search per poll, not a run created and deleted per poll. ``look_first``: look before the first
     announcement too, for work usually found done (a launch's backbone), so reusing it creates no run."""
-    waiting, look = False, look_first
+    look, said = look_first, False
+
+    def wait() -> None:
+        nonlocal said
+        if not said:
+            log(f"[claim] {name}: another launch is working on it; waiting for its result")
+            said = True
+        time.sleep(poll_s * (1 + random.random()))
+
     while True:
         if look:
             runs = tr.find(None, **keys)
@@ -86,10 +94,7 @@ def acquire(tr: Tracker, keys: dict[str, str], name: str, tags: dict[str, str], 
                 return Claim(done=done)
             now = time.time()
             if any(r.info.status == "RUNNING" and _alive(r, stale_s, now) for r in runs):
-                if not waiting:
-                    log(f"[claim] {name}: another launch is working on it; waiting for its result")
-                    waiting = True
-                time.sleep(poll_s * (1 + random.random()))
+                wait()
                 continue
         run = tr.create(name, {**tags, **keys, HEARTBEAT_TAG: f"{time.time():.3f}", "ksm_attempt": "1",
                                "ksm_claim_host": socket.gethostname(), "ksm_claim_pid": str(os.getpid())},
@@ -113,10 +118,8 @@ def acquire(tr: Tracker, keys: dict[str, str], name: str, tags: dict[str, str], 
         tr.client.delete_run(me)  # withdrawn: another announced too; not a run anyone should browse
         if done is not None:
             return Claim(done=done)
-        if not waiting:
-            log(f"[claim] {name}: another launch is working on it; waiting for its result")
-            waiting = look = True
-        time.sleep(poll_s * (1 + random.random()))
+        look = True  # from now on: look (one search a poll) before announcing again
+        wait()
 
 
 def _first(runs: list[Any], status: str) -> Any | None:

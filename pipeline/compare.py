@@ -167,11 +167,12 @@ def _report(tr: Any, parent_id: str, rows: list[dict[str, Any]], rc: RunConfig, 
     log(f"\nCompare '{rc.run_name}' ({rc.benchmark['name']}, {rc.model.name}, {rc.train.epochs} epochs, "
         f"{seeds} seed(s), one backbone):")
     log(_table(rows, seeds))
-    if time_ratios(rows):
-        log(_ratio_lines(rows))
+    lines = _ratio_lines(rows)
+    if lines:
+        log(lines)
     with tempfile.TemporaryDirectory(prefix="ksm-compare-") as tmp:
         out = Path(tmp)
-        ratios = "".join(f"\n- {line}" for line in _ratio_lines(rows).splitlines())
+        ratios = "".join(f"\n- {line}" for line in lines.splitlines())
         (out / "compare.md").write_text(f"# {rc.run_name}: methods compared\n\n{_table(rows, seeds, markdown=True)}\n"
                                         + (f"\nTime per task, as ratios:\n{ratios}\n" if ratios else ""))
         with open(out / "compare.csv", "w", newline="") as f:

@@ -161,7 +161,7 @@ def test_a_tracking_server_down_past_outage_s_loses_no_training(tmp_path):
     cat.write_text("".join(json.dumps(x) + "\n" for x in LINES))
     argv = [sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", "benchmark=catalogue",
             f"benchmark.path={cat}", "tracking=server", f"tracking.uri={uri}", "tracking.outage_s=3",
-            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1", "train.epochs=20"]
+            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1", "train.epochs=30"]
     # each request fails at once (no urllib3 retries inside it): the outage is then the 3 s the pipeline waits
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
