@@ -53,7 +53,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
                         world=world,
                         on_corrupt=rc.data.on_corrupt, shuffle_buffer=rc.data.shuffle_buffer)
     cfg = TrainConfig(epochs=bb.epochs, lr_backbone=bb.lr, device=rc.device(), seed=rc.seed, amp=rc.train.amp,
-                      channels_last=rc.train.channels_last)
+                      channels_last=rc.train.channels_last, pin_memory=rc.train.pin_memory)
     res = train_backbone(model, train, None, cfg)  # no test pass inside: a lone rank's forward in DDP could block
     net = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory(prefix="ksm-bb-dp-") as tmp:

@@ -80,13 +80,14 @@ class TrainCfg:
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
+    pin_memory: bool = True
     compile: bool = False
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
 
     def to_core(self, **over: Any) -> TrainConfig:
         """ksm_core's TrainConfig for a task (``over``: device, seed, ...); raises ValueError on bad values."""
         keys = ("epochs", "lr_mask", "lr_head", "lr_finetune", "weight_decay", "schedule", "device", "amp",
-                "channels_last", "compile")
+                "channels_last", "pin_memory", "compile")
         return TrainConfig(**{**{k: getattr(self, k) for k in keys}, **over})
 
 
@@ -200,8 +201,9 @@ class RunConfig:
     def train_identity(self) -> dict[str, Any]:
         """The train section as the identity keys hash it: ``backbone.workers`` (1) and ``compile`` (false) are
         left out at their defaults, so the backbones and results made before those settings existed keep their
-        keys."""
+        keys; ``pin_memory`` always, as it changes when a batch's copy runs, not a single number."""
         train = self.section("train")
+        del train["pin_memory"]
         if train["backbone"].get("workers") == 1:
             del train["backbone"]["workers"]
         if train.get("compile") is False:

@@ -17,7 +17,7 @@ from pipeline.orchestrate import result_key
 ROOT = Path(run_pipeline.__file__).resolve().parent
 TINY = ["benchmark.num_tasks=3", "benchmark.caps.train=200", "benchmark.caps.test=100",
         "benchmark.initial_caps.train=600", "benchmark.initial_caps.test=200", "train.epochs=1",
-        "train.backbone.epochs=2", "model.width=0.0625", "progress=false"]
+        "train.backbone.epochs=2", "model.width=0.0625", "progress=false", "registry.export=false"]
 COMPARE = ["mode=compare", "compare.methods=[ksm,piggyback]", "compare.seeds=[0,1]"]
 
 
@@ -77,13 +77,17 @@ def test_bad_compare_input_is_refused_before_any_work(tmp_path, over, says):
 
 def test_new_train_settings_at_their_defaults_keep_every_result_key():
     """train.compile=false and train.backbone.workers=1 are left out of the identity, so the results made before
-    those settings existed are found again; turning one on is another result."""
+    those settings existed are found again; turning one on is another result. train.pin_memory changes when a
+    batch is copied, never a number: left out either way."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         base = resolve(compose("config", overrides=["paths.root=/tmp/ksm-identity"]))
         on = resolve(compose("config", overrides=["paths.root=/tmp/ksm-identity", "train.compile=true"]))
+        unpinned = resolve(compose("config", overrides=["paths.root=/tmp/ksm-identity", "train.pin_memory=false"]))
     assert "compile" not in base.train_identity() and "workers" not in base.train_identity()["backbone"]
     assert on.train_identity()["compile"] is True
     assert result_key(base, "fp", "task") != result_key(on, "fp", "task")
+    assert base.train.pin_memory is True and unpinned.train.to_core().pin_memory is False
+    assert "pin_memory" not in base.train_identity() and result_key(base, "fp", "task") == result_key(unpinned, "fp", "task")
 
 
 def test_time_ratios_compare_like_with_like_per_seed():
