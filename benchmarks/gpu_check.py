@@ -12,7 +12,11 @@ Measures, on one CUDA GPU (VGG16-BN width 1, tasks of 2500 train images 32x32x3 
      and warmed up to the last one's end (the start-up is reported apart), tasks/hour, and 20 tasks projected;
   3. the share of the GPU's bf16 dense peak a training step reaches: FLOPs of one step counted with
      ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions, forward and backward) times the
-     steps, over the measured training seconds; the peak comes from a small table keyed by the GPU's name.
+     steps, over the measured training seconds; the peak comes from a small table keyed by the GPU's name;
+  4. ksm_core's fast paths, each switched off alone against all on (KSM, host-memory batches as the pipeline's
+     loader makes them): ms per step without pinned memory, without channels_last, without bf16, and with
+     ``torch.compile`` (its compile seconds beside its gain); and the host syncs a training step makes, counted
+     with ``torch.cuda.set_sync_debug_mode("warn")`` (on the CPU smoke run: the host reads of the dispatched ops).
 Targets are printed beside the numbers, not asserted: a KSM task <= 10 s; 20 tasks <= 60 s wall when packed.
 
 The backbone is trained first, briefly (``--backbone-epochs``, 0 = random init), on the other five Fashion-MNIST
@@ -36,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ksm_core import KSMNet, TrainConfig, create_model, evaluate, fit_task, train_backbone
@@ -63,6 +70,11 @@ PACKED_METHOD = "ksm"
 BACKBONE_BATCH = 128
 EVAL_BATCH = 500
 PROBE_STEPS = 2
+FAST_PATH_STEPS = 60   # timed steps per fast-path switch (full batches only: 60 x 32 <= 2500 images)
+FAST_PATH_WARMUP = 10  # untimed steps before them (cudnn autotuning, the pinned-block cache, allocator growth)
+# ops whose result the host must read: a CUDA sync wherever their input lives on the GPU
+HOST_READ_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.masked_select",
+                 "aten._unique2", "aten.unique_consecutive", "aten.repeat_interleave")
 TARGET_KSM_TASK_S = 10.0
 TARGET_TASKS, TARGET_TASKS_WALL_S = 20, 60.0
 # bf16 dense tensor-core peak (TFLOPS, no sparsity), first matching substring of torch.cuda.get_device_name wins.
@@ -89,12 +101,14 @@ class Scale:
     backbone_epochs: int
     parallel: tuple[int, ...]
     precisions: tuple[str, ...]
+    compile_row: bool  # section 4's compiled step: 7-40 s of compiling on a CPU, so not in the smoke run
 
 
 FULL = Scale(width=1.0, backbone_train=1500, backbone_test=200, task_train=500, task_test=500, epochs=30, batch=32,
-             backbone_epochs=3, parallel=(1, 4, 8), precisions=("fp32", "bf16"))
+             backbone_epochs=3, parallel=(1, 4, 8), precisions=("fp32", "bf16"), compile_row=True)
+# bf16 autocast is CUDA-only in ksm_core: the smoke run is fp32
 SMOKE = Scale(width=0.0625, backbone_train=40, backbone_test=20, task_train=40, task_test=20, epochs=1, batch=32,
-              backbone_epochs=1, parallel=(1, 2), precisions=("fp32",))  # bf16 autocast is CUDA-only in ksm_core
+              backbone_epochs=1, parallel=(1, 2), precisions=("fp32",), compile_row=False)
 
 
 # ------------------------------------------------------------------------------------------------ data (host)
@@ -308,6 +322,126 @@ def utilisation(row: dict[str, Any], batch: int, peak_tflops: float | None) -> d
             "fraction_of_bf16_peak": achieved / peak_tflops if peak_tflops else None}
 
 
+# --------------------------------------------------------------------------------------------- fast paths
+class HostBatches:
+    """Batches built in host memory every step, as the pipeline's loader yields them: a fresh pageable float
+    tensor per batch, so the pin-and-copy of ``ksm_core``'s ``_to`` is part of each step."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch: int, seed: int = 0):
+        self.x, self.y, self.batch, self.seed, self.epoch = x, y, batch, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.y) // self.batch  # full batches only: one compiled shape
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        for i in range(len(self)):
+            idx = order[i * self.batch: (i + 1) * self.batch]
+            yield self.x[idx], self.y[idx]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the dispatched ops whose result the host reads (``.item()``, ``bool(t)``, ``nonzero`` ...): each is a
+    CUDA sync when its input is on the GPU. Device-independent, so the CPU smoke run (and CI) counts them too.
+
+    The optimizer's own step is not watched: Adam (not capturable) keeps its step counter in host memory on CUDA
+    as well, so the ``.item()`` it takes of it is no sync there, only on a CPU where everything is host memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.paused = False
+
+    def __enter__(self):
+        self._hooks = [register_optimizer_step_pre_hook(lambda *_: self._pause(True)),
+                       register_optimizer_step_post_hook(lambda *_: self._pause(False))]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def _pause(self, paused: bool) -> None:
+        self.paused = paused
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if not self.paused and name in HOST_READ_OPS:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(run: Callable[[], Any], dev: torch.device) -> tuple[int, list[str]]:
+    """(how many host syncs ``run()`` made, the first few of their messages). On CUDA each is a warning of
+    ``torch.cuda.set_sync_debug_mode("warn")``; on a CPU each is a host read counted by :class:`HostReads`."""
+    if dev.type != "cuda":
+        with HostReads() as reads:
+            run()
+        return len(reads.ops), reads.ops[:5]
+    sync(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return len(found), found[:5]
+
+
+def step_syncs(backbone: nn.Module, cfg: TrainConfig, train: HostBatches, steps: int, dev: torch.device
+               ) -> dict[str, Any]:
+    """Host syncs per training step: one epoch of ``steps`` and one of ``2 * steps``, the difference over
+    ``steps``, so what an epoch pays once (its loss and accuracy read at the end) cancels out."""
+    counts = []
+    for n in (steps, 2 * steps):
+        net, task = new_task(backbone, PACKED_METHOD)
+        one = dataclasses.replace(cfg, epochs=1, max_steps_per_epoch=n)
+        counts.append(count_syncs(lambda: fit_task(net, task, train, None, one, deploy=False), dev))
+    (short, where), (long, _) = counts
+    return {"check": "torch.cuda.set_sync_debug_mode" if dev.type == "cuda" else "host reads of dispatched ops",
+            "steps": steps, "syncs_per_step": (long - short) / steps, "syncs_per_epoch": short, "first": where}
+
+
+def fast_paths(backbone: nn.Module, data: dict, scale: Scale, precision: str, dev: torch.device) -> dict[str, Any]:
+    """Section 4: ms per KSM step with every fast path on, then each switched off alone (and compile on)."""
+    host = to_device_images(data["task_train"][0], torch.device("cpu"))
+    train = HostBatches(host, torch.from_numpy(data["task_train"][1]), scale.batch)
+    steps, warmup = min(FAST_PATH_STEPS, len(train)), min(FAST_PATH_WARMUP, len(train))
+    base = dataclasses.replace(train_config(precision, scale, dev, seed=0), pin_memory=True, compile=False)
+    switches = [("all on", {}), ("pin_memory off", {"pin_memory": False}),
+                ("channels_last off", {"channels_last": False})]
+    if scale.compile_row:
+        switches.append(("compile on", {"compile": True}))
+    if precision == "bf16":
+        switches.append(("bf16 off (fp32)", {"amp": False}))
+    rows = []
+    for name, change in switches:
+        cfg = dataclasses.replace(base, **change)
+        net, task = new_task(backbone, PACKED_METHOD)
+        if not cfg.compile:  # a compiled step warms up inside its own timed run: its first step is the compile
+            fit_task(net, task, train, None, dataclasses.replace(cfg, epochs=1, max_steps_per_epoch=warmup),
+                     deploy=False)
+            net, task = new_task(backbone, PACKED_METHOD)
+        res, _ = timed(lambda: fit_task(net, task, train, None,
+                                        dataclasses.replace(cfg, epochs=1, max_steps_per_epoch=steps), deploy=False),
+                       dev)
+        ms = 1e3 * (res.train_seconds - res.compile_seconds) / res.steps
+        rows.append({"switch": name, "ms_per_step": ms, "compile_seconds": res.compile_seconds if cfg.compile else None})
+        print(f"  {name:18s}: {ms:8.2f} ms/step" + (f" ({res.compile_seconds:.1f} s compiling)" if cfg.compile else ""),
+              flush=True)
+    for r in rows:
+        r["vs_all_on"] = r["ms_per_step"] / rows[0]["ms_per_step"]
+    return {"method": PACKED_METHOD, "precision": precision, "batches": "host memory, a new tensor per step",
+            "steps": steps, "rows": rows,
+            "syncs": step_syncs(backbone, base, train, max(1, min(FAST_PATH_WARMUP, len(train) // 2)), dev)}
+
+
 # ------------------------------------------------------------------------------------------ packed processes
 def worker(spec_path: str) -> None:
     """One packed task in its own process: load, warm up, say READY, wait for the go, train, print the RESULT."""
@@ -415,7 +549,7 @@ def verdict(value: float | None, target: float) -> str:
 
 
 def render_markdown(s: dict[str, Any]) -> str:
-    """summary.md: the three sections as tables, the targets beside the numbers, what was run on what."""
+    """summary.md: the four sections as tables, the targets beside the numbers, what was run on what."""
     d, st, bb, pk = s["device"], s["setup"], s["setup"]["backbone"], s["packed"]
     head = [f"# GPU device check{' (CPU smoke run: not GPU results)' if s['smoke'] else ''}", "",
             f"Device: {d['name']}; torch {d['torch']}, CUDA {d['cuda']}; TF32 matmul {d['tf32_matmul']}, "
@@ -449,7 +583,21 @@ def render_markdown(s: dict[str, Any]) -> str:
     return "\n".join(head + [single, "", f"## Tasks packed on one device ({pk['method']}, {pk['precision']}, "
                              "one process each)", "", packed_md, "", proj_line, "",
                              "## Share of the bf16 dense peak per training step (FLOPs counted: matmul + conv)", "",
-                             util, ""])
+                             util, "", *render_fast_paths(s["fast_paths"])])
+
+
+def render_fast_paths(fp: dict[str, Any] | None) -> list[str]:
+    """Section 4's lines: one row per switch, then the host syncs per step."""
+    if fp is None:
+        return ["## Fast paths", "", "Not measured (the run stopped before this section).", ""]
+    rows = md_table(["switch", "ms/step", "vs all on", "compile s"],
+                    [[r["switch"], r["ms_per_step"], f"{r['vs_all_on']:.2f}x", r["compile_seconds"]]
+                     for r in fp["rows"]])
+    sy = fp["syncs"]
+    return [f"## Fast paths ({fp['method']}, {fp['precision']}, {fp['batches']}, {fp['steps']} steps each)", "", rows,
+            "", f"Host syncs per training step: {sy['syncs_per_step']:g} (counted by {sy['check']} over epochs of "
+            f"{sy['steps']} and {2 * sy['steps']} steps; an epoch's end reads its loss and accuracy once: "
+            f"{sy['syncs_per_epoch']} in all, first {sy['first']}).", ""]
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
@@ -488,7 +636,7 @@ def scale_from(args: argparse.Namespace) -> Scale:
 
 
 def run_check(args: argparse.Namespace) -> dict[str, Any]:
-    """The three sections in order, the summary rewritten after each."""
+    """The four sections in order, the summary rewritten after each."""
     t0 = time.perf_counter()
     scale = scale_from(args)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -513,6 +661,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         "targets": {"ksm_task_s": TARGET_KSM_TASK_S, "ksm_task_s_measured": None, "ksm_task_met": None,
                     "twenty_tasks_wall_s": TARGET_TASKS_WALL_S, "twenty_tasks_projected_s": None,
                     "twenty_tasks_met": None},
+        "fast_paths": None,
     }
     print(f"gpu_check on {summary['device']['name']}: backbone ...", flush=True)
     backbone, summary["setup"]["backbone"] = pretrain_backbone(data, scale, dev)
@@ -536,6 +685,10 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     summary["packed"].update(projection(summary["packed"]["runs"]))
     proj = summary["packed"]["projection_20_tasks_s"]
     summary["targets"].update(twenty_tasks_projected_s=proj, twenty_tasks_met=proj <= TARGET_TASKS_WALL_S)
+    summary["total_seconds"] = time.perf_counter() - t0
+    write_summary(args.out, summary)
+    print("fast paths:", flush=True)
+    summary["fast_paths"] = fast_paths(backbone, data, scale, packed_precision, dev)
     summary.update(finished=True, total_seconds=time.perf_counter() - t0)
     write_summary(args.out, summary)
     return summary

@@ -97,7 +97,7 @@ def test_smoke_run_writes_both_summaries_without_the_pipeline_packages(tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     s = json.loads((out / "summary.json").read_text())
     assert set(s) == {"smoke", "finished", "total_seconds", "device", "setup", "single_task", "utilisation",
-                      "packed", "targets"}
+                      "packed", "targets", "fast_paths"}
     assert s["smoke"] is True and s["finished"] is True and s["device"]["type"] == "cpu"
     assert s["setup"]["backbone"]["init"] == "pretrained" and 0 <= s["setup"]["backbone"]["test_acc"] <= 1
     n_train = s["setup"]["train_images"]
@@ -118,9 +118,16 @@ def test_smoke_run_writes_both_summaries_without_the_pipeline_packages(tmp_path)
     t = s["targets"]
     assert t["ksm_task_s"] == 10.0 and t["twenty_tasks_wall_s"] == 60.0
     assert isinstance(t["ksm_task_met"], bool) and isinstance(t["twenty_tasks_met"], bool)
+    fp = s["fast_paths"]
+    assert [r["switch"] for r in fp["rows"]] == ["all on", "pin_memory off", "channels_last off"]  # no compile in smoke
+    assert all(r["ms_per_step"] > 0 for r in fp["rows"]) and fp["rows"][0]["vs_all_on"] == 1.0
+    # the smoke run counts host reads (the CUDA sync check needs a GPU): none per step, the epoch's two at its end
+    assert fp["syncs"]["check"] == "host reads of dispatched ops"
+    assert fp["syncs"]["syncs_per_step"] == 0 and fp["syncs"]["syncs_per_epoch"] == 2
     md = (out / "summary.md").read_text()
     assert "| method | precision | s/task | target | test acc | steps |" in md
     assert "| tasks at once | wall s |" in md and "CPU smoke run" in md
+    assert "| switch | ms/step | vs all on | compile s |" in md and "Host syncs per training step: 0 " in md
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the bf16 autocast path is CUDA-only)")
@@ -140,3 +147,46 @@ def test_bf16_task_trains_on_cuda_and_reports_its_share_of_the_peak():
     u = gc.utilisation(row, scale.batch, gc.peak_bf16(torch.cuda.get_device_name(dev)))
     assert u["achieved_tflops"] > 0
     assert u["fraction_of_bf16_peak"] is None or 0 < u["fraction_of_bf16_peak"] < 1
+
+
+def _tiny_task(method):
+    backbone = gc.create_model(gc.MODEL, num_classes=5, width=0.0625)
+    return gc.new_task(backbone, method)
+
+
+@pytest.mark.parametrize("method", ["ksm", "piggyback"])
+def test_a_masked_training_step_makes_the_host_read_nothing(method):
+    """The mask code keeps no Python branch on a tensor's value: a KSM or Piggyback forward and backward reads
+    nothing back to the host, so on a GPU the step never waits for it (the GPU check confirms it with CUDA's
+    own sync debug mode). The watcher itself is shown to catch a read, so its zero means something."""
+    net, task = _tiny_task(method)
+    net.set_task(task)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with gc.HostReads() as reads:
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    assert reads.ops == []
+    with gc.HostReads() as reads:
+        float(net(x).detach().sum())
+        if (y > 2).any():  # a Python branch on a tensor: the kind of read the mask code must not make
+            pass
+    assert reads.ops == ["aten._local_scalar_dense", "aten._local_scalar_dense"]
+
+
+def test_host_read_steps_are_told_apart_from_an_epochs_end():
+    """step_syncs counts one epoch of n steps and one of 2n: the per-step rate is the difference, what an epoch
+    pays once (reading its loss and accuracy) is reported apart; the optimizer's host-side step is not counted."""
+    backbone = gc.create_model(gc.MODEL, num_classes=5, width=0.0625)
+    x, y = torch.randn(64, 3, 32, 32), torch.arange(64) % 5
+    cfg = gc.TrainConfig(epochs=1, device="cpu")
+    got = gc.step_syncs(backbone, cfg, gc.HostBatches(x, y, 8), 3, torch.device("cpu"))
+    assert got["syncs_per_step"] == 0 and got["syncs_per_epoch"] == 2 and got["steps"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.set_sync_debug_mode)")
+def test_a_cuda_training_step_never_synchronises_with_the_host():
+    backbone = gc.create_model(gc.MODEL, num_classes=5, width=0.0625)
+    x, y = torch.randn(64, 3, 32, 32), torch.arange(64) % 5
+    for pin in (True, False):
+        cfg = gc.TrainConfig(epochs=1, device="cuda", pin_memory=pin)
+        got = gc.step_syncs(backbone, cfg, gc.HostBatches(x, y, 8), 3, torch.device("cuda"))
+        assert got["check"] == "torch.cuda.set_sync_debug_mode" and got["syncs_per_step"] == 0, (pin, got)
