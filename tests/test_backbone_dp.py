@@ -14,7 +14,7 @@ from pipeline.data import ensure_shards, load_benchmark_config, make_loader
 ROOT = Path(run_pipeline.__file__).resolve().parent
 TINY = ["train.epochs=1", "train.backbone.epochs=2", "model.width=0.0625", "progress=false", "cluster.num_cpus=2",
         "benchmark.num_tasks=2", "benchmark.caps.train=200", "benchmark.caps.test=100",
-        "benchmark.initial_caps.train=601", "benchmark.initial_caps.test=200"]
+        "benchmark.initial_caps.train=601", "benchmark.initial_caps.test=200", "registry.export=false"]
 
 
 def test_each_rank_reads_its_own_rows_and_every_rank_the_same_count(tmp_path):

@@ -39,8 +39,10 @@ TASK_METRICS = {"train_loss", "train_acc", "test_acc", "train_seconds", "artifac
 
 
 def config(root: Path, *overrides: str):
+    """TINY, without registering the served model unless asked (~1-3.5 s a run; tests/test_export.py covers it)."""
+    quiet = [] if any(o.startswith("registry.") for o in overrides) else ["registry.export=false"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("config", overrides=[*TINY, f"paths.root={root}", *overrides])
+        return compose("config", overrides=[*TINY, *quiet, f"paths.root={root}", *overrides])
 
 
 def run(root: Path, *overrides: str) -> dict:
@@ -72,7 +74,7 @@ def ray_local(crash_dir):
 @pytest.fixture(scope="module")
 def first(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("pipeline")
-    return root, run(root)
+    return root, run(root, "registry.export=true")  # the default run, as `make run` makes it
 
 
 def _client(root: Path) -> MlflowClient:

@@ -14,7 +14,10 @@ from pipeline.data.benchmarks import expand, load_benchmark_config, task_names
 from pipeline.errors import ConfigError, PipelineError
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
-TINY = ["train.epochs=1", "train.backbone.epochs=1", "model.width=0.0625", "progress=false", "cluster.num_cpus=2"]
+# registry.export=false: registering the served model (~3.5 s a run; tests/test_export.py covers it) is not what
+# these tests are about
+TINY = ["train.epochs=1", "train.backbone.epochs=1", "model.width=0.0625", "progress=false", "cluster.num_cpus=2",
+        "registry.export=false"]
 FM = {"name": "fashion_mnist"}
 LINES = [
     {"name": "base", "source": FM, "classes": [0, 1, 2, 3], "caps": {"train": 400, "test": 100}},

@@ -31,6 +31,7 @@ TINY = [
     "model.width=0.0625",
     "train.lr_head=1e-3",
     "progress=false",
+    "registry.export=false",  # registering the served model is tests/test_export.py's
 ]
 MAX_EPOCHS = 3
 # Three fixed points first, then one random sample (seeded). The third point is a poor one (tau=0.02 is above every
