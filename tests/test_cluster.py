@@ -572,39 +572,6 @@ def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray
     assert [r["test_acc"] for r in out["results"]] == [r["test_acc"] for r in ref["results"]]
 
 
-@needs_data
-@pytest.mark.slow
-def test_the_job_entrypoint_as_ray_job_submit_runs_it(ray_cluster, mlflow_server, shard_server, workdir):
-    """The entrypoint of cluster/README.md's `ray job submit ... -- python run_pipeline.py cluster=remote
-    cluster.address=auto tracking=server tracking.uri=...`, run the way Ray's job supervisor runs it: a driver
-    process in the repository folder with RAY_ADDRESS set to the cluster's address (`cluster.address=auto`), here
-    on the two-node cluster. (The job CLI and API themselves: test_ray_job_submit_runs_the_sequence_on_a_ray_start_head
-    above.)"""
-    from mlflow import MlflowClient
-
-    uri = mlflow_server["uri"]
-    argv = [sys.executable, "run_pipeline.py", "cluster=remote", "cluster.address=auto", "cluster.cpus_per_task=1",
-            "cluster.gpus_per_task=0", "tracking=server", f"tracking.uri={uri}", f"paths.shards={shard_server}",
-            f"paths.root={workdir / 'job'}", "run_name=submitted", *TINY,
-            "train.lr_head=1.2e-3"]  # results of its own: the module's server already holds the default TINY ones
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert f"[ray] connecting to {ray_cluster.address}" in log and f"Browse the runs: open {uri}" in log
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("ksm")
-    parent = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'sequence' and attributes.run_name = 'submitted'")
-    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    # FINISHED: a job whose worker died (e.g. Ray's memory monitor on a busy machine) leaves a KILLED attempt
-    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent[0].info.run_id}' "
-                                                       "and attributes.status = 'FINISHED'")
-    assert sorted(r.data.tags["ksm_task"] for r in children) == ["t1", "t2", "t3", "t4"]
-    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in children)
-    assert {r.data.tags["ksm_node_id"] for r in children} <= {n.node_id for n in ray_cluster.list_all_nodes()}
-
-
 # ------------------------------------------------------------------------------------------- URL shards
 @pytest.mark.slow
 @needs_data
