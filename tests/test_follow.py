@@ -20,10 +20,9 @@ LINES = [
     {"name": "shoes", "source": FM, "classes": ["Sandal", "Sneaker"], "caps": {"train": 120, "test": 40}},
 ]
 NEW = {"name": "boots", "source": FM, "classes": ["Ankle boot", "Trouser"], "caps": {"train": 120, "test": 40}}
-# registry.export=false: registering the served model (~3.5 s a run; tests/test_export.py covers it) is not what
-# these tests are about
-# one CPU: one Ray worker to boot per launch (each imports torch, MLflow and the pipeline), and the stream's tasks
-# run one after another, so "one FINISHED, the next RUNNING" is a state every run passes through
+# One CPU: one Ray worker to boot per launch (each imports torch, MLflow and the pipeline), and the stream's tasks
+# run one after another, so "one FINISHED, the next RUNNING" is a state every run passes through. No registering
+# of the served model (~3.5 s a run): tests/test_export.py covers it.
 TINY = ["model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1", "registry.export=false"]
 
 
