@@ -123,10 +123,6 @@ def measure(args: argparse.Namespace, start: Any = None) -> tuple[dict[str, floa
     return {k: statistics.median(v) for k, v in times.items()}, compile_s, name
 
 
-def _in_process(args: argparse.Namespace, start: Any) -> tuple[dict[str, float], dict[str, float], str]:
-    return measure(args, start)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vgg16_bn_cifar")
@@ -151,7 +147,7 @@ def main() -> None:
         with ctx.Manager() as mgr:
             start = mgr.Barrier(args.procs)
             with ctx.Pool(args.procs) as pool:
-                runs = pool.starmap(_in_process, [(args, start)] * args.procs)
+                runs = pool.starmap(measure, [(args, start)] * args.procs)
     else:
         runs = [measure(args)]
     model = f"{args.model} width {args.width}" if args.model.startswith("vgg") else args.model

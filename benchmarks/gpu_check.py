@@ -195,7 +195,8 @@ def to_device_images(x: np.ndarray, dev: torch.device) -> Tensor:
 
 
 class DeviceBatches:
-    """Mini-batches of a split that lives on the device: each step is one index op, no host copy, no sync.
+    """Mini-batches of a split held in one tensor. On the device each step is one index op, no host copy, no sync;
+    held in host memory (section 4) each step is a fresh pageable tensor, as the pipeline's loader yields.
 
     The loader ``fit_task`` expects (re-iterable, ``len``, ``set_epoch``). The epoch's order is drawn on the device
     (argsort of uniform noise from a device generator seeded by (seed, epoch)): a host-drawn permutation would
@@ -323,26 +324,6 @@ def utilisation(row: dict[str, Any], batch: int, peak_tflops: float | None) -> d
 
 
 # --------------------------------------------------------------------------------------------- fast paths
-class HostBatches:
-    """Batches built in host memory every step, as the pipeline's loader yields them: a fresh pageable float
-    tensor per batch, so the pin-and-copy of ``ksm_core``'s ``_to`` is part of each step."""
-
-    def __init__(self, x: Tensor, y: Tensor, batch: int, seed: int = 0):
-        self.x, self.y, self.batch, self.seed, self.epoch = x, y, batch, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.y) // self.batch  # full batches only: one compiled shape
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        for i in range(len(self)):
-            idx = order[i * self.batch: (i + 1) * self.batch]
-            yield self.x[idx], self.y[idx]
-
-
 class HostReads(TorchDispatchMode):
     """Counts the dispatched ops whose result the host reads (``.item()``, ``bool(t)``, ``nonzero`` ...): each is a
     CUDA sync when its input is on the GPU. Device-independent, so the CPU smoke run (and CI) counts them too.
@@ -394,7 +375,7 @@ def count_syncs(run: Callable[[], Any], dev: torch.device) -> tuple[int, list[st
     return len(found), found[:5]
 
 
-def step_syncs(backbone: nn.Module, cfg: TrainConfig, train: HostBatches, steps: int, dev: torch.device
+def step_syncs(backbone: nn.Module, cfg: TrainConfig, train: DeviceBatches, steps: int, dev: torch.device
                ) -> dict[str, Any]:
     """Host syncs per training step: one epoch of ``steps`` and one of ``2 * steps``, the difference over
     ``steps``, so what an epoch pays once (its loss and accuracy read at the end) cancels out."""
@@ -411,8 +392,9 @@ def step_syncs(backbone: nn.Module, cfg: TrainConfig, train: HostBatches, steps:
 def fast_paths(backbone: nn.Module, data: dict, scale: Scale, precision: str, dev: torch.device) -> dict[str, Any]:
     """Section 4: ms per KSM step with every fast path on, then each switched off alone (and compile on)."""
     host = to_device_images(data["task_train"][0], torch.device("cpu"))
-    train = HostBatches(host, torch.from_numpy(data["task_train"][1]), scale.batch)
-    steps, warmup = min(FAST_PATH_STEPS, len(train)), min(FAST_PATH_WARMUP, len(train))
+    train = DeviceBatches(host, torch.from_numpy(data["task_train"][1]), scale.batch, shuffle=True)
+    full = len(train.y) // scale.batch  # steps stay within the full batches: one shape, so one compile
+    steps, warmup = min(FAST_PATH_STEPS, full), min(FAST_PATH_WARMUP, full)
     base = dataclasses.replace(train_config(precision, scale, dev, seed=0), pin_memory=True, compile=False)
     switches = [("all on", {}), ("pin_memory off", {"pin_memory": False}),
                 ("channels_last off", {"channels_last": False})]
@@ -439,7 +421,7 @@ def fast_paths(backbone: nn.Module, data: dict, scale: Scale, precision: str, de
         r["vs_all_on"] = r["ms_per_step"] / rows[0]["ms_per_step"]
     return {"method": PACKED_METHOD, "precision": precision, "batches": "host memory, a new tensor per step",
             "steps": steps, "rows": rows,
-            "syncs": step_syncs(backbone, base, train, max(1, min(FAST_PATH_WARMUP, len(train) // 2)), dev)}
+            "syncs": step_syncs(backbone, base, train, max(1, min(FAST_PATH_WARMUP, full // 2)), dev)}
 
 
 # ------------------------------------------------------------------------------------------ packed processes

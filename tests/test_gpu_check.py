@@ -178,7 +178,7 @@ def test_host_read_steps_are_told_apart_from_an_epochs_end():
     backbone = gc.create_model(gc.MODEL, num_classes=5, width=0.0625)
     x, y = torch.randn(64, 3, 32, 32), torch.arange(64) % 5
     cfg = gc.TrainConfig(epochs=1, device="cpu")
-    got = gc.step_syncs(backbone, cfg, gc.HostBatches(x, y, 8), 3, torch.device("cpu"))
+    got = gc.step_syncs(backbone, cfg, gc.DeviceBatches(x, y, 8, shuffle=True), 3, torch.device("cpu"))
     assert got["syncs_per_step"] == 0 and got["syncs_per_epoch"] == 2 and got["steps"] == 3
 
 
@@ -188,5 +188,5 @@ def test_a_cuda_training_step_never_synchronises_with_the_host():
     x, y = torch.randn(64, 3, 32, 32), torch.arange(64) % 5
     for pin in (True, False):
         cfg = gc.TrainConfig(epochs=1, device="cuda", pin_memory=pin)
-        got = gc.step_syncs(backbone, cfg, gc.HostBatches(x, y, 8), 3, torch.device("cuda"))
+        got = gc.step_syncs(backbone, cfg, gc.DeviceBatches(x, y, 8, shuffle=True), 3, torch.device("cuda"))
         assert got["check"] == "torch.cuda.set_sync_debug_mode" and got["syncs_per_step"] == 0, (pin, got)

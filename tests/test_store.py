@@ -101,8 +101,8 @@ def test_store_opened_while_created_four_times(tmp_path, monkeypatch):
         folder = tmp_path / f"race{i}"
         folder.mkdir()
         db = folder / "mlflow.db"
-        rounds.append((folder, f"sqlite:///{db}", f"poller{i}", _start(tmp_path, POLLER, str(db), f"sqlite:///{db}",
-                                                                      name=f"poller{i}")))
+        uri = f"sqlite:///{db}"
+        rounds.append((folder, uri, f"poller{i}", _start(tmp_path, POLLER, str(db), uri, name=f"poller{i}")))
     try:
         for *_, proc in rounds:
             _await_ready(proc)
