@@ -46,6 +46,12 @@ class ConfigError(DataError, ValueError):
     """A benchmark config that cannot describe a valid task sequence."""
 
 
+class UnsafeInputError(ConfigError):
+    """Input read from data (a pickle in a source folder, a manifest's or task.json's shard path, a catalogue line)
+    that would run code, reach a shell or leave its root if used as given: refused before use, naming the input.
+    Data never becomes code: only the config itself may name a command (a ``pipe:`` shard root)."""
+
+
 class ShardCorruptError(DataError):
     """A shard whose bytes do not match its manifest (or that is missing or unreadable)."""
 

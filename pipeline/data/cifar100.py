@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import ArraySplit
-from ..errors import DataError, SourceNotFoundError, unknown_name
+from ..errors import DataError, SourceNotFoundError, UnsafeInputError, unknown_name
 
 #: superclass -> its 5 fine classes (alphabetical); dict order = coarse label order = CPG's task order.
 SUPERCLASSES: dict[str, tuple[str, ...]] = {
@@ -90,18 +90,28 @@ def cifar100_files(root: Path) -> dict[str, Path]:
 def read_cifar100(root: Path, split: str) -> ArraySplit:
     """Read one split of CIFAR-100 from torchvision's on-disk format (``root/cifar-100-python/``).
 
-    These files are the official python-pickle release (what torchvision itself unpickles); shards written
-    from them hold only .npy/.png/.cls entries. When the file has coarse labels, the written-out superclass
-    mapping is checked against them, so a typo in :data:`SUPERCLASSES` cannot go unnoticed.
+    These files are the official python-pickle release; they are read by :func:`load_pickle`, which refuses any
+    global but the numpy-array reconstruction the release needs (a plain ``pickle.load`` would run code a crafted
+    file names). Shards written from them hold only .npy/.png/.cls entries. When the file has coarse labels, the
+    written-out superclass mapping is checked against them, so a typo in :data:`SUPERCLASSES` cannot go unnoticed.
     """
     files = cifar100_files(root)
     path = files[split]
     if not path.is_file():
         raise SourceNotFoundError(f"CIFAR-100 {split} file not found: {path}")
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    y = np.asarray(entry["fine_labels"], dtype=np.int64)
+    entry = load_pickle(path)
+    if not isinstance(entry, dict) or "data" not in entry or "fine_labels" not in entry:
+        raise DataError(f"{path} is not a CIFAR-100 {split} file (expected a dict with `data` and `fine_labels`); "
+                        "replace it with the official release (the source's `download: true` fetches it)")
+    try:
+        x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        y = np.asarray(entry["fine_labels"], dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: `data` or `fine_labels` is not CIFAR-100's ({exc}); replace the file with the "
+                        "official release") from None
+    if len(y) != len(x) or (len(y) and (y.min() < 0 or y.max() >= len(FINE_NAMES))):
+        raise DataError(f"{path}: {len(x)} images and {len(y)} fine labels in 0-99 expected; replace the file "
+                        "with the official release")
     names = _fine_names_from_meta(files["meta"])
     if names is not None and tuple(names) != FINE_NAMES:
         raise DataError(f"{files['meta']}: fine class names differ from CIFAR-100's; is this CIFAR-100?")
@@ -120,6 +130,68 @@ def read_cifar100(root: Path, split: str) -> ArraySplit:
 def _fine_names_from_meta(meta: Path) -> list[str] | None:
     if not meta.is_file():
         return None
-    with open(meta, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+    entry = load_pickle(meta)
+    if not isinstance(entry, dict):
+        raise DataError(f"{meta} is not CIFAR-100's meta file (expected a dict with `fine_label_names`)")
     return list(entry.get("fine_label_names", [])) or None
+
+
+# --------------------------------------------------------------------------------- a pickle that holds only data
+# The CIFAR-100 files are pickles, and a plain pickle.load runs whatever callable the file names: a file dropped
+# under a `root` that a catalogue line names would run code as the driver's user while it plans. The release holds
+# only dicts, lists, strings, ints and numpy arrays, so these are the only globals a file may name; anything else
+# is refused before it is called.
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2, for latin-1 only (no other codec runs)."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode({encoding!r}) is not how a pickle stores bytes")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    try:  # numpy >= 2 (numpy.core.* still names the same functions in older pickles)
+        from numpy._core import multiarray, numeric
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                              ("_codecs", "encode"): _latin1}
+    for pkg in ("numpy.core", "numpy._core"):
+        allowed[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct  # ndarray, protocol <= 4
+        allowed[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer          # ndarray, protocol 5
+    return allowed
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays; any other global is refused, naming the file."""
+
+    def __init__(self, file: object, path: Path):
+        super().__init__(file, encoding="latin1")  # type: ignore[arg-type]
+        self.path = path
+        self.allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise UnsafeInputError(f"{self.path} asks to call {module}.{name}, which a CIFAR-100 file never holds: "
+                               "refused, nothing in it was run. Replace the file with the official release (the "
+                               "source's `download: true` fetches it) or point the source's `root` elsewhere")
+
+    def persistent_load(self, pid: object) -> object:
+        raise UnsafeInputError(f"{self.path} holds a persistent reference, which a CIFAR-100 file never holds")
+
+
+def load_pickle(path: Path) -> object:
+    """A CIFAR-100 python-release file, unpickled with only the data types the release holds (see above). A file
+    that names anything else, or is not a whole pickle, raises a DataError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return _DataOnlyUnpickler(f, path).load()
+    except DataError:
+        raise
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}; check the file and its folder") from None
+    except Exception as exc:  # truncated, not a pickle, an array that does not reconstruct
+        raise DataError(f"{path} is not a readable CIFAR-100 file ({type(exc).__name__}: {exc}); replace it with "
+                        "the official release") from None
