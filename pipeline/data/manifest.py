@@ -20,13 +20,14 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SHARDS_COMMAND, ConfigError, corrupt_shard, missing_shard, unknown_name
+from ..errors import SHARDS_COMMAND, ConfigError, UnsafeInputError, corrupt_shard, missing_shard, unknown_name
 
 MANIFEST_NAME = "manifest.json"
 #: seconds to wait for a remote manifest (the shards themselves are streamed by webdataset's gopen)
@@ -34,6 +35,18 @@ URL_TIMEOUT = 10.0
 #: bumped whenever the shard layout or encoding changes, so old shards are rewritten rather than misread
 #: (2: one content-addressed folder per task under <shard root>/tasks/, the stream's manifest points there)
 FORMAT_VERSION = 2
+#: the folder under the shard root that holds every task's folder
+TASKS_DIR = "tasks"
+#: a task's name: it names the task's shard folder (``<task>-<key>``), so one path segment of plain characters,
+#: short enough for the writer's temp-folder name to fit a file name (``\Z``, not ``$``: no trailing newline)
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+#: a shard file as the writer names it (``write_split``), relative to its task's folder
+SHARD_FILE = re.compile(r"^(?P<split>train|test)-\d{6,}\.tar\Z")
+#: a shard as a stream's manifest lists it, relative to the stream's folder: ``../tasks/<task>-<key>/<file>``
+STREAM_SHARD = re.compile(rf"^\.\./{TASKS_DIR}/(?P<task>[^/]+)-[0-9a-f]{{16}}/(?P<file>[^/]+)\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+#: one segment of a path joined to a shard root: nothing a shell or a URL reads specially
+_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -53,10 +66,41 @@ def is_local(url: str) -> bool:
 
 
 def join_url(root: str, relpath: str) -> str:
-    """``root/relpath``, or ``root`` with ``{rel}`` replaced by ``relpath`` (``pipe:`` command templates), with
-    ``seg/..`` folded away: a stream's manifest lists its shards as ``../tasks/...``, and object stores (S3
-    keys behind ``pipe:aws s3 cp``) do not resolve ``..`` the way a file system or curl does."""
-    url = root.replace("{rel}", relpath) if "{rel}" in root else f"{root.rstrip('/')}/{relpath}"
+    """``root/relpath``, or ``root`` with ``{rel}`` replaced by ``relpath`` (``pipe:`` command templates).
+
+    ``relpath`` comes from data (a manifest, a task.json), so it must be what the shard writer makes: plain
+    segments (letters, digits, ``.``, ``_``, ``-``) joined by ``/``, with at most one leading ``../`` (a stream's
+    manifest lists its shards as ``../tasks/...``: from the stream's folder up to the shard root). That one ``..``
+    is folded away here, against the root's last segment, because object stores (S3 keys behind ``pipe:aws s3
+    cp``) do not resolve ``..`` the way a file system or curl does; it never climbs above the shard root, into a
+    host or a bucket. Anything else is refused before it reaches a shell (``pipe:`` runs through ``sh -c``) or a
+    URL; in a ``pipe:`` template the path is also shell-quoted. A ``pipe:`` root itself only ever comes from the
+    config (``paths.shards``), never from data."""
+    parts = relpath.split("/")
+    up = 1 if parts[:1] == [".."] else 0
+    rest = parts[up:]
+    if not rest or any(p in (".", "..") or not _SEGMENT.match(p) for p in rest):
+        raise UnsafeInputError(
+            f"refusing to read {relpath!r} under {root}: a shard path is plain names (letters, digits, '.', '_', "
+            "'-') joined by '/', with at most one leading '../'; this one could reach a shell or leave the shard "
+            f"root, so nothing was read. Rewrite the shards with `{SHARDS_COMMAND}` and publish them again")
+    template = "{rel}" in root
+    head, tail = root.split("{rel}", 1) if template else (root.rstrip("/") + "/", "")
+    head = _fold(head)  # the root's own `seg/..` (it comes from the config)
+    if up:
+        seg = re.search(r"([^/\s]*)/\Z", head)  # the last folder (in a command: after its "/" or a space)
+        above = head[: seg.start()] if seg else ""  # ends with its "/" or space (or is "": a relative root)
+        # the segment climbed over must be a folder, not a host (`http://host/`), a scheme or nothing
+        if (seg is None or seg[1] in ("", ".", "..") or ":" in seg[1]
+                or (above.endswith("//") and not above.endswith("///"))):
+            raise UnsafeInputError(f"refusing to read {relpath!r} under {root}: its '../' would climb above the "
+                                   f"shard root; give the stream's folder (<shard root>/<stream>) as the root")
+        head = above
+    rel = "/".join(rest)
+    return head + (shlex.quote(rel) if root.startswith("pipe:") else rel) + tail
+
+
+def _fold(url: str) -> str:
     while True:
         folded = _DOT_DOT.sub("/", url, count=1)
         if folded == url:
@@ -66,6 +110,34 @@ def join_url(root: str, relpath: str) -> str:
 
 #: one ``/<segment>/../`` (a segment that is not itself ``..``)
 _DOT_DOT = re.compile(r"/(?!\.\./)[^/]+/\.\./")
+
+
+def check_shard_paths(info: TaskInfo, where: str, *, in_stream: bool) -> None:
+    """Hold a TaskInfo read from a file (a stream's manifest: ``in_stream``; a task's ``task.json``: not) to the
+    exact shape the writer gives it: a plain task name, shard paths ``<split>-NNNNNN.tar`` (a manifest:
+    ``../tasks/<task>-<key>/<split>-NNNNNN.tar``) under the split that lists them, each with its sha256. Anything
+    else raises an :class:`UnsafeInputError` naming ``where``, the task and the path: these paths are joined to
+    the shard root and opened (through a shell, for a ``pipe:`` root)."""
+    fix = f"rewrite the shards with `{SHARDS_COMMAND}` (and publish them again)"
+    if not isinstance(info.shards, dict) or not isinstance(info.sha256, dict):
+        raise ConfigError(f"{where}: task {info.name!r} has no `shards` / `sha256` mappings; {fix}")
+    if not isinstance(info.name, str) or not TASK_NAME.match(info.name):
+        raise UnsafeInputError(f"{where}: task name {info.name!r} is not one the shard writer makes "
+                               f"({TASK_NAME.pattern}); {fix}")
+    for split, rels in info.shards.items():
+        for rel in rels if isinstance(rels, list) else [rels]:
+            ok = isinstance(rel, str)
+            file = rel
+            if ok and in_stream:
+                m = STREAM_SHARD.match(rel)
+                ok, file = m is not None and m["task"] == info.name, m["file"] if m else rel
+            m = SHARD_FILE.match(file) if ok else None
+            if m is None or m["split"] != split:
+                shape = f"../{TASKS_DIR}/{info.name}-<key>/{split}-NNNNNN.tar" if in_stream else f"{split}-NNNNNN.tar"
+                raise UnsafeInputError(f"{where}: task {info.name!r} lists the {split} shard {rel!r}, which is not a "
+                                       f"path the shard writer makes ({shape}); refused, nothing was read. {fix}")
+            if not isinstance(info.sha256.get(rel), str) or not _SHA256.match(info.sha256[rel]):
+                raise ConfigError(f"{where}: task {info.name!r} has no sha256 for shard {rel!r}; {fix}")
 
 
 def read_url(url: str, timeout: float = URL_TIMEOUT) -> bytes:
@@ -223,20 +295,30 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], root: str) -> Manifest:
-        if d.get("format_version") != FORMAT_VERSION:
+        """A manifest read from JSON. Its shard paths are data that will be joined to ``root`` and opened, so each
+        task is held to the writer's shapes first (:func:`check_shard_paths`)."""
+        if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
+            version = d.get("format_version") if isinstance(d, dict) else None
             raise ConfigError(
-                f"manifest under {root} has format {d.get('format_version')}, this code reads {FORMAT_VERSION}; "
+                f"manifest under {root} has format {version}, this code reads {FORMAT_VERSION}; "
                 f"run `{SHARDS_COMMAND}` to rewrite the shards"
             )
-        return cls(
-            root=root,
-            benchmark=d["benchmark"],
-            spec_hash=d["spec_hash"],
-            tasks=[TaskInfo.from_dict(t) for t in d["tasks"]],
-            spec=d.get("spec", {}),
-            format_version=d["format_version"],
-            created=d.get("created", ""),
-        )
+        try:
+            m = cls(
+                root=root,
+                benchmark=d["benchmark"],
+                spec_hash=d["spec_hash"],
+                tasks=[TaskInfo.from_dict(t) for t in d["tasks"]],
+                spec=d.get("spec", {}),
+                format_version=d["format_version"],
+                created=d.get("created", ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"manifest under {root} is malformed ({type(exc).__name__}: {exc}); "
+                              f"run `{SHARDS_COMMAND}` to rewrite the shards") from None
+        for t in m.tasks:
+            check_shard_paths(t, f"manifest under {root}", in_stream=True)
+        return m
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (without ``root``, so a shard folder can be moved or uploaded as is)."""

@@ -51,7 +51,8 @@ import webdataset as wds
 from .arrays import ArraySplit, channel_stats
 from .benchmarks import TaskSpec, build_task, expand, spec_of, task_specs
 from ..errors import ConfigError, DataError, ShardWriteError, unknown_name
-from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, TaskInfo, is_local, join_url, sample_key, sha256_file
+from .manifest import (FORMAT_VERSION, MANIFEST_NAME, TASKS_DIR, Manifest, TaskInfo, check_shard_paths, is_local,
+                       join_url, sample_key, sha256_file)
 
 #: benchmark keys that only change how shards are read, not what they hold: not part of the spec hash
 LOADER_KEYS = ("flip",)
@@ -59,8 +60,6 @@ IMAGE_FORMATS = ("npy", "png", "auto")
 #: ``format: auto`` stores images with at least this many values (64x64x3) as PNG, smaller ones as npy: PNG
 #: decoding costs ~2.5x the whole npy path per image (measured on Fashion-MNIST) and tiny images barely compress
 AUTO_PNG_MIN_VALUES = 64 * 64 * 3
-#: the folder under the shard root that holds every task's folder
-TASKS_DIR = "tasks"
 TASK_FILE = "task.json"
 #: a writer's temp (or moved-aside) folder: .<folder>.tmp-<host>-<pid>-<ns>
 TEMP_NAME = re.compile(r"\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-(?P<ns>\d+)$")
@@ -327,7 +326,11 @@ def _reusable(folder: Path, verify: str, log: Log) -> TaskInfo | None:
         if d.get("format_version") != FORMAT_VERSION:
             raise ConfigError(f"format {d.get('format_version')}, this code writes {FORMAT_VERSION}")
         info = TaskInfo.from_dict(d["info"])
-    except Exception as exc:  # unreadable or old-format task.json: rewrite
+        # its shard paths are joined to the folder and later listed in the stream's manifest: the writer's shapes only
+        check_shard_paths(info, str(path), in_stream=False)
+        if folder.name.rsplit("-", 1)[0] != info.name:
+            raise ConfigError(f"it names task {info.name!r}, its folder {folder.name!r}")
+    except Exception as exc:  # unreadable, old-format or tampered task.json: rewrite
         log(f"[shards] {folder}: {TASK_FILE} unusable ({exc}); rewriting")
         return _discard(folder)
     for rel in (r for rels in info.shards.values() for r in rels):
