@@ -237,17 +237,39 @@ class Unlogged:
 
     @classmethod
     def load(cls, folder: Path) -> "Unlogged | None":
-        """A kept record whose artifact still has its sha256, else None (the folder is then removed: the task
-        trains again)."""
+        """A kept record whose artifact still has its sha256; None once the artifact is proven bad (its sha256 is
+        not the record's): the folder is then removed and the task trains again.
+
+        That proof is the only reason finished work is deleted. A record or artifact that cannot be read (EIO,
+        EACCES, a run.json that is partial or not a record, an artifact that is missing or not a file) may be
+        fine once the disk or the permissions are: it raises a PipelineError naming the folder, which is kept."""
         try:
             rec = cls(**json.loads((folder / RECORD_FILE).read_text()))
-            if hashlib.sha256(Path(rec.artifact).read_bytes()).hexdigest() == rec.sha256:
-                rec.epochs = [(int(e), m) for e, m in rec.epochs]
-                return rec
-        except (OSError, ValueError, TypeError):
-            pass
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
+            # the artifact is the .safetensors file of that name in this folder, wherever the record was written:
+            # a record cannot send a file from elsewhere to the tracking server (and paths.output may have moved)
+            name = Path(rec.artifact).name
+            if not name.endswith(".safetensors") or not isinstance(rec.sha256, str) or len(rec.sha256) != 64:
+                raise ValueError(f"{RECORD_FILE} does not name a .safetensors artifact and its sha256")
+            artifact = folder / name
+            digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+            rec.artifact = str(artifact)
+            rec.epochs = [(int(e), m) for e, m in rec.epochs]
+        except OSError as e:
+            raise PipelineError(cls._unreadable(folder, f"[{errno.errorcode.get(e.errno or 0, e.errno)}] "
+                                                        f"{e.strerror or e} ({e.filename or folder})")) from e
+        except (ValueError, TypeError, AttributeError) as e:  # bad JSON, a partial read, not a record
+            raise PipelineError(cls._unreadable(folder, f"{RECORD_FILE} is not a whole record: {e}")) from e
+        if digest != rec.sha256:  # proof: the bytes are not the ones trained; nothing worth keeping
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return rec
+
+    @staticmethod
+    def _unreadable(folder: Path, why: str) -> str:
+        return (f"the trained task kept at {folder} cannot be read ({why}). It is kept, not deleted (only an "
+                "artifact that fails its recorded sha256 is), and this task's run ends FAILED. Fix: make the folder "
+                "readable (disk, permissions) and run the same command again to log it without training, or delete "
+                "the folder to train the task again")
 
 
 def save_task_artifact(rc: RunConfig, out: TaskOutcome, task_name: str, folder: Path) -> tuple[Path, int]:
@@ -318,7 +340,14 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     assert run_id is not None
     tr.inputs(run_id, task_datasets(manifest(ctx.manifest), task_name))
     folder = unlogged_dir(rc, task_name, result)
-    kept = Unlogged.load(folder) if (folder / RECORD_FILE).is_file() else None
+    try:  # lexists: a record that is there but not a readable file is kept and reported, not trained over
+        kept = Unlogged.load(folder) if os.path.lexists(folder / RECORD_FILE) else None
+    except PipelineError:
+        try:
+            tr.finish(run_id, "FAILED")
+        except TrackingUnreachable:  # the rerun's claim closes it KILLED
+            pass
+        raise
     if kept is not None:  # trained before, while the server was down: log that, do not train again
         log_outcome(tr, claim.run, kept, rc, tags={"ksm_recovered_from": kept.run_id})
         shutil.rmtree(folder, ignore_errors=True)
