@@ -30,9 +30,31 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
 
 def ui_command(uri: str) -> str:
+    from pipeline.redact import redact_url
+
+    uri = redact_url(uri)  # printed: never a password (a browser asks for the login itself)
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser (the tracking server's UI)"
     return f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+
+
+def save_run_record(cfg: DictConfig) -> None:
+    """Hydra's record of this run, ``<hydra run dir>/.hydra/{config,hydra,overrides}.yaml`` as Hydra writes them,
+    with every credential in a URI or URL masked (``http://***@host``). configs/config.yaml turns Hydra's own
+    writer off (``hydra.output_subdir: null``): it would put ``tracking.uri=postgresql://user:password@...`` or a
+    shard URL's login on disk verbatim before this code runs."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from pipeline.redact import redact_text
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    folder = Path(hydra_cfg.hydra.runtime.output_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        (folder / name).write_text(redact_text(OmegaConf.to_yaml(node)), encoding="utf-8")
 
 
 def main_from_config(cfg: DictConfig) -> dict:
@@ -81,14 +103,16 @@ def main_from_config(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     from pipeline.errors import DataError, PipelineError, Stopped
+    from pipeline.redact import redact_text
 
+    save_run_record(cfg)
     try:
         main_from_config(cfg)
     except (PipelineError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)  # a message may quote a URI with its login
         sys.exit(2)
     except Stopped as e:  # SIGINT/SIGTERM: stopped cleanly, nothing left RUNNING
-        print(f"\n{e}", file=sys.stderr)
+        print(f"\n{redact_text(str(e))}", file=sys.stderr)
         sys.exit(128 + e.signum)
 
 

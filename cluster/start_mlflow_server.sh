@@ -8,13 +8,28 @@
 # Settings (environment variables; anything after the script's name is passed on to `mlflow server`):
 #   KSM_MLFLOW_HOST           interface to bind                 default 127.0.0.1 (this machine only).
 #                             Other nodes need an address they can reach: the node's private IP, or 0.0.0.0.
-#                             The server has no authentication: never expose it beyond a private network.
+#   KSM_MLFLOW_AUTH           basic | none                      default: none on loopback, basic on any other
+#                             address. basic = MLflow's basic-auth app (`mlflow server --app-name basic-auth`):
+#                             every request but /health needs a user and password, so nobody who merely reaches
+#                             the port can read runs, upload artifacts or register a model (whose code runs where
+#                             it is loaded). none on a non-loopback address only when asked for, with a warning.
+#   MLFLOW_AUTH_ADMIN_PASSWORD  (basic) the admin's password, >= 12 characters; read by MLflow itself, needed the
+#                             first time (it creates the admin in the auth store), ignored afterwards. Never on a
+#                             command line or in a file of ours. MLFLOW_AUTH_ADMIN_USERNAME: default admin.
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  (basic) signs the UI's CSRF tokens; default: a random one per start
+#   KSM_MLFLOW_AUTH_CONFIG    (basic) your own auth config ini (MLflow's MLFLOW_AUTH_CONFIG_PATH); default: one
+#                             written to $KSM_MLFLOW_DIR/basic_auth.ini (users in $KSM_MLFLOW_DIR/basic_auth.db,
+#                             signed-in users without a grant may READ; KSM_MLFLOW_DEFAULT_PERMISSION changes it)
+#                             Clients (the pipeline, its Ray workers, `mlflow ui` users) sign in with
+#                             MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in their environment.
 #   KSM_MLFLOW_PORT           port                              default 5000
 #   KSM_MLFLOW_DIR            folder for the default stores     default ~/ksm-mlflow (outside the repo, so
 #                             `ray job submit --working-dir .` never uploads the server's data)
 #   KSM_MLFLOW_BACKEND_STORE_URI   runs, params, metrics        default sqlite:///$KSM_MLFLOW_DIR/mlflow.db
 #                             PostgreSQL: postgresql://USER:PASSWORD@DBHOST:5432/mlflow
-#                             (then `pip install psycopg2-binary` where the server runs)
+#                             (then `pip install psycopg2-binary` where the server runs). Handed to mlflow
+#                             through its environment (MLFLOW_BACKEND_STORE_URI), never on its command line,
+#                             where `ps` shows it to every user of the machine; printed with the password masked.
 #   KSM_MLFLOW_ARTIFACTS_DESTINATION  where the server stores artifacts  default $KSM_MLFLOW_DIR/artifacts
 #                             (or s3://bucket/prefix, gs://..., with that store's client library installed
 #                             on the server only: workers upload through the server, never to the store)
@@ -51,10 +66,12 @@ case "$PORT" in
   ''|*[!0-9]*) echo "error: KSM_MLFLOW_PORT=$PORT is not a port number" >&2; exit 2 ;;
 esac
 
+# Secrets travel in the environment, never in argv: a command line is world-readable in /proc (`ps`), an
+# environment only by the same user. `mlflow server` reads each of these variables itself.
+export MLFLOW_BACKEND_STORE_URI=$BACKEND
+export MLFLOW_ARTIFACTS_DESTINATION=$ARTIFACTS
 args=(server
-  --backend-store-uri "$BACKEND"
   --serve-artifacts
-  --artifacts-destination "$ARTIFACTS"
   --default-artifact-root mlflow-artifacts:/
   --host "$HOST"
   --port "$PORT"
@@ -63,10 +80,63 @@ if [ -n "${KSM_MLFLOW_ALLOWED_HOSTS:-}" ]; then
   args+=(--allowed-hosts "$KSM_MLFLOW_ALLOWED_HOSTS")
 fi
 
+# The python beside mlflow (its venv) masks URIs with the project's one redaction rule (pipeline/redact.py: the user
+# info up to the last '@', so a password holding '/' or '@' is masked whole) and makes the secret key.
+MLFLOW_PATH=$(command -v "$MLFLOW_BIN")
+PY=$(dirname "$MLFLOW_PATH")/python
+[ -x "$PY" ] || PY=python3
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+masked() {  # the value of the variable named $1, credentials masked; "(hidden)" if it cannot be masked
+  KSM_MASK_THIS=${!1} "$PY" -c 'import os, sys; sys.path.insert(0, sys.argv[1]); from pipeline.redact import redact_url
+print(redact_url(os.environ["KSM_MASK_THIS"]))' "$ROOT" 2>/dev/null || echo "(hidden)"
+}
+
+case "$HOST" in
+  127.*|localhost|::1) LOOPBACK=1 ;;
+  *) LOOPBACK=0 ;;
+esac
+AUTH=${KSM_MLFLOW_AUTH:-}
+[ -n "$AUTH" ] || { [ "$LOOPBACK" = 1 ] && AUTH=none || AUTH=basic; }
+case "$AUTH" in
+  basic)
+    if [ -n "${KSM_MLFLOW_AUTH_CONFIG:-}" ]; then
+      export MLFLOW_AUTH_CONFIG_PATH=$KSM_MLFLOW_AUTH_CONFIG
+    else
+      # MLflow's own default ini keeps its users in ./basic_auth.db, relative to the cwd: write one with an
+      # absolute store beside the others. No password in it: MLflow reads MLFLOW_AUTH_ADMIN_PASSWORD itself.
+      export MLFLOW_AUTH_CONFIG_PATH=$DIR/basic_auth.ini
+      (umask 077 && cat > "$MLFLOW_AUTH_CONFIG_PATH" <<INI
+[mlflow]
+default_permission = ${KSM_MLFLOW_DEFAULT_PERMISSION:-READ}
+database_uri = sqlite:///$DIR/basic_auth.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+      )
+    fi
+    if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
+      # one key for all the server's workers (they inherit it); a restart makes a new one (UI sessions sign in again)
+      MLFLOW_FLASK_SERVER_SECRET_KEY=$("$PY" -c 'import secrets; print(secrets.token_hex(32))')
+      export MLFLOW_FLASK_SERVER_SECRET_KEY
+    fi
+    args+=(--app-name basic-auth)
+    ;;
+  none)
+    if [ "$LOOPBACK" = 0 ]; then
+      echo "[mlflow] WARNING: no authentication on $HOST:$PORT (KSM_MLFLOW_AUTH=none): whoever reaches it can read" \
+           "every run, upload artifacts and register models whose code runs where they are loaded" >&2
+    fi
+    ;;
+  *) echo "error: KSM_MLFLOW_AUTH=$AUTH; use basic (MLflow's basic-auth app) or none" >&2; exit 2 ;;
+esac
+
 # the server's background job runner (GenAI scorers) is of no use here: one process less
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 
-echo "[mlflow] backend $(printf '%s' "$BACKEND" | sed -E 's#//[^/@]*@#//***@#')" >&2   # no password in logs
-echo "[mlflow] artifacts $ARTIFACTS (served through http://$HOST:$PORT)" >&2
+echo "[mlflow] backend $(masked BACKEND)" >&2
+echo "[mlflow] artifacts $(masked ARTIFACTS) (served through http://$HOST:$PORT)" >&2
+if [ "$AUTH" = basic ]; then
+  echo "[mlflow] authentication: basic (users in $MLFLOW_AUTH_CONFIG_PATH's store); clients set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" >&2
+fi
 echo "[mlflow] tracking.uri=http://$HOST:$PORT   (UI: the same address in a browser)" >&2
 exec "$MLFLOW_BIN" "${args[@]}" "$@"

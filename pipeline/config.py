@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -37,6 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("sequence", "tune", "shards", "evaluate", "compare", "follow", "export")
 #: the sections an ``overrides_file`` may hold (what a Tune sweep's best.yaml sets)
 OVERRIDABLE = ("method", "train")
+#: a run name or a registered model's name: it names folders (``outputs/tune/<run_name>``), runs and the model in
+#: MLflow (``models:/<name>/<version>``, the registry's filters). No '/', '\\', quote or control character, not
+#: starting with '.', '-' or a blank (``..`` climbed out of ``outputs/``; a quote broke the registry's filter).
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=@ -]{0,127}\Z")
+SAFE_NAME_SHAPE = ("1-128 letters, digits and _ . + = @ - or blanks, starting with a letter or digit and not "
+                   "ending with a blank or '.'")
 
 
 # ------------------------------------------------------------------------------------------------ schemas
@@ -154,6 +161,8 @@ class RegistryCfg:
     model_name: Optional[str] = None     # the Model Registry name; null = the run name
     export: bool = True                  # register a new version at the end of a sequence (when its tasks changed)
     export_max_tasks: int = 50           # above this many tasks the end-of-sequence export is left to mode=export
+    serve_max_rows: int = 4096           # the served model refuses a request with more rows (recorded in its spec)
+    serve_max_pixels: int = 1 << 24      # ... or more pixels in all (16 Mi: 4096 images of 64x64)
 
 
 @dataclass
@@ -353,6 +362,12 @@ def validate(rc: RunConfig) -> None:
     _number("tracking.system_metrics_s", rc.tracking.system_metrics_s, 0, strict=False)
     if rc.registry.model_name is not None and not rc.registry.model_name.strip():
         raise PipelineError("registry.model_name is empty; give a name, or null to register under the run name")
+    for key, name in (("run_name", rc.run_name), ("registry.model_name", rc.registry.model_name)):
+        if name is not None and (not SAFE_NAME.match(name) or name.endswith((" ", "."))):
+            raise PipelineError(f"{key}={name!r} is not a safe name: it names folders under paths.output and the "
+                                f"runs and model in MLflow; use {SAFE_NAME_SHAPE} (no '/', quotes or '..')")
+    _at_least("registry.serve_max_rows", rc.registry.serve_max_rows, 1)
+    _at_least("registry.serve_max_pixels", rc.registry.serve_max_pixels, 1)
     if cl.gpus_per_task > 1 and cl.gpus_per_task != int(cl.gpus_per_task):
         raise PipelineError(f"cluster.gpus_per_task={cl.gpus_per_task} must be a fraction <= 1 or a whole number")
     if not 0 <= rc.data.holdout < 1:

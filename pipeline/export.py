@@ -25,9 +25,9 @@ from typing import Any, Callable
 from .config import RunConfig, stable_hash
 from .data import Manifest, iter_samples, make_loader
 from .errors import PipelineError
-from .tracking import Tracker
+from .tracking import Tracker, filter_value
 
-__all__ = ["export_model", "export_after_sequence", "run_export", "model_name", "served_tasks"]
+__all__ = ["export_model", "export_after_sequence", "run_export", "model_name", "served_tasks", "model_files"]
 
 Log = Callable[[str], None]
 SERVED_CODE = Path(__file__).with_name("served.py")
@@ -123,11 +123,28 @@ def _example(m: Manifest, tasks: list[dict[str, Any]]) -> dict[str, Any]:
     return {"task": np.array(names), "image": np.stack(images)}
 
 
+def model_files(tmp: Path, root: Path) -> dict[str, Any]:
+    """What makes a folder ``root`` (backbone, tasks, spec) a pyfunc model, as ``mlflow.pyfunc.log_model`` /
+    ``save_model`` take it: the model's code (served.py + its ``set_model`` line, written under ``tmp``),
+    ``ksm_core`` beside it, the signature and the pinned requirements."""
+    import ksm_core
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    code = tmp / "ksm_model.py"
+    code.write_text(SERVED_CODE.read_text() + "\n\nimport mlflow.models  # noqa: E402\n\n"
+                    "mlflow.models.set_model(MultiTaskModel())\n")
+    core = tmp / "code" / "ksm_core"
+    shutil.copytree(Path(ksm_core.__file__).parent, core, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return {"python_model": str(code), "artifacts": {"ksm": str(root)}, "code_paths": [str(core)],
+            "signature": _signature(), "pip_requirements": _requirements()}
+
+
 def _latest_version(client: Any, name: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
-    try:
-        versions = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"], max_results=1)
+    try:  # quoted for the filter: a name holding a quote must not turn into another filter (or a parse error)
+        versions = client.search_model_versions(f"name = {filter_value(name)}", order_by=["version_number DESC"],
+                                                max_results=1)
     except MlflowException:
         return None
     return versions[0] if versions else None
@@ -141,7 +158,6 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
     returned instead of a new one ({"skipped": True, ...})."""
     import mlflow
 
-    import ksm_core
     from ksm_core import read_metadata
 
     from mlflow import MlflowClient
@@ -178,18 +194,13 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
             spec = {"format": "ksm-served/1", "backbone": "backbone.safetensors", "backbone_fingerprint": fp,
                     "model": {"name": rc.model.name, "width": rc.model.width,
                               "num_classes": m.task(m.initial_task).num_classes},
-                    "method": rc.method.name, "sequence_run_id": parent_run_id, "tasks": tasks}
+                    "method": rc.method.name, "sequence_run_id": parent_run_id, "tasks": tasks,
+                    # what one request may hold: checked by the model before it converts a pixel
+                    "limits": {"max_rows": rc.registry.serve_max_rows, "max_pixels": rc.registry.serve_max_pixels}}
             (root / "ksm_model.json").write_text(json.dumps(spec, indent=1))
-            code = Path(tmp) / "ksm_model.py"
-            code.write_text(SERVED_CODE.read_text() + "\n\nimport mlflow.models  # noqa: E402\n\n"
-                            "mlflow.models.set_model(MultiTaskModel())\n")
-            core = Path(tmp) / "code" / "ksm_core"
-            shutil.copytree(Path(ksm_core.__file__).parent, core,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(code), artifacts={"ksm": str(root)}, code_paths=[str(core)],
-                    signature=_signature(), input_example=_example(m, tasks), pip_requirements=_requirements(),
+                    name="model", **model_files(Path(tmp), root), input_example=_example(m, tasks),
                     registered_model_name=name, metadata={"ksm_format": "ksm-served/1", "tasks": len(tasks)})
         version = str(info.registered_model_version)
         names = [d["name"] for d in tasks]

@@ -37,6 +37,7 @@ from .config import MethodCfg, ModelCfg, RunConfig, TrainCfg
 from .data import Manifest, make_loader
 from .errors import PipelineError, TrackingUnreachable
 from .params import method_params
+from .redact import redact_text
 from .tracking import Tracker
 
 __all__ = ["JobContext", "TaskOutcome", "task_epochs", "train_task", "task_job", "backbone_job", "build_backbone",
@@ -186,7 +187,7 @@ def task_datasets(m: Manifest, task_name: str) -> list[tuple[Any, str]]:
     out = []
     for split in ("train", "test"):
         rels = info.split_shards(split)
-        folder = m.url(rels[0]).rsplit("/", 1)[0]
+        folder = redact_text(m.url(rels[0]).rsplit("/", 1)[0])  # in the store for all to read: no login
         if folder.startswith(("http://", "https://")):
             source_type, source = "http", {"url": folder}
         else:
@@ -303,7 +304,7 @@ def log_outcome(tr: Tracker, run: Any, rec: Unlogged, rc: RunConfig, tags: Mappi
         tr.artifact(run_id, rec.artifact, "task", artifact_uri=run.info.artifact_uri)
     except OSError as e:  # a local artifact store: the copy into it failed (the run ends FAILED)
         raise PipelineError(f"task {rec.params.get('task')}: cannot copy its artifact into the tracking store's "
-                            f"artifact location ({rc.tracking.artifact_root or rc.tracking.uri}): "
+                            f"artifact location ({redact_text(rc.tracking.artifact_root or rc.tracking.uri)}): "
                             f"[{errno.errorcode.get(e.errno or 0, e.errno)}] {e.strerror or e}"
                             f"{f' ({e.filename})' if e.filename else ''}; free space there or set "
                             "tracking.artifact_root to another folder") from e
@@ -389,7 +390,8 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
                      "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples}
             final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
             end_tags = {"ksm_device": out.fit.device,
-                        **({"ksm_skipped_shards": ", ".join(out.skipped_shards)} if out.skipped_shards else {})}
+                        **({"ksm_skipped_shards": ", ".join(map(redact_text, out.skipped_shards))}
+                           if out.skipped_shards else {})}
             rec = Unlogged(artifact=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                            params={k: str(v) for k, v in params.items()}, metrics={**final, **system},
                            tags=end_tags, step=rc.train.epochs, run_id=run_id, epochs=waiting)

@@ -28,6 +28,7 @@ from .export import export_after_sequence
 from .jobs import JobContext, backbone_job, result_from_run, task_job, warm_worker
 from .params import method_params
 from .probes import check_tracking_uri
+from .redact import redact_text
 from .report import write_report
 from .runtime import (Log, StopSignals, check_fits, check_fits_before_ray, in_flight_limit, ray_map, ray_session,
                       remote, warm_workers)
@@ -205,7 +206,7 @@ def trained_sequence(tr: Tracker, rc: RunConfig, m: Manifest, mode: str) -> tupl
     parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=sequence_key(rc, backbone_key(rc, m)))
     if parent is None or not parent.data.tags.get("ksm_backbone_run"):
         raise PipelineError(f"no trained sequence matches this config (run_name={rc.run_name!r}, benchmark "
-                            f"{rc.benchmark['name']}, method {rc.method.name}) in {rc.tracking.uri}; "
+                            f"{rc.benchmark['name']}, method {rc.method.name}) in {redact_text(rc.tracking.uri)}; "
                             f"run the same command without mode={mode} first")
     bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
     fp = bb_run.data.tags.get("ksm_fingerprint", "")
@@ -463,7 +464,7 @@ def _cause(e: BaseException) -> str:
     cause = getattr(e, "cause", None)
     if isinstance(cause, BaseException):
         e = cause
-    return f"{type(e).__name__}: {e}"
+    return redact_text(f"{type(e).__name__}: {e}")  # logged and raised: a shard URL's login stays out
 
 
 def _flat_params(rc: RunConfig) -> dict[str, Any]:

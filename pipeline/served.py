@@ -19,6 +19,13 @@ image must have the task's stored shape (H, W, C), or (H, W) for a grey task. A 
 wrong shape, pixels that are not uint8) raises :class:`BadRequest` naming the first bad row and the form the row's
 task expects; over REST it is an HTTP 400 with that message.
 
+A request is bounded: at most ``max_rows`` rows and ``max_pixels`` pixels (the spec's ``limits``, written at export
+from ``registry.serve_max_rows`` / ``serve_max_pixels``; :data:`DEFAULT_LIMITS` for a spec without them;
+``model_config`` at load overrides both). Its size and shape are checked before any pixel is converted, and a
+REST request's pixels (JSON numbers: an object array) are converted to uint8 a slice at a time, never as one
+float64 copy of the whole request. MLflow's scoring server itself parses the whole JSON body before the model sees
+it, with no limit of its own: cap the body in front of it (a proxy) when it faces untrusted clients.
+
 Loading reads safetensors only (the backbone and one artifact per task, ``ksm_core.load_task``) and a JSON spec:
 no task artifact is ever unpickled. The backbone's fingerprint is checked against the one recorded at export.
 
@@ -32,7 +39,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -41,12 +48,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-__all__ = ["MultiTaskModel", "BadRequest", "SPEC_FILE", "FORMAT", "eval_transform", "resize_matrix"]
+__all__ = ["MultiTaskModel", "BadRequest", "SPEC_FILE", "FORMAT", "DEFAULT_LIMITS", "eval_transform",
+           "resize_matrix"]
 
 FORMAT = "ksm-served/1"
 SPEC_FILE = "ksm_model.json"   # in the model's artifact folder "ksm", beside backbone.safetensors and tasks/
 CROP_PADDING = 4               # the loader's eval crop is the centre of a 4-pixel zero padding: the image itself
 _NAMED = 10                    # tasks named in an "unknown task" message before "..."
+#: one request's bounds when the spec has none (a model exported before they existed): 4096 rows, 16 Mi pixels
+#: (4096 images of 64x64; the uint8 request is 16 MiB, its JSON ~60 MB). The config's defaults are the same.
+DEFAULT_LIMITS = {"max_rows": 4096, "max_pixels": 1 << 24}
+_SLICE = 1 << 16               # pixels of a REST request converted at once (their float64 copy: 512 KiB)
 
 
 class BadRequest(MlflowException, ValueError):
@@ -114,7 +126,8 @@ class MultiTaskModel(PythonModel):
 
     ``model_config={"device": "cuda"}`` at load runs it on a GPU (default: cpu); ``"batch_size"`` (default 256)
     caps the rows one forward pass takes; ``"threads"`` sets torch's CPU threads for the process (default: torch's
-    own; on a busy machine 1 thread per server process is much faster, see benchmarks/RESULTS.md).
+    own; on a busy machine 1 thread per server process is much faster, see benchmarks/RESULTS.md);
+    ``"max_rows"`` / ``"max_pixels"`` replace the spec's request limits.
     """
 
     # predict() checks its input itself (naming the bad row); MLflow's type-hint validation of it is off (the flag
@@ -133,6 +146,8 @@ class MultiTaskModel(PythonModel):
         config = dict(getattr(context, "model_config", None) or {})
         self.device = torch.device(config.get("device", "cpu"))
         self.batch_size = int(config.get("batch_size", 256))
+        limits = {**DEFAULT_LIMITS, **spec.get("limits", {}), **{k: config[k] for k in DEFAULT_LIMITS if k in config}}
+        self.max_rows, self.max_pixels = int(limits["max_rows"]), int(limits["max_pixels"])
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
         m = spec["model"]
@@ -153,55 +168,83 @@ class MultiTaskModel(PythonModel):
 
     # ---------------------------------------------------------------------------------------------- checks
     def _rows(self, model_input: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The request's task names and uint8 images, checked cheapest first and before any pixel is converted:
+        its form, its size against the limits, the task names, each task's image shape; then the pixels."""
         if not isinstance(model_input, dict) or "task" not in model_input or "image" not in model_input:
             raise BadRequest('the input must be {"task": task names (N,), "image": uint8 images (N, H, W) or '
                              '(N, H, W, C)}; over REST: {"inputs": {"task": [...], "image": [...]}}, got '
                              f"{type(model_input).__name__}"
                              + (f" with keys {sorted(model_input)}" if isinstance(model_input, dict) else ""))
+        n = _length(model_input["task"], "task")
+        if n > self.max_rows:
+            raise BadRequest(f"the request has {n} rows; this model takes at most {self.max_rows} rows a request: "
+                             "split it into smaller requests (the limit is max_rows in the model's spec)")
         tasks = np.asarray(model_input["task"])
         image = model_input["image"]
         if tasks.ndim != 1:
             raise BadRequest(f"task must be one name per row, shape (N,); got shape {tasks.shape}")
+        if _length(image, "image") != n:
+            got = f"shape {image.shape}" if isinstance(image, np.ndarray) else f"{len(image)} rows"
+            raise BadRequest(f"image must be (N, H, W) or (N, H, W, C) with N = {n} rows (one per task name); got "
+                             f"{got}")
         if not isinstance(image, np.ndarray):
-            image = np.asarray(image)
-        if image.ndim not in (3, 4) or image.shape[0] != len(tasks):
-            raise BadRequest(f"image must be (N, H, W) or (N, H, W, C) with N = {len(tasks)} rows (one per task "
+            image = np.asarray(image)  # a caller's own lists, their rows already counted
+        if image.ndim not in (3, 4) or image.shape[0] != n:
+            raise BadRequest(f"image must be (N, H, W) or (N, H, W, C) with N = {n} rows (one per task "
                              f"name); got shape {image.shape}")
+        if image.size > self.max_pixels:
+            raise BadRequest(f"the request has {image.size} pixels ({n} images of {'x'.join(map(str, image.shape[1:]))})"
+                             f"; this model takes at most {self.max_pixels} pixels a request: split it into smaller "
+                             "requests (the limit is max_pixels in the model's spec)")
         known = [str(t) for t in tasks]
         for i, t in enumerate(known):
             if t not in self.tasks:
                 names = list(self.tasks)
                 shown = ", ".join(names[:_NAMED]) + (f", ... ({len(names)} in all)" if len(names) > _NAMED else "")
                 raise BadRequest(f"row {i}: unknown task {t!r}; this model serves: {shown}")
+        for name in dict.fromkeys(known):
+            self._check_shape(self.tasks[name], image, known.index(name))
         if image.dtype != np.uint8:
             image = self._as_uint8(image, known)
         return np.asarray(known), image
 
     def _as_uint8(self, image: np.ndarray, tasks: list[str]) -> np.ndarray:
-        """A REST request's pixels arrive as JSON numbers (an object array): whole numbers 0..255 are pixels. Any
-        other value, and any numpy dtype but uint8 (no silent casts), is refused naming the first bad row."""
-        row, got = 0, f"dtype {image.dtype}"
-        if image.dtype == object:
+        """A REST request's pixels arrive as JSON values (an object array): whole numbers 0..255 are pixels; a
+        string ("7"), a boolean (true), null or a list is not, though numpy would cast the first two. Converted a
+        slice of rows at a time (a whole request's float64 copy would be 8 bytes a pixel, plus its masks). Any
+        numpy dtype but uint8 and object is refused (no silent casts). Errors name the first bad row."""
+        if image.dtype != object:
+            self._refuse(0, tasks, f"dtype {image.dtype}")
+        out = np.empty(image.shape, np.uint8)
+        step = max(1, _SLICE // max(1, int(np.prod(image.shape[1:]))))
+        for start in range(0, len(image), step):
+            part = image[start:start + step]
+            if not all(map(_is_number_type, set(map(type, part.ravel().tolist())))):  # C loops: ~1 ms a slice
+                row, v = next((start + i, v) for i, r in enumerate(part) for v in r.flat if not _is_number(v))
+                self._refuse(row, tasks, f"values that are not numbers: a {type(v).__name__} ({v!r:.40})")
             try:
-                values = image.astype(np.float64)  # exact for pixel values; keeps a fraction visible
-            except (TypeError, ValueError):
-                got = "values that are not numbers"
-            else:
-                flat = values.reshape(len(values), -1)
-                ok = ((flat == np.floor(flat)) & (flat >= 0) & (flat <= 255)).all(1)
-                if ok.all():
-                    return values.astype(np.uint8)
-                row, got = int(np.flatnonzero(~ok)[0]), "values that are not whole numbers 0..255"
-        t = self.tasks[tasks[row]]
-        raise BadRequest(f"row {row} (task {t.name!r}): image pixels must be uint8, got {got}; "
-                         f"expected {t.expected()}")
+                values = part.astype(np.float64)  # exact for every pixel value; keeps a fraction visible
+            except (OverflowError, ValueError, TypeError):  # an integer too large for a float
+                row = start + next((i for i, r in enumerate(part) if not _fits(r)), 0)
+                self._refuse(row, tasks, "values that are not whole numbers 0..255")
+            flat = values.reshape(len(values), -1)
+            ok = ((flat == np.floor(flat)) & (flat >= 0) & (flat <= 255)).all(1)
+            if not ok.all():
+                self._refuse(start + int(np.flatnonzero(~ok)[0]), tasks, "values that are not whole numbers 0..255")
+            out[start:start + step] = values
+        return out
 
-    def _check_shape(self, t: _Task, image: np.ndarray, rows: np.ndarray) -> None:
+    def _refuse(self, row: int, tasks: list[str], got: str) -> NoReturn:
+        t = self.tasks[tasks[row]]
+        raise BadRequest(f"row {row} (task {t.name!r}): image pixels must be uint8 (whole numbers 0..255), got "
+                         f"{got}; expected {t.expected()}")
+
+    def _check_shape(self, t: _Task, image: np.ndarray, row: int) -> None:
         h, w, c = t.shape
         got = image.shape[1:]
         if got == (h, w, c) or (c == 1 and got == (h, w)):
             return
-        raise BadRequest(f"row {int(rows[0])} (task {t.name!r}): image is {'x'.join(map(str, got))}, expected "
+        raise BadRequest(f"row {row} (task {t.name!r}): image is {'x'.join(map(str, got))}, expected "
                          f"{t.expected()}; images are not resized beyond what the task's own transform does")
 
     # --------------------------------------------------------------------------------------------- predict
@@ -210,8 +253,6 @@ class MultiTaskModel(PythonModel):
         tasks, image = self._rows(model_input)
         out = np.empty(len(tasks), dtype=np.int64)
         groups = {name: np.flatnonzero(tasks == name) for name in dict.fromkeys(tasks.tolist())}
-        for name, rows in groups.items():
-            self._check_shape(self.tasks[name], image, rows)
         with torch.inference_mode(), self._lock:
             for name, rows in groups.items():
                 t = self.tasks[name]
@@ -224,3 +265,30 @@ class MultiTaskModel(PythonModel):
                     x = eval_transform(x, t.mean, t.std, t.size, t.channels).to(self.device)
                     out[part] = self.net(x).argmax(1).cpu().numpy()
         return out
+
+
+def _length(x: Any, what: str) -> int:
+    """Rows of a request's input, counted without converting it (a list's rows may be anything)."""
+    if isinstance(x, np.ndarray) and x.ndim >= 1:
+        return int(x.shape[0])
+    if isinstance(x, (list, tuple)):
+        return len(x)
+    raise BadRequest(f"{what} must be a list or array with one entry per row; got {type(x).__name__}"
+                     + (f" of shape {x.shape}" if isinstance(x, np.ndarray) else ""))
+
+
+def _is_number_type(t: type) -> bool:
+    """A JSON number's type (or a numpy one's, in-process); bool is an int to Python and numpy, but never a pixel."""
+    return issubclass(t, (int, float, np.integer, np.floating)) and not issubclass(t, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return _is_number_type(type(v))
+
+
+def _fits(row: np.ndarray) -> bool:
+    try:
+        row.astype(np.float64)
+    except (OverflowError, ValueError, TypeError):
+        return False
+    return True

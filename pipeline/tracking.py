@@ -27,9 +27,10 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 
 from .config import ROOT
 from .errors import TrackingUnreachable
+from .redact import redact_url, split_userinfo
 from .store import ensure_store
 
-__all__ = ["Tracker", "PARENT_TAG", "EXPERIMENT_KIND", "source_tags", "git_commit"]
+__all__ = ["Tracker", "PARENT_TAG", "EXPERIMENT_KIND", "source_tags", "git_commit", "filter_value"]
 
 PARENT_TAG = "mlflow.parentRunId"
 #: the experiment tag MLflow 3's UI reads to choose its layout; "custom_model_development" is its model-training
@@ -39,11 +40,27 @@ _GUESSED_KINDS = ("", "genai_development_inferred", "custom_model_development_in
 _MAX_PARAM = 6000  # MLflow's param value limit is 6000 chars (8000 on newer stores); stay under both
 
 
-def _http_limits() -> None:
+def filter_value(value: Any) -> str:
+    """``value`` as a string literal of an MLflow search filter: single-quoted, or double-quoted when it holds a
+    single quote (MLflow's filters have no escape). A value holding both cannot be searched for: refused, so it
+    never becomes part of the filter's syntax."""
+    v = str(value)
+    if "'" not in v:
+        return f"'{v}'"
+    if '"' not in v:
+        return f'"{v}"'
+    raise ValueError(f"{v!r} holds both quote characters: MLflow's search filters cannot match it")
+
+
+def _http_limits(uri: str = "") -> None:
     # MLflow's REST client retries for minutes by default; a pipeline should fail within seconds instead.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    if split_userinfo(uri)[1] is not None:
+        # MLflow prints "View run ... at <tracking URI>/#/..." to stdout each time it ends a run on a server: with a
+        # login in the URI, that is the password in every job's log
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 #: seconds a run waits out an unreachable tracking server (a restart, a network blip) before it gives up
@@ -92,10 +109,12 @@ class PatientClient:
                         raise
                     if time.monotonic() + delay > deadline:
                         raise TrackingUnreachable(
-                            f"the tracking server {self._uri} has been unreachable for {self._outage_s:g}s "
-                            f"(tracking.outage_s) while calling {name}: start it again (cluster/start_mlflow_server.sh) "
-                            "and re-run the same command (what has FINISHED is kept)") from None
-                    print(f"[tracking] {self._uri} unreachable ({name}); retrying in {delay:g}s", flush=True)
+                            f"the tracking server {redact_url(self._uri)} has been unreachable for "
+                            f"{self._outage_s:g}s (tracking.outage_s) while calling {name}: start it again "
+                            "(cluster/start_mlflow_server.sh) and re-run the same command (what has FINISHED is "
+                            "kept)") from None
+                    print(f"[tracking] {redact_url(self._uri)} unreachable ({name}); retrying in {delay:g}s",
+                          flush=True)
                     time.sleep(delay)
                     delay = min(delay * 2, 10.0)
 
@@ -106,7 +125,7 @@ class Tracker:
     """One experiment on one tracking URI."""
 
     def __init__(self, uri: str, experiment_id: str, outage_s: float = DEFAULT_OUTAGE_S):
-        _http_limits()
+        _http_limits(uri)
         self.uri = uri
         self.experiment_id = experiment_id
         self.outage_s = outage_s
@@ -116,7 +135,7 @@ class Tracker:
     @classmethod
     def setup(cls, uri: str, experiment: str, artifact_root: str | None = None,
               outage_s: float = DEFAULT_OUTAGE_S) -> "Tracker":
-        _http_limits()
+        _http_limits(uri)
         # A fresh sqlite store must exist complete before MlflowClient opens it: MlflowClient would migrate it in
         # place, and another process opening the file meanwhile (mlflow ui, a notebook) collides with that.
         ensure_store(uri)
@@ -142,7 +161,7 @@ class Tracker:
     # -- finding runs -------------------------------------------------------------------------------------
     def find(self, status: str | None = "FINISHED", **tags: str) -> list[Any]:
         """Runs of this experiment with all the given tags (and status), newest first."""
-        clauses = [f"tags.{k} = '{v}'" for k, v in tags.items()]
+        clauses = [f"tags.{k} = {filter_value(v)}" for k, v in tags.items()]
         if status:
             clauses.append(f"attributes.status = '{status}'")
         return self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=5000,
@@ -151,7 +170,8 @@ class Tracker:
     def scan(self, status: str | None = "FINISHED", page: int = 500, **tags: str) -> Iterator[Any]:
         """Every run of this experiment with the given tags (and status), a page at a time: one query per
         ``page`` runs instead of one per lookup, without holding them all."""
-        clauses = [f"tags.{k} = '{v}'" for k, v in tags.items()] + ([f"attributes.status = '{status}'"] if status else [])
+        clauses = [f"tags.{k} = {filter_value(v)}" for k, v in tags.items()] + (
+            [f"attributes.status = '{status}'"] if status else [])
         token = None
         while True:
             runs = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=page,

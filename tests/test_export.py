@@ -161,7 +161,7 @@ def test_bad_requests_name_the_row_and_the_expected_form(hand_model, fashion_tes
           "image": np.array([r.tolist() for r in grey[:2]] + [(grey[2] + 300.0).tolist(), grey[3].tolist()],
                             dtype=object)}, ["row 2 (task 'grey')", "must be uint8"]),
         ({"task": np.array(["grey"] * 4), "image": _with(np.array(grey.tolist(), dtype=object), (1, 3, 3, 0), "x")},
-         ["row 0 (task 'grey')", "not numbers"]),
+         ["row 1 (task 'grey')", "not numbers", "a str ('x')"]),
         ({"task": np.array(["grey"] * 3), "image": grey}, ["N = 3 rows", "(4, 28, 28, 1)"]),
         ({"image": grey}, ['"task"', "keys ['image']"]),
     ]

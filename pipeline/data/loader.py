@@ -35,6 +35,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..errors import SHARDS_COMMAND, ConfigError, ShardCorruptError, corrupt_shard, missing_shard, unknown_name
+from ..redact import redact_text
 from .manifest import Manifest, TaskInfo, sample_key
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ class VerifiedOpener:
         lost = self.counts.get(url, 0)
         self.stats["skipped"] += lost
         self.stats["skipped_shards"].append(url)
-        log.warning("skipping %s (%d samples): %s", url, lost, exc)
+        log.warning("skipping %s (%d samples): %s", redact_text(url), lost, redact_text(str(exc)))  # no login
 
 
 class _NotPlainUstar(Exception):
@@ -479,7 +480,7 @@ class Loader:
         if self.on_corrupt == "fail":
             raise corrupt_shard(url, f"unreadable tar: {exc.args[0] if exc.args else exc}") from exc
         self._stats["skipped_shards"].append(url)
-        log.warning("skipping the rest of %s: %s", url, exc)
+        log.warning("skipping the rest of %s: %s", redact_text(url), redact_text(str(exc)))
         return True
 
     def _on_bad_sample(self, exc: Exception) -> bool:

@@ -51,6 +51,7 @@ import webdataset as wds
 from .arrays import ArraySplit, channel_stats
 from .benchmarks import TaskSpec, build_task, expand, spec_of, task_specs
 from ..errors import ConfigError, DataError, ShardWriteError, unknown_name
+from ..redact import redact_text
 from .manifest import (FORMAT_VERSION, MANIFEST_NAME, TASKS_DIR, Manifest, TaskInfo, check_shard_paths, is_local,
                        join_url, sample_key, sha256_file)
 
@@ -310,7 +311,7 @@ def remote_shards(spec: dict[str, Any], shard_root: str, *, verify: str = "size"
                           f"locally and publish it again")
     if verify == "sha256":
         manifest.verify()
-    log(f"[shards] reading {root} (spec {manifest.spec_hash}{', sha256 verified' if verify == 'sha256' else ''})")
+    log(f"[shards] reading {redact_text(str(root))} (spec {manifest.spec_hash}{', sha256 verified' if verify == 'sha256' else ''})")
     return manifest
 
 
