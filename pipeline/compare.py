@@ -96,7 +96,8 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             rows = summarise(results, methods, seeds, m.new_tasks)
             _report(tr, parent_id, rows, rc, log)
             tr.metrics(parent_id, {**{f"{k}.{r['method']}": r[k] for r in rows
-                                      for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes")
+                                      for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes",
+                                                "at_chance")
                                       + (("compile_seconds",) if rc.train.compile else ())},
                                    **{f"time_ratio.{k.replace(' / ', '_vs_')}": v[0]
                                       for k, v in time_ratios(rows).items()},
@@ -123,6 +124,8 @@ def summarise(results: dict[str, dict[str, Any]], methods: list[str], seeds: lis
                      # train.compile: the part of task_seconds that compiled the step (0 without it)
                      "compile_seconds": statistics.fmean(j.get("compile_seconds") or 0.0 for j in jobs),
                      "artifact_bytes": statistics.fmean(j["artifact_bytes"] for j in jobs), "per_seed": per_seed,
+                     # task runs that ended at chance (tag ksm_warning=chance_level): a mean can hide a dead task
+                     "at_chance": sum(j.get("warning") == "chance_level" for j in jobs), "jobs": len(jobs),
                      "per_seed_seconds": [statistics.fmean(results[f"{meth}/{s}/{t}"]["train_seconds"] for t in tasks)
                                           for s in seeds]})
     ft = next((r["artifact_bytes"] for r in rows if r["method"] == "finetune"), None)
@@ -152,8 +155,10 @@ def _ratio_lines(rows: list[dict[str, Any]]) -> str:
 
 
 def _table(rows: list[dict[str, Any]], seeds: int, markdown: bool = False) -> str:
-    head = ["method", f"test acc (mean ± std, {seeds} seeds)", "s/task", "KB/task", "% of fine-tune bytes", "rank"]
-    cells = [[r["method"], f"{r['mean_test_acc']:.4f} ± {r['std_test_acc']:.4f}", f"{r['task_seconds']:.2f}"
+    head = ["method", f"test acc (mean ± std, {seeds} seeds)", "at chance", "s/task", "KB/task", "% of fine-tune bytes",
+            "rank"]
+    cells = [[r["method"], f"{r['mean_test_acc']:.4f} ± {r['std_test_acc']:.4f}", f"{r['at_chance']}/{r['jobs']}",
+              f"{r['task_seconds']:.2f}"
               + (f" ({r['compile_seconds']:.1f} compiling)" if r.get("compile_seconds") else ""),
               f"{r['artifact_bytes'] / 1024:.1f}",
               "-" if r["bytes_vs_finetune"] is None else f"{r['bytes_vs_finetune']:.1f}", str(r["rank"])]
@@ -167,6 +172,10 @@ def _report(tr: Any, parent_id: str, rows: list[dict[str, Any]], rc: RunConfig, 
     log(f"\nCompare '{rc.run_name}' ({rc.benchmark['name']}, {rc.model.name}, {rc.train.epochs} epochs, "
         f"{seeds} seed(s), one backbone):")
     log(_table(rows, seeds))
+    dead = [f"{r['method']} {r['at_chance']}/{r['jobs']}" for r in rows if r["at_chance"]]
+    if dead:
+        log(f"warning: task runs at chance level (tag ksm_warning=chance_level), per method: {', '.join(dead)}; "
+            "their means include tasks that did not learn")
     lines = _ratio_lines(rows)
     if lines:
         log(lines)
@@ -177,8 +186,8 @@ def _report(tr: Any, parent_id: str, rows: list[dict[str, Any]], rc: RunConfig, 
                                         + (f"\nTime per task, as ratios:\n{ratios}\n" if ratios else ""))
         with open(out / "compare.csv", "w", newline="") as f:
             w = csv.writer(f)
-            keys = ["method", "mean_test_acc", "std_test_acc", "task_seconds", "compile_seconds", "artifact_bytes",
-                    "bytes_vs_finetune", "rank"]
+            keys = ["method", "mean_test_acc", "std_test_acc", "at_chance", "task_seconds", "compile_seconds",
+                    "artifact_bytes", "bytes_vs_finetune", "rank"]
             w.writerow(keys)
             w.writerows([[r[k] for k in keys] for r in rows])
         plt = pyplot()

@@ -89,12 +89,15 @@ class TrainCfg:
     channels_last: bool = True
     pin_memory: bool = True
     compile: bool = False
+    head_refit: bool = True              # after the last epoch, fit the head alone to the final features (#22)
+    chance_margin: float = 0.05          # a task ending within this of chance (1 / classes) is flagged
+    retrain_at_chance: bool = False      # ... and trained once more with another seed, logged as such
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
 
     def to_core(self, **over: Any) -> TrainConfig:
         """ksm_core's TrainConfig for a task (``over``: device, seed, ...); raises ValueError on bad values."""
         keys = ("epochs", "lr_mask", "lr_head", "lr_finetune", "weight_decay", "schedule", "device", "amp",
-                "channels_last", "pin_memory", "compile")
+                "channels_last", "pin_memory", "compile", "head_refit")
         return TrainConfig(**{**{k: getattr(self, k) for k in keys}, **over})
 
 
@@ -213,6 +216,10 @@ class RunConfig:
         keys; ``pin_memory`` always, as it changes when a batch's copy runs, not a single number."""
         train = self.section("train")
         del train["pin_memory"]
+        # what flags a result or retries it does not change the result itself (a retry logs its own seed)
+        del train["chance_margin"], train["retrain_at_chance"]
+        if train.get("head_refit") is False:  # train=paper: the results made before the refit existed keep their keys
+            del train["head_refit"]
         if train["backbone"].get("workers") == 1:
             del train["backbone"]["workers"]
         if train.get("compile") is False:
@@ -348,6 +355,9 @@ def validate(rc: RunConfig) -> None:
     _at_least("train.backbone.batch_size", bb.batch_size, 1)
     _at_least("train.backbone.workers", bb.workers, 1, " (1 = one plain Ray job; more = Ray Train, DDP)")
     _at_least("data.shuffle_buffer", rc.data.shuffle_buffer, 1)
+    if not (math.isfinite(rc.train.chance_margin) and 0 <= rc.train.chance_margin < 0.5):
+        raise PipelineError(f"train.chance_margin={rc.train.chance_margin!r} must be a number in [0, 0.5): a task "
+                            "whose test accuracy ends within it of chance (1 / classes) is flagged")
     cl = rc.cluster
     _number("cluster.cpus_per_task", cl.cpus_per_task, 0, strict=True)
     _number("cluster.gpus_per_task", cl.gpus_per_task, 0, strict=False)

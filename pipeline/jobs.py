@@ -10,6 +10,7 @@ which experiment and parent run to log into, and which backbone it adapts.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ksm_core import (ArtifactWriteError, KSMNet, create_model, drain_epochs, evaluate, fit_task_epochs, save_task,
-                      train_backbone, write_atomic)
+from ksm_core import (ArtifactWriteError, KSMNet, at_chance, create_model, drain_epochs, evaluate, fit_task_epochs,
+                      save_task, train_backbone, write_atomic)
 from ksm_core.cpu import tune_malloc
 from ksm_core.train import FitResult, TrainConfig, resolve_device
 
@@ -313,6 +314,16 @@ def log_outcome(tr: Tracker, run: Any, rec: Unlogged, rc: RunConfig, tags: Mappi
     tr.finish(run_id, "FINISHED")
 
 
+#: the ``ksm_warning`` (and ``ksm_retrained``) tag value of a task that ended within train.chance_margin of chance
+CHANCE_LEVEL = "chance_level"
+
+
+def retrain_seed(seed: int) -> int:
+    """The seed a task ending at chance is trained again with (train.retrain_at_chance): another seed, fixed, so
+    the same command reproduces it."""
+    return seed + 7919
+
+
 def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
              backbone_state: dict[str, np.ndarray]) -> dict[str, Any]:
     """One new task, end to end, tracked as a child run of the sequence. ``result`` is its result key (backbone,
@@ -372,6 +383,13 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
         try:
             with tr.system_metrics(run_id, rc.tracking.system_metrics_s) as system:  # CPU, memory, GPU
                 out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
+                first_acc = None
+                if rc.train.retrain_at_chance and at_chance(out.fit.test_acc, len(out.classes), rc.train.chance_margin):
+                    # once, with another (fixed) seed; its epochs are logged after the first attempt's
+                    first_acc = out.fit.test_acc
+                    retry = dataclasses.replace(rc, seed=retrain_seed(rc.seed))
+                    out = train_task(retry, ctx.manifest, task_name, backbone_state,
+                                     on_epoch=lambda e, r: on_epoch(e + rc.train.epochs, r))
             stats = out.net.mask_stats(out.task)
             path, size = save_task_artifact(rc, out, task_name, folder)
             params = {
@@ -382,19 +400,26 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
                 "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
                 "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc.seed,
                 "device": out.fit.device, "compile": rc.train.compile,
+                **({"retrain_seed": retrain_seed(rc.seed)} if first_acc is not None else {}),
             }
             final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
                      "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
                      "compile_seconds": out.fit.compile_seconds if rc.train.compile else None,
                      "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
-                     "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples}
+                     "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples,
+                     "refit_seconds": out.fit.refit_seconds if rc.train.head_refit else None,
+                     "first_test_acc": first_acc}
             final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
             end_tags = {"ksm_device": out.fit.device,
+                        **({"ksm_warning": CHANCE_LEVEL}
+                           if at_chance(out.fit.test_acc, len(out.classes), rc.train.chance_margin) else {}),
+                        **({"ksm_retrained": CHANCE_LEVEL} if first_acc is not None else {}),
                         **({"ksm_skipped_shards": ", ".join(map(redact_text, out.skipped_shards))}
                            if out.skipped_shards else {})}
             rec = Unlogged(artifact=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                            params={k: str(v) for k, v in params.items()}, metrics={**final, **system},
-                           tags=end_tags, step=rc.train.epochs, run_id=run_id, epochs=waiting)
+                           tags=end_tags, step=rc.train.epochs * (1 if first_acc is None else 2), run_id=run_id,
+                           epochs=waiting)
             try:
                 log_outcome(tr, claim.run, rec, rc)
             except TrackingUnreachable as e:
@@ -443,6 +468,9 @@ def task_result(info: Any, status: str, params: Mapping[str, str], metrics: Mapp
         "artifact_bytes": m.get("artifact_bytes"), "mask_ones": m.get("mask_ones"), "mask_soft": m.get("mask_soft"),
         "layers": layers, "node": t.get("ksm_node_ip") or t.get("ksm_host"), "device": t.get("ksm_device", ""),
         "skipped_samples": int(m.get("skipped_samples") or 0), "skipped_shards": t.get("ksm_skipped_shards", ""),
+        # "chance_level" when the task ended within train.chance_margin of chance; "retrained" when it was
+        # trained once more for that reason (train.retrain_at_chance)
+        "warning": t.get("ksm_warning", ""), "retrained": bool(t.get("ksm_retrained")),
         "start_time": info.start_time,
     }
 

@@ -19,7 +19,7 @@ from typing import Any
 from .config import RunConfig
 from .present import pyplot, text_table
 
-__all__ = ["format_table", "write_report", "summarise", "SUMMARY_ABOVE", "WORST"]
+__all__ = ["format_table", "write_report", "summarise", "at_chance_lines", "SUMMARY_ABOVE", "WORST"]
 
 COLUMNS = [("task", "task"), ("classes", "classes"), ("test_acc", "test acc"), ("train_seconds", "train s"),
            ("artifact_kb", "artifact KB"), ("mask_ones", "ones"), ("mask_soft", "soft"), ("node", "node"),
@@ -51,7 +51,23 @@ def _fmt(key: str, v: Any) -> str:
 
 def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
     rows = _rows(results)
-    return text_table([h for _, h in COLUMNS], [[_fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows], markdown)
+    # the warning column only when a task has one: a task at chance must stand out, not be one more blank column
+    cols = COLUMNS + ([("warning", "warning")] if any(r.get("warning") for r in rows) else [])
+    return text_table([h for _, h in cols], [[_fmt(k, r.get(k)) for k, _ in cols] for r in rows], markdown)
+
+
+def at_chance_lines(results: list[dict[str, Any]], rc: RunConfig) -> list[str]:
+    """The warning a report prints for the tasks that ended at chance (tag ksm_warning=chance_level): their
+    count, then each (the first WORST), and what to do. Empty when there are none."""
+    hit = [r for r in results if r.get("warning") == "chance_level"]
+    if not hit:
+        return []
+    lines = [f"warning: {len(hit)} task(s) ended at chance level (test accuracy within train.chance_margin="
+             f"{rc.train.chance_margin:g} of 1 / classes): they did not learn. Train longer (train.epochs), or set "
+             "train.retrain_at_chance=true to train such a task once more with another seed"]
+    lines += [f"  {r['task']}: test acc {_fmt('test_acc', r.get('test_acc'))}"
+              + (" (after a retrain)" if r.get("retrained") else "") for r in hit[:WORST]]
+    return lines
 
 
 def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -104,10 +120,10 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([k for k, _ in COLUMNS] + ["run_id"])
+        w.writerow([k for k, _ in COLUMNS] + ["warning", "run_id"])
         for r in results:  # the same columns as the table's rows (_rows), one row at a time
             row = {**r, "artifact_kb": (r.get("artifact_bytes") or 0) / 1024}
-            w.writerow([row.get(k) for k, _ in COLUMNS] + [row.get("run_id")])
+            w.writerow([row.get(k) for k, _ in COLUMNS] + [row.get("warning", ""), row.get("run_id")])
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -143,6 +159,7 @@ def summarise(results: list[dict[str, Any]], failures: Mapping[str, str] | None 
         "total_train_seconds": sum(secs), "total_artifact_bytes": sum(r.get("artifact_bytes") or 0 for r in results),
         "fanout_wall_seconds": wall_seconds, "worst": _worst(results),
         "skipped_samples": sum(r.get("skipped_samples") or 0 for r in results),
+        "at_chance": sum(r.get("warning") == "chance_level" for r in results),
     }
 
 
@@ -221,6 +238,9 @@ def _write_summary_report(tracker: Any, parent_id: str, results: list[dict[str, 
         log(line)
     log(f"  {worst_title}")
     log(format_table(s["worst"]))
+    chance = at_chance_lines(results, rc)
+    for line in chance:
+        log(line)
     if lossy:
         log(f"warning: data.on_corrupt=skip dropped data in {len(lossy)} task(s), {s['skipped_samples']} sample(s); "
             "re-create the shards (mode=shards) to train on all of it")
@@ -230,6 +250,7 @@ def _write_summary_report(tracker: Any, parent_id: str, results: list[dict[str, 
         "mean_test_acc": s["accuracy"].get("mean"), "total_train_seconds": s["total_train_seconds"],
         "total_artifact_bytes": s["total_artifact_bytes"], "tasks": s["tasks"],
         "tasks_trained": s["trained"], "tasks_reused": s["reused"], "tasks_failed": s["failed"],
+        "tasks_at_chance": s["at_chance"],
         **{f"test_acc_{k}": v for k, v in s["accuracy"].items() if k != "mean"},
         **{f"train_seconds_{k}": v for k, v in s["seconds"].items()},
     }
@@ -244,6 +265,8 @@ def _write_summary_report(tracker: Any, parent_id: str, results: list[dict[str, 
               format_table(s["worst"], markdown=True), "", "![distributions](report.png)", ""]
         if lossy:
             md += [f"- skipped: {line}" for line in lossy_lines] + [""]
+        if chance:
+            md += [f"- {line.strip()}" for line in chance] + [""]
         (out / "report.md").write_text("\n".join(md))
         _write_csv(out / "report.csv", results)
         files = [out / "report.md", out / "report.csv"]
@@ -281,6 +304,10 @@ def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc
         log(f"mean test accuracy {summary['mean_test_acc']:.3f} over {len(accs)} task(s); "
             f"total training {summary['total_train_seconds']:.1f} s; "
             f"artifacts {summary['total_artifact_bytes'] / 1024:.1f} KB")
+    chance = at_chance_lines(rows, rc)
+    summary["tasks_at_chance"] = sum(r.get("warning") == "chance_level" for r in rows)
+    for line in chance:
+        log(line)
     lossy = [f"{r['task']}: {r['skipped_samples']} sample(s) skipped from corrupt shard(s) {r['skipped_shards']}"
              for r in rows if r.get("skipped_samples")]
     if lossy:  # data.on_corrupt=skip: the accuracies above saw less data than the manifest promises
@@ -290,14 +317,10 @@ def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc
             log(f"  {line}")
     with tempfile.TemporaryDirectory(prefix="ksm-report-") as tmp:
         out = Path(tmp)
-        notes = "".join(f"\n- skipped: {line}" for line in lossy)
+        notes = "".join(f"\n- skipped: {line}" for line in lossy) + "".join(f"\n- {line.strip()}" for line in chance)
         (out / "report.md").write_text(f"# {rc.run_name}\n\n" + format_table(results, markdown=True) + "\n"
                                        + (notes + "\n" if notes else ""))
-        with open(out / "report.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow([k for k, _ in COLUMNS] + ["run_id"])
-            for r in rows:
-                w.writerow([r.get(k) for k, _ in COLUMNS] + [r.get("run_id")])
+        _write_csv(out / "report.csv", results)
         files = [out / "report.md", out / "report.csv"]
         if rows:
             files += _plots(rows, out)

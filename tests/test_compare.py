@@ -37,11 +37,14 @@ def test_compare_logs_one_parent_with_per_method_metrics_and_reuses_everything(t
     assert parent.info.run_id == out["parent_run_id"] and parent.info.status == "FINISHED"
     metrics = parent.data.metrics
     for meth in ("ksm", "piggyback"):
-        for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes"):
+        for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes", "at_chance"):
             assert f"{k}.{meth}" in metrics, k
         row = next(r for r in out["rows"] if r["method"] == meth)
         assert metrics[f"mean_test_acc.{meth}"] == pytest.approx(sum(row["per_seed"]) / 2)
         assert 0.3 < metrics[f"mean_test_acc.{meth}"] <= 1 and metrics[f"task_seconds.{meth}"] > 0
+        # the per-method count of task runs at chance is the count of its children tagged so (#22)
+        assert metrics[f"at_chance.{meth}"] == row["at_chance"] == sum(
+            1 for label, r in out["results"].items() if label.startswith(f"{meth}/") and r["warning"] == "chance_level")
     # the children are ordinary task runs: one per method x seed x task, each with its method's own params
     kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(kids) == 2 * 2 * 2 and {r.info.status for r in kids} == {"FINISHED"}
@@ -52,7 +55,7 @@ def test_compare_logs_one_parent_with_per_method_metrics_and_reuses_everything(t
     arts = {a.path for a in c.list_artifacts(parent.info.run_id, "compare")}
     assert arts == {"compare/compare.md", "compare/compare.csv", "compare/compare.png"}
     md = Path(c.download_artifacts(parent.info.run_id, "compare/compare.md", str(tmp_path))).read_text()
-    assert "ksm" in md and "piggyback" in md and "± " in md
+    assert "ksm" in md and "piggyback" in md and "± " in md and "| at chance |" in md
     assert "s/task ksm / piggyback: " in md and metrics["time_ratio.ksm_vs_piggyback"] > 0
 
     again = run(tmp_path, *COMPARE)  # the same compare: every result is reused, nothing trains
@@ -88,6 +91,21 @@ def test_new_train_settings_at_their_defaults_keep_every_result_key():
     assert result_key(base, "fp", "task") != result_key(on, "fp", "task")
     assert base.train.pin_memory is True and unpinned.train.to_core().pin_memory is False
     assert "pin_memory" not in base.train_identity() and result_key(base, "fp", "task") == result_key(unpinned, "fp", "task")
+
+
+def test_the_head_refit_is_a_result_but_the_chance_detector_is_not():
+    """train.head_refit changes the trained head, so it is part of a result's key (train=paper leaves it out at
+    false, so results made before it existed keep their keys); train.chance_margin and train.retrain_at_chance
+    only flag or retry a result, so they leave its key alone."""
+    def rc(*over):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            return resolve(compose("config", overrides=["paths.root=/tmp/ksm-identity", *over]))
+    base, paper = rc(), rc("train=paper")
+    assert base.train.head_refit is True and base.train.to_core().head_refit is True
+    assert paper.train.head_refit is False and "head_refit" not in paper.train_identity()
+    assert result_key(base, "fp", "t") != result_key(rc("train.head_refit=false"), "fp", "t")
+    assert result_key(base, "fp", "t") == result_key(rc("train.chance_margin=0.2", "train.retrain_at_chance=true"),
+                                                     "fp", "t")
 
 
 def test_time_ratios_compare_like_with_like_per_seed():

@@ -438,3 +438,33 @@ def test_task_job_on_a_full_disk_fails_its_run_naming_path_and_errno(first, tmp_
     assert res["files"] == ["filler"]  # no artifact, no temporary, no scratch file left behind
     runs = _runs(c, f"tags.ksm_result = '{result}'")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_a_task_at_chance_is_tagged_retrained_once_and_flagged_in_the_report(ray_local, tmp_path, capsys):
+    """Issue #22's detector, forced: an absurd mask learning rate (1e6, on masks and BN) and no head refit leave
+    KSM's tasks at chance. Each such run is trained once more with another seed (train.retrain_at_chance), is
+    tagged ksm_warning=chance_level when the retry fails too, and the report and its parent run count it."""
+    out = run(tmp_path, "train.lr_mask=1e6", "train.head_refit=false", "train.retrain_at_chance=true")
+    c = _client(tmp_path)
+    tasks = {r.data.tags["ksm_task"]: r for r in _runs(c, "tags.ksm_kind = 'task'")}
+    flagged = {n for n, r in tasks.items() if r.data.tags.get("ksm_warning") == "chance_level"}
+    assert flagged, {n: r.data.metrics["test_acc"] for n, r in tasks.items()}
+    for name, r in tasks.items():
+        acc, tags, params, m = r.data.metrics["test_acc"], r.data.tags, r.data.params, r.data.metrics
+        assert (name in flagged) == (acc <= 0.5 + 0.05), (name, acc)  # the tag is exactly the detector's rule
+        if "first_test_acc" in m:  # retrained: the first attempt was at chance; both logged
+            assert m["first_test_acc"] <= 0.55 and tags["ksm_retrained"] == "chance_level"
+            assert int(params["retrain_seed"]) != int(params["seed"])
+            hist = c.get_metric_history(r.info.run_id, "test_acc")
+            assert sorted(h.step for h in hist) == [0, 1, 2, 3, 4]  # 2 epochs, 2 more for the retry, the final
+    assert all("first_test_acc" in tasks[n].data.metrics for n in flagged)  # nothing flagged without its retry
+    parent = _runs(c, "tags.ksm_kind = 'sequence'")[0]
+    assert parent.data.metrics["tasks_at_chance"] == len(flagged)
+    printed = capsys.readouterr().out
+    assert f"warning: {len(flagged)} task(s) ended at chance level" in printed
+    assert all(f"  {n}: test acc" in printed for n in flagged)
+    assert {r["task"]: r["warning"] for r in out["results"]} == {n: "chance_level" if n in flagged else ""
+                                                                  for n in tasks}
+    md = Path(c.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path / "dl"))).read_text()
+    assert "chance level" in md and "| warning |" in md

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.report import QUANTILES, SUMMARY_ABOVE, WORST, format_table, summarise, write_report
+from pipeline.report import QUANTILES, SUMMARY_ABOVE, WORST, at_chance_lines, format_table, summarise, write_report
 
 
 def records(n, seed=0):
@@ -37,7 +37,8 @@ def test_summary_counts_quantiles_and_worst_tasks():
 
 def _rc(name="stream"):
     return types.SimpleNamespace(run_name=name, benchmark={"name": "fashion_stream"},
-                                 method=types.SimpleNamespace(name="ksm"), model=types.SimpleNamespace(name="vgg"))
+                                 method=types.SimpleNamespace(name="ksm"), model=types.SimpleNamespace(name="vgg"),
+                                 train=types.SimpleNamespace(chance_margin=0.05))
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,8 @@ def tracker(tmp_path_factory):
 @pytest.mark.parametrize("n", [SUMMARY_ABOVE + 1, 1000])
 def test_large_stream_report_summarises_on_console_in_markdown_and_on_the_run(tracker, tmp_path, n):
     rs = records(n)
+    for r in rs[7:10]:  # three tasks that ended at chance (tag ksm_warning=chance_level)
+        r["warning"] = "chance_level"
     parent = tracker.start("stream", {"ksm_kind": "sequence"})
     logs: list[str] = []
     summary = write_report(tracker, parent, rs, _rc(), log=logs.append, wall_seconds=30.0,
@@ -63,7 +66,8 @@ def test_large_stream_report_summarises_on_console_in_markdown_and_on_the_run(tr
     assert "test accuracy: mean" in text and "p90" in text and "training seconds per task: mean" in text
     worst = sorted(rs, key=lambda r: r["test_acc"])[:WORST]
     assert format_table(worst) in text  # the worst tasks, in the table's own format
-    assert len(logs) < 40  # not one line per task
+    assert "warning: 3 task(s) ended at chance level" in text and all(f"  t{i}: test acc" in text for i in (7, 8, 9))
+    assert len(logs) < 45  # not one line per task
     listed = {r["task"] for r in rs if f"\n{r['task']} " in text}
     assert listed == {r["task"] for r in worst}
 
@@ -79,6 +83,8 @@ def test_large_stream_report_summarises_on_console_in_markdown_and_on_the_run(tr
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     m = c.get_run(parent).data.metrics
     assert m["tasks"] == n and m["test_acc_median"] == pytest.approx(summary["test_acc_median"])
+    assert m["tasks_at_chance"] == 3 and "chance level" in md
+    assert sum(line.split(",")[-2] == "chance_level" for line in csv[1:]) == 3  # the CSV's warning column
 
 
 @pytest.mark.slow
@@ -88,9 +94,22 @@ def test_report_up_to_the_threshold_is_the_per_task_table(tracker, tmp_path):
     logs: list[str] = []
     summary = write_report(tracker, parent, rs, _rc(), log=logs.append)
     assert format_table(rs) in logs and "summarised" not in "\n".join(logs)
-    assert set(summary) == {"mean_test_acc", "total_train_seconds", "total_artifact_bytes", "tasks"}
+    assert set(summary) == {"mean_test_acc", "total_train_seconds", "total_artifact_bytes", "tasks", "tasks_at_chance"}
+    assert summary["tasks_at_chance"] == 0 and "warning" not in format_table(rs)  # no column while no task has one
     names = sorted(a.path for a in tracker.client.list_artifacts(parent, "report"))
     assert names == ["report/accuracy_per_task.png", "report/mask_ratio_per_layer.png", "report/report.csv",
                      "report/report.md", "report/training_time_per_task.png"]
     md = Path(tracker.client.download_artifacts(parent, "report/report.md", str(tmp_path))).read_text()
     assert md == "# stream\n\n" + format_table(rs, markdown=True) + "\n"
+
+
+def test_a_task_at_chance_gets_a_warning_column_and_a_named_warning():
+    rs = records(3)
+    rs[1]["warning"], rs[1]["test_acc"] = "chance_level", 0.5
+    table = format_table(rs).splitlines()
+    rows = table[-3:]  # below the header (and its rule)
+    assert table[0].split()[-1] == "warning" and rows[1].rstrip().endswith("chance_level")
+    assert not rows[0].rstrip().endswith("chance_level") and not rows[2].rstrip().endswith("chance_level")
+    lines = at_chance_lines(rs, _rc())
+    assert lines[0].startswith("warning: 1 task(s) ended at chance level") and "train.chance_margin=0.05" in lines[0]
+    assert lines[1:] == ["  t1: test acc 0.500"] and at_chance_lines(records(3), _rc()) == []

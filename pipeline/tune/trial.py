@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ksm_core import at_chance
+
 from ..config import RunConfig
-from ..jobs import manifest, node_info, prepare_worker, task_epochs
+from ..jobs import CHANCE_LEVEL, manifest, node_info, prepare_worker, task_epochs
 from ..params import method_params
 from ..tracking import Tracker
 from .space import METRIC, SPACE_KEYS
@@ -83,6 +85,7 @@ def run_trial(config: dict[str, Any], rc: RunConfig, ctx: TrialContext, refs: di
     tr.params(run_id, {**method_params(method, train), "epochs": ctx.max_epochs, "batch_size": train.batch_size,
                        "tasks": ",".join(ctx.tasks), "holdout": ctx.holdout, "seed": rc.seed,
                        "sampled": ",".join(sorted(config)), "trial_id": trial_id, **_split_sizes(ctx)})
+    classes = {n: manifest(ctx.manifest).task(n).num_classes for n in ctx.tasks}
     t0 = time.perf_counter()
     steppers = [task_epochs(rc, ctx.manifest, name, state, method=method, train=train, holdout=ctx.holdout,
                             evaluate_on="holdout") for name in ctx.tasks]
@@ -94,9 +97,15 @@ def run_trial(config: dict[str, Any], rc: RunConfig, ctx: TrialContext, refs: di
              "epoch_seconds": float(sum(r["epoch_seconds"] for r in recs))}
         for name, r in zip(ctx.tasks, recs):
             m[f"val_acc.{name}"], m[f"train_loss.{name}"] = r["test_acc"], r["train_loss"]
+        # tuning tasks at chance this epoch: a sampled point can look bad only because one task did not learn
+        m["at_chance"] = sum(at_chance(r["test_acc"], classes[n], train.chance_margin) for n, r in zip(ctx.tasks, recs))
         if epoch == ctx.max_epochs - 1:  # the last epoch: deploy the masks first, report the deployed accuracy too
             outs = _finish_all(steppers)
             m["val_acc_deployed"] = _mean([o.fit.test_acc for o in outs])
+            dead = [n for n, o in zip(ctx.tasks, outs) if at_chance(o.fit.test_acc, classes[n], train.chance_margin)]
+            m["at_chance_deployed"] = len(dead)
+            if dead:
+                tr.tags(run_id, {"ksm_warning": CHANCE_LEVEL, "ksm_at_chance_tasks": ",".join(dead)})
             m.update({f"val_acc_deployed.{name}": o.fit.test_acc for name, o in zip(ctx.tasks, outs)})
             m["trial_seconds"] = time.perf_counter() - t0
             tr.params(run_id, {"device": outs[0].fit.device})
