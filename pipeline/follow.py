@@ -27,6 +27,7 @@ from .jobs import JobContext, result_from_run, warm_worker
 from .orchestrate import (Job, JobPool, backbone_key, backbone_stage, check_cluster, job_resources,
                           open_stream_run, prepare, result_key, shard_writers, shards_before_ray, supersede,
                           trained_runs)
+from .redact import redact_text
 from .report import write_report
 from .runtime import Log, StopSignals, check_fits_before_ray, in_flight_limit, ray_session, warm_workers
 
@@ -125,7 +126,8 @@ def _replan(rc: RunConfig, m: Manifest, bb_key: str, log: Log) -> Manifest:
     try:
         new = ensure_shards(rc.benchmark, rc.paths.shards, log=log, map_tasks=shard_writers(rc))
     except Exception as exc:  # a file caught while being rewritten, a bad first line: keep following
-        log(f"[follow] the stream cannot be read right now ({exc}); trying again in {rc.follow.poll_s:g}s")
+        log(f"[follow] the stream cannot be read right now ({redact_text(str(exc))}); trying again in "
+            f"{rc.follow.poll_s:g}s")
         return m
     if backbone_key(rc, new) != bb_key:
         raise PipelineError(f"the initial task (first line) of {rc.benchmark.get('path')} changed while following: "

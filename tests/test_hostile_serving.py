@@ -505,3 +505,24 @@ def test_a_sequence_with_logins_from_the_environment_and_in_urls_leaks_them_nowh
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
+
+
+def test_the_tune_follow_up_command_masks_a_password(tmp_path):
+    """Tune prints the command that runs the sequence with the best values, made of the run's own overrides: a
+    password in tracking.uri is shown masked there."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipeline.tune.outputs import follow_up
+
+    secret = "s3cr/t@pw"
+    uri = f"postgresql://ksm:{urllib.parse.quote(secret, safe='/@')}@127.0.0.1:5432/mlflow"
+    root = Path(__file__).resolve().parent.parent
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["mode=tune", f"tracking.uri={uri}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        cmd = follow_up(tmp_path / "best.yaml")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert "tracking.uri=postgresql://***@127.0.0.1:5432/mlflow" in cmd and "s3cr" not in cmd and "mode=" not in cmd

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import ROOT, RunConfig
 from ..present import pyplot, text_table
+from ..redact import redact_text
 from ..tracking import Tracker
 from .space import METRIC, SPACE_KEYS, TuneSettings
 
@@ -145,5 +146,6 @@ def follow_up(best_path: Path) -> str:
                     if not o.lstrip("+~").startswith(("mode=", "tune.", "tune=", "overrides_file=", "hydra."))]
     except Exception:  # not run through @hydra.main: overrides unknown
         over = []
-    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), f"overrides_file={best_path}", *over]
+    # an override may carry a secret (tracking.uri=postgresql://user:pw@...): the printed command shows it masked
+    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), f"overrides_file={best_path}", *map(redact_text, over)]
     return f"cd {shlex.quote(os.getcwd())} && " + " ".join(shlex.quote(c) for c in cmd)
