@@ -65,7 +65,7 @@ def main_from_config(cfg: DictConfig) -> dict:
     rc = resolve(cfg)
     validate(rc)
     if rc.mode == "shards":
-        from pipeline.orchestrate import run_shards
+        from pipeline.sequence import run_shards
 
         return {"manifest": str(run_shards(rc).path)}
     if rc.mode == "tune":
@@ -93,7 +93,7 @@ def main_from_config(cfg: DictConfig) -> dict:
 
         out = run_export(rc)
     else:
-        from pipeline.orchestrate import run_sequence
+        from pipeline.sequence import run_sequence
 
         out = run_sequence(rc)
     print(f"\nBrowse the runs: {ui_command(rc.tracking.uri)}")

@@ -23,10 +23,12 @@ from ksm_core import METHODS, mask_spec
 from .config import MethodCfg, RunConfig, stable_hash
 from .errors import PipelineError, Stopped
 from .jobs import JobContext, warm_worker
-from .orchestrate import (Job, backbone_key, backbone_stage, check_cluster, check_inputs, fan_out, job_resources,
-                          prepare, result_key)
+from .fanout import Job, fan_out
+from .identity import backbone_key, result_key
+from .lineage import check_inputs, prepare
 from .present import pyplot, text_table
-from .runtime import Log, check_fits_before_ray, ray_session, warm_workers
+from .runtime import Log, check_cluster, check_fits_before_ray, job_resources, ray_session, warm_workers
+from .sequence import backbone_stage
 
 __all__ = ["check_compare", "run_compare", "summarise"]
 

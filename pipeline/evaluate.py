@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import PipelineError
-from .orchestrate import prepare, trained_sequence
+from .lineage import prepare, trained_sequence
 from .present import text_table
 
 __all__ = ["run_evaluate", "evaluate_one_at_a_time"]

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from .config import RunConfig, stable_hash
 from .data import Manifest, iter_samples, make_loader
 from .errors import PipelineError
+from .lineage import prepare, trained_sequence
 from .tracking import Tracker, filter_value
 
 __all__ = ["export_model", "export_after_sequence", "run_export", "model_name", "served_tasks", "model_files"]
@@ -252,8 +253,6 @@ def export_after_sequence(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id
 def run_export(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """mode=export: the sequence this config names (same run name and spec), every task with a FINISHED run,
     as a new version of the registered model."""
-    from .orchestrate import prepare, trained_sequence  # it imports this module
-
     p = prepare(rc, log)
     tr, m = p.tracker, p.manifest
     parent, bb_run, done = trained_sequence(tr, rc, m, "export")

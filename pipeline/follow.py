@@ -24,12 +24,14 @@ from .config import RunConfig
 from .data import Manifest, ensure_shards
 from .errors import PipelineError, Stopped
 from .jobs import JobContext, result_from_run, warm_worker
-from .orchestrate import (Job, JobPool, backbone_key, backbone_stage, check_cluster, job_resources,
-                          open_stream_run, prepare, result_key, shard_writers, shards_before_ray, supersede,
-                          trained_runs)
+from .fanout import Job, JobPool
+from .identity import backbone_key, result_key
+from .lineage import open_stream_run, prepare, supersede, trained_runs
 from .redact import redact_text
 from .report import write_report
-from .runtime import Log, StopSignals, check_fits_before_ray, in_flight_limit, ray_session, warm_workers
+from .runtime import (Log, StopSignals, check_cluster, check_fits_before_ray, in_flight_limit, job_resources,
+                      ray_session, warm_workers)
+from .sequence import backbone_stage, shard_writers, shards_before_ray
 
 __all__ = ["run_follow", "catalogue_stamp"]
 

@@ -11,12 +11,12 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from .config import ClusterCfg
+from .config import ClusterCfg, RunConfig
 from .errors import PipelineError
 from .probes import check_ray_address
 
 __all__ = ["ray_session", "embedded", "check_fits", "check_fits_before_ray", "remote", "ray_map", "warm_workers",
-           "StopSignals", "job_slots", "in_flight_limit",
+           "StopSignals", "job_slots", "in_flight_limit", "job_resources", "check_cluster", "job_remote",
            "Log"]
 
 Log = Callable[[str], None]
@@ -97,6 +97,19 @@ def check_fits_before_ray(cl: ClusterCfg, cpus: tuple[str, float], gpus: tuple[s
     check_fits(cpus, gpus, cl.num_cpus or os.cpu_count() or 1, have_gpus, where + ")")
 
 
+def job_resources(rc: RunConfig) -> tuple[tuple[str, float], tuple[str, float]]:
+    """A task job's (key, amount) of CPUs and GPUs, as :func:`check_fits` takes them."""
+    return ("cluster.cpus_per_task", rc.cluster.cpus_per_task), ("cluster.gpus_per_task", rc.cluster.gpus_per_task)
+
+
+def check_cluster(rc: RunConfig) -> None:
+    """A task job fits the connected Ray cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    check_fits(*job_resources(rc), res.get("CPU", 0), res.get("GPU", 0), f"the Ray cluster (resources: {res})")
+
+
 @functools.lru_cache(maxsize=64)
 def remote(fn: Callable, cpus: float, gpus: float, max_retries: int) -> Any:
     """``fn`` as a Ray task with these resources; a worker that dies mid-job is retried ``max_retries`` times
@@ -109,6 +122,11 @@ def remote(fn: Callable, cpus: float, gpus: float, max_retries: int) -> Any:
     # jobs free their GPU memory on return, so workers can be reused
     return ray.remote(max_calls=0)(fn).options(num_cpus=cpus, num_gpus=gpus or 0, max_retries=max_retries,
                                                retry_exceptions=False)
+
+
+def job_remote(fn: Callable, cl: ClusterCfg) -> Any:
+    """``fn`` as a Ray task with a task job's resources and retries (``cluster.*_per_task``, ``max_retries``)."""
+    return remote(fn, cl.cpus_per_task, cl.gpus_per_task, cl.max_retries)
 
 
 def ray_map(fn: Callable[..., T], items: list[tuple[Any, ...]], *, cpus: float = 1.0,

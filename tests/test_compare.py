@@ -12,7 +12,7 @@ import run_pipeline
 from pipeline.config import resolve
 from pipeline.errors import PipelineError
 from pipeline.compare import time_ratios
-from pipeline.orchestrate import result_key
+from pipeline.identity import result_key
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
 TINY = ["benchmark.num_tasks=3", "benchmark.caps.train=200", "benchmark.caps.test=100",

@@ -404,7 +404,7 @@ def test_task_job_on_a_full_disk_fails_its_run_naming_path_and_errno(first, tmp_
 
     from pipeline.config import resolve
     from pipeline.jobs import JobContext
-    from pipeline.orchestrate import result_key
+    from pipeline.identity import result_key
 
     if not shutil.which("unshare") or subprocess.run(
             ["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=8k tmpfs $d"],

@@ -167,7 +167,7 @@ def test_two_launches_at_the_same_moment_train_everything_once(tmp_path):
 def test_trained_runs_of_a_long_stream_come_from_one_paged_scan_and_match_the_one_by_one_lookups(tmp_path):
     """Above 20 keys the driver scans the FINISHED task runs a page at a time instead of one query per task:
     same answer (only FINISHED runs with a wanted result key; a key two tasks share maps both)."""
-    from pipeline.orchestrate import trained_runs
+    from pipeline.lineage import trained_runs
     from pipeline.tracking import Tracker
 
     tr = Tracker.setup(f"sqlite:///{tmp_path}/mlflow.db", "ksm", None)

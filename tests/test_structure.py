@@ -1,5 +1,6 @@
-"""The code's shape, checked: imports point only down the floors ARCHITECTURE.md describes, and ksm_core stays
-pure PyTorch. Reads the source with ast (imports inside functions count too); starts nothing."""
+"""The code's shape, checked: imports point only down the floors ARCHITECTURE.md describes (or along a floor,
+never in a circle), and ksm_core stays pure PyTorch. Reads the source with ast (imports inside functions count
+too); starts nothing."""
 from __future__ import annotations
 
 import ast
@@ -15,9 +16,10 @@ FLOORS: dict[str, int] = {
     "pipeline": 0, "pipeline.errors": 0, "pipeline.config": 0, "pipeline.redact": 0,
     "pipeline.data": 1, "pipeline.tracking": 1, "pipeline.store": 1, "pipeline.probes": 1, "pipeline.present": 1,
     "pipeline.report": 1, "pipeline.params": 1, "pipeline.runtime": 1, "pipeline.claims": 1, "pipeline.served": 1,
-    "pipeline.jobs": 2, "pipeline.backbone_dp": 2,
-    "pipeline.orchestrate": 3, "pipeline.evaluate": 3, "pipeline.compare": 3, "pipeline.follow": 3,
-    "pipeline.export": 3,
+    "pipeline.identity": 1,
+    "pipeline.jobs": 2, "pipeline.backbone_dp": 2, "pipeline.lineage": 2,
+    "pipeline.fanout": 3, "pipeline.export": 3, "pipeline.sequence": 3, "pipeline.evaluate": 3, "pipeline.compare": 3,
+    "pipeline.follow": 3,
     "pipeline.tune": 4,
 }
 
@@ -70,6 +72,56 @@ def test_pipeline_imports_only_its_own_floor_or_below(path):
     upward = [f"line {line}: {mod} (floor {floor_of(mod)})" for line, mod in imports_of(path)
               if mod.split(".")[0] == "pipeline" and floor_of(mod) > mine]
     assert not upward, f"{me} (floor {mine}) imports from a higher floor: {upward}"
+
+
+def import_graph(files: list[Path]) -> dict[str, set[str]]:
+    """module -> the pipeline modules it imports at any level, each resolved to the file that defines it
+    (``from .data.manifest import is_local``: pipeline.data.manifest; ``from .jobs import task_job``: pipeline.jobs)."""
+    known = {module_name(p) for p in files}
+
+    def resolve(mod: str) -> str:
+        parts = mod.split(".")
+        return next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in known), mod)
+
+    return {module_name(p): {resolve(mod) for _, mod in imports_of(p) if mod.split(".")[0] == "pipeline"}
+            - {module_name(p)} for p in files}
+
+
+def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def same_floor_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """The imports of a same-floor module that imports the importer back, directly or transitively."""
+    return sorted(f"{a} -> {b} -> ... -> {a}" for a, deps in graph.items() for b in deps
+                  if floor_of(a) == floor_of(b) and a in reaches(graph, b))
+
+
+def test_no_module_imports_a_same_floor_module_that_imports_it_back():
+    """Same-floor imports are allowed only one way: a module may import one of its floor only if that one does not
+    import it back, directly or transitively (imports inside functions count)."""
+    cycles = same_floor_cycles(import_graph(PIPELINE_FILES))
+    assert not cycles, cycles
+
+
+def test_the_cycle_check_sees_a_cycle():
+    """The walker itself: a function-level import that closes a loop through a third module is found."""
+    src = {"pipeline.sequence": "from .export import export_after_sequence\nfrom .lineage import prepare\n",
+           "pipeline.export": "def run_export():\n    from .fanout import fan_out\n",
+           "pipeline.fanout": "def f():\n    from . import sequence\n",
+           "pipeline.lineage": ""}
+    graph = {m: {mod for _, mod in imports_in(s, m, is_package=False)} for m, s in src.items()}
+    assert graph["pipeline.fanout"] == {"pipeline.sequence"}
+    assert same_floor_cycles(graph) == ["pipeline.export -> pipeline.fanout -> ... -> pipeline.export",
+                                        "pipeline.fanout -> pipeline.sequence -> ... -> pipeline.fanout",
+                                        "pipeline.sequence -> pipeline.export -> ... -> pipeline.sequence"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ksm_core").glob("*.py")), ids=lambda p: p.name)

@@ -29,8 +29,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ..config import RunConfig
 from ..errors import PipelineError
-from ..orchestrate import backbone_stage, prepare
+from ..lineage import prepare
 from ..runtime import Log, check_fits_before_ray, ray_session
+from ..sequence import backbone_stage
 from ..tracking import Tracker
 from . import outputs
 from .space import METRIC, SPACE_KEYS, TuneSettings, tune_tasks
