@@ -36,7 +36,7 @@ from pipeline.data.loader import BatchTransform
 from pipeline.data.sources import DEBIAN_FASHION_MNIST
 from pipeline.jobs import split_digest
 from pipeline.served import FORMAT, SPEC_FILE, BadRequest, MultiTaskModel, eval_transform
-from pipeline.tracking import EXPERIMENT_KIND, git_commit
+from pipeline.tracking import EXPERIMENT_KIND
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
@@ -184,22 +184,11 @@ def _run(root: Path, *overrides: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sequence(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("export")
-    before = _mlflow_globals()
-    out = _run(root)
-    uri = f"sqlite:///{root}/mlflow.db"
-    return SimpleNamespace(root=root, out=out, uri=uri, client=MlflowClient(uri, registry_uri=uri),
-                           globals_before=before, globals_after=_mlflow_globals(),
-                           manifest=Manifest.load(next((root / "data" / "shards").rglob("manifest.json"))))
-
-
-def _mlflow_globals() -> tuple:
-    from mlflow.tracking._model_registry import utils as registry_state
-    from mlflow.tracking._tracking_service import utils as tracking_state
-
-    return (tracking_state._tracking_uri, registry_state._registry_uri,
-            *(os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")))
+def sequence(tiny_sequence):
+    """TINY's default run, trained once a session (tests/conftest.py; test_pipeline's `first` reads it too): root,
+    out, uri, client, manifest and MLflow's process-wide URIs (globals_before/after) around the run."""
+    assert tiny_sequence.uri == f"sqlite:///{tiny_sequence.root}/mlflow.db"
+    return tiny_sequence
 
 
 @pytest.fixture
@@ -271,7 +260,7 @@ def test_task_runs_log_their_datasets_system_metrics_and_source(sequence):
     assert exp.tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1] == "custom_model_development"
     runs = s.client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task'")
     assert sorted(r.data.tags["ksm_task"] for r in runs) == s.manifest.new_tasks
-    commit = git_commit(ROOT)
+    commit = s.commit  # HEAD when the sequence ran (tests/conftest.py's tiny_sequence)
     for r in runs:
         t = r.data.tags["ksm_task"]
         info = s.manifest.task(t)
@@ -298,6 +287,7 @@ def test_task_runs_log_their_datasets_system_metrics_and_source(sequence):
 
 
 @pytest.mark.slow
+@pytest.mark.mutates_tiny_sequence
 def test_a_rerun_adds_no_version_and_mode_export_adds_one(registry):
     s = registry
     again = _run(s.root)
