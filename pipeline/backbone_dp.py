@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ksm_core import evaluate
-from ksm_core.train import TrainConfig, train_backbone
+from ksm_core.train import train_backbone
 
 from .config import RunConfig
 from .data import make_loader
@@ -52,8 +52,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     train = make_loader(m, init.name, "train", batch_size=max(1, bb.batch_size // world), seed=rc.seed, rank=rank,
                         world=world,
                         on_corrupt=rc.data.on_corrupt, shuffle_buffer=rc.data.shuffle_buffer)
-    cfg = TrainConfig(epochs=bb.epochs, lr_backbone=bb.lr, device=rc.device(), seed=rc.seed, amp=rc.train.amp,
-                      channels_last=rc.train.channels_last, pin_memory=rc.train.pin_memory)
+    cfg = rc.backbone_train_config()
     res = train_backbone(model, train, None, cfg)  # no test pass inside: a lone rank's forward in DDP could block
     net = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory(prefix="ksm-bb-dp-") as tmp:

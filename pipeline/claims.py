@@ -27,16 +27,15 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import Log
 from .tracking import Tracker
 
 __all__ = ["acquire", "Claim", "Heartbeat", "HEARTBEAT_TAG"]
 
 HEARTBEAT_TAG = "ksm_heartbeat"
-Log = Callable[[str], Any]
 
 
 def _alive(run: Any, stale_s: float, now: float) -> bool:

@@ -21,13 +21,13 @@ from typing import Any
 from ksm_core import METHODS, mask_spec
 
 from .config import MethodCfg, RunConfig, stable_hash
-from .errors import PipelineError, Stopped
+from .errors import Log, PipelineError
 from .jobs import JobContext, warm_worker
 from .fanout import Job, fan_out
 from .identity import backbone_key, result_key
 from .lineage import check_inputs, prepare
 from .present import pyplot, text_table
-from .runtime import Log, check_cluster, check_fits_before_ray, job_resources, ray_session, warm_workers
+from .runtime import check_cluster, check_fits_before_ray, job_resources, ray_session, warm_workers
 from .sequence import backbone_stage
 
 __all__ = ["check_compare", "run_compare", "summarise"]
@@ -76,7 +76,7 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
         parent_id = parent.info.run_id if parent is not None else tr.start(
             f"compare-{rc.run_name}", {"ksm_kind": "compare", "ksm_compare": key})
         tr.reopen(parent_id)
-        try:
+        with tr.running(parent_id):  # FINISHED; KILLED when stopped; FAILED when a job or anything else failed
             state, fp, bb_run = backbone_stage(p, log)
             tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp})
             tr.params(parent_id, {"run_name": rc.run_name, "benchmark": rc.benchmark["name"], "methods": ",".join(methods),
@@ -104,10 +104,6 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                                    **{f"time_ratio.{k.replace(' / ', '_vs_')}": v[0]
                                       for k, v in time_ratios(rows).items()},
                                    "fanout_wall_seconds": wall})
-            tr.finish(parent_id, "FINISHED")
-        except BaseException as e:
-            tr.finish(parent_id, "KILLED" if isinstance(e, Stopped) else "FAILED")
-            raise
     return {"parent_run_id": parent_id, "rows": rows, "results": results, "experiment_id": tr.experiment_id,
             "backbone_run_id": bb_run}
 

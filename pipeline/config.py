@@ -232,6 +232,14 @@ class RunConfig:
             return "cpu"
         return self.train.device
 
+    def backbone_train_config(self) -> TrainConfig:
+        """ksm_core's TrainConfig for the backbone, alike on one worker (``jobs.backbone_job``) and on each
+        data-parallel rank (``backbone_dp``): ``train.backbone``'s epochs and lr, the run's device and seed, and
+        ``train``'s amp, channels_last and pin_memory."""
+        bb, t = self.train.backbone, self.train
+        return TrainConfig(epochs=bb.epochs, lr_backbone=bb.lr, device=self.device(), seed=self.seed, amp=t.amp,
+                           channels_last=t.channels_last, pin_memory=t.pin_memory)
+
 
 def register() -> None:
     """The schema in Hydra's ConfigStore (``ksm_schema``, first in configs/config.yaml's defaults) and the

@@ -1,4 +1,5 @@
-"""Every error the pipeline raises on purpose: the bottom floor, imported by every other module, importing none.
+"""Every error the pipeline raises on purpose (and :data:`Log`, where what the user reads goes): the bottom floor,
+imported by every other module, importing none.
 
 Every message names the thing at fault and the fix, so a failed Ray job's log (or the console) is enough to act
 on. ``run_pipeline.py`` turns a :class:`PipelineError` or :class:`DataError` into one line on stderr and exit 2.
@@ -6,7 +7,11 @@ on. ``run_pipeline.py`` turns a :class:`PipelineError` or :class:`DataError` int
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
+
+#: where a message for the user goes (``print`` by default; a test passes a list's ``append``): the one alias of it
+Log = Callable[[str], Any]
 
 #: The command that (re)writes shards; quoted in every "run this to fix it" message.
 SHARDS_COMMAND = "python run_pipeline.py mode=shards"

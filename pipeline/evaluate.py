@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import RunConfig
-from .errors import PipelineError
+from .errors import Log, PipelineError
 from .lineage import prepare, trained_sequence
 from .present import text_table
 
 __all__ = ["run_evaluate", "evaluate_one_at_a_time"]
-
-Log = Callable[[str], None]
 
 
 def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
@@ -87,7 +85,7 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
 
     run_id = tr.start("evaluation", {"ksm_kind": "evaluation", "ksm_sequence": parent.data.tags["ksm_sequence"]},
                       parent=parent.info.run_id)
-    try:
+    with tr.running(run_id):
         tr.metrics(run_id, {**{f"test_acc.{r['task']}": r["acc"] for r in rows},
                             **{f"delta.{r['task']}": r["delta"] for r in rows},
                             "max_abs_delta": worst, "tasks": len(index), "backbone_unchanged": float(unchanged),
@@ -97,10 +95,6 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             path = Path(tmp) / "evaluation.md"
             path.write_text(f"# {rc.run_name}: all tasks in one network\n\n{_table(rows, markdown=True)}\n")
             tr.artifact(run_id, path, "report")
-        tr.finish(run_id)
-    except BaseException:
-        tr.finish(run_id, "FAILED")
-        raise
     return {"rows": rows, "max_abs_delta": worst, "backbone_unchanged": unchanged, "missing": missing,
             "run_id": run_id, "parent_run_id": parent.info.run_id}
 

@@ -20,17 +20,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import RunConfig, stable_hash
 from .data import Manifest, iter_samples, make_loader
-from .errors import PipelineError
+from .errors import Log, PipelineError
 from .lineage import prepare, trained_sequence
 from .tracking import Tracker, filter_value
 
 __all__ = ["export_model", "export_after_sequence", "run_export", "model_name", "served_tasks", "model_files"]
 
-Log = Callable[[str], None]
 SERVED_CODE = Path(__file__).with_name("served.py")
 _PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 CONTENT_TAG = "ksm_content"  # on a model version: hash of the backbone and the task runs it holds
@@ -180,7 +179,7 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
     # a top-level run (not a child of the sequence's: those are its tasks), tied to it by a tag
     run_id = tr.start(f"export-{name}", {"ksm_kind": "export", "ksm_model_name": name,
                                          "ksm_sequence_run": parent_run_id})
-    try:
+    with tr.running(run_id):
         with _fluent(tr.uri), tempfile.TemporaryDirectory(prefix="ksm-export-") as tmp:
             root = Path(tmp) / "ksm"
             (root / "tasks").mkdir(parents=True)
@@ -216,10 +215,6 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
         tr.params(run_id, {"model_name": name, "model_version": version, "tasks": len(tasks),
                            "backbone_run_id": backbone_run_id, "backbone_fingerprint": fp})
         tr.metrics(run_id, {"export_seconds": time.perf_counter() - t0, "tasks": len(tasks)})
-        tr.finish(run_id)
-    except BaseException:
-        tr.finish(run_id, "FAILED")
-        raise
     uri = f"models:/{name}/{version}"
     log(f"[export] registered model {name} version {version}: backbone + {len(tasks) - 1} task(s) "
         f"(+ the backbone's own {m.initial_task}); load it with mlflow.pyfunc.load_model('{uri}')")

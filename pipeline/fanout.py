@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
-from .errors import Stopped
+from .errors import Log, Stopped
 from .jobs import JobContext, result_from_run, task_job
 from .lineage import trained_runs
 from .redact import redact_text
-from .runtime import Log, StopSignals, in_flight_limit, job_remote
+from .runtime import StopSignals, in_flight_limit, job_remote
 from .tracking import Tracker
 
 __all__ = ["Job", "JobPool", "fan_out"]

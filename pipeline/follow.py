@@ -22,15 +22,15 @@ from typing import Any
 
 from .config import RunConfig
 from .data import Manifest, ensure_shards
-from .errors import PipelineError, Stopped
+from .errors import Log, PipelineError, Stopped
 from .jobs import JobContext, result_from_run, warm_worker
 from .fanout import Job, JobPool
 from .identity import backbone_key, result_key
 from .lineage import open_stream_run, prepare, supersede, trained_runs
 from .redact import redact_text
 from .report import write_report
-from .runtime import (Log, StopSignals, check_cluster, check_fits_before_ray, in_flight_limit, job_resources,
-                      ray_session, warm_workers)
+from .runtime import (StopSignals, check_cluster, check_fits_before_ray, in_flight_limit, job_resources, ray_session,
+                      warm_workers)
 from .sequence import backbone_stage, shard_writers, shards_before_ray
 
 __all__ = ["run_follow", "catalogue_stamp"]
@@ -64,7 +64,9 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
         tr = p.tracker
         key, parent_id = open_stream_run(tr, rc, m, log)
         bb_key = backbone_key(rc, m)
-        try:
+        # closed FAILED (KILLED when interrupted) on an error; the end below closes it itself: KILLED when a job
+        # was killed or failed, since the stream's record is then not whole
+        with tr.running(parent_id, finish=False):
             state, fp, bb_run = backbone_stage(p, log)
             tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp, "ksm_mode": "follow"})
             ctx = JobContext(manifest=str(m.path), experiment_id=tr.experiment_id, parent_run_id=parent_id,
@@ -112,10 +114,6 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                          failures={tasks_of[k]: msg for k, msg in failures.items() if k in tasks_of})
             tr.finish(parent_id, "KILLED" if killed or failures else "FINISHED")
             signum = stop.signum or 2
-        except BaseException:
-            if tr.client.get_run(parent_id).info.status == "RUNNING":
-                tr.finish(parent_id, "FAILED")
-            raise
     trained = sum(1 for r in results.values() if r["status"] == "trained")
     raise Stopped(signum, f"follow stopped: {len(ordered)} of {len(m.new_tasks)} task(s) of the stream have their "
                           f"result ({trained} trained by this run), {len(failures)} failed, {len(killed)} in-flight "

@@ -352,14 +352,9 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     assert run_id is not None
     tr.inputs(run_id, task_datasets(manifest(ctx.manifest), task_name))
     folder = unlogged_dir(rc, task_name, result)
-    try:  # lexists: a record that is there but not a readable file is kept and reported, not trained over
+    # lexists: a record that is there but not a readable file is kept and reported (the run FAILED), not trained over
+    with tr.running(run_id, finish=False):
         kept = Unlogged.load(folder) if os.path.lexists(folder / RECORD_FILE) else None
-    except PipelineError:
-        try:
-            tr.finish(run_id, "FAILED")
-        except TrackingUnreachable:  # the rerun's claim closes it KILLED
-            pass
-        raise
     if kept is not None:  # trained before, while the server was down: log that, do not train again
         log_outcome(tr, claim.run, kept, rc, tags={"ksm_recovered_from": kept.run_id})
         shutil.rmtree(folder, ignore_errors=True)
@@ -379,63 +374,57 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
                 pass
         waiting.append((epoch, m))
 
-    with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6):  # the claim stays alive while it works
+    # the claim stays alive while it works. log_outcome closes the run FINISHED (or keeps its record when the server
+    # is down: a TrackingUnreachable leaves the run to the rerun's claim, which closes it KILLED); an error closes it
+    # FAILED
+    with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6), tr.running(run_id, finish=False):
+        with tr.system_metrics(run_id, rc.tracking.system_metrics_s) as system:  # CPU, memory, GPU
+            out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
+            first_acc = None
+            if rc.train.retrain_at_chance and at_chance(out.fit.test_acc, len(out.classes), rc.train.chance_margin):
+                # once, with another (fixed) seed; its epochs are logged after the first attempt's
+                first_acc = out.fit.test_acc
+                retry = dataclasses.replace(rc, seed=retrain_seed(rc.seed))
+                out = train_task(retry, ctx.manifest, task_name, backbone_state,
+                                 on_epoch=lambda e, r: on_epoch(e + rc.train.epochs, r))
+        stats = out.net.mask_stats(out.task)
+        path, size = save_task_artifact(rc, out, task_name, folder)
+        params = {
+            **method_params(rc.method, rc.train),
+            "epochs": rc.train.epochs, "batch_size": rc.train.batch_size,
+            "model": rc.model.name, "model_width": rc.model.width,
+            "backbone_fingerprint": ctx.backbone_fingerprint, "backbone_run_id": ctx.backbone_run_id,
+            "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
+            "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc.seed,
+            "device": out.fit.device, "compile": rc.train.compile,
+            **({"retrain_seed": retrain_seed(rc.seed)} if first_acc is not None else {}),
+        }
+        final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
+                 "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
+                 "compile_seconds": out.fit.compile_seconds if rc.train.compile else None,
+                 "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
+                 "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples,
+                 "refit_seconds": out.fit.refit_seconds if rc.train.head_refit else None,
+                 "first_test_acc": first_acc}
+        final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
+        end_tags = {"ksm_device": out.fit.device,
+                    **({"ksm_warning": CHANCE_LEVEL}
+                       if at_chance(out.fit.test_acc, len(out.classes), rc.train.chance_margin) else {}),
+                    **({"ksm_retrained": CHANCE_LEVEL} if first_acc is not None else {}),
+                    **({"ksm_skipped_shards": ", ".join(map(redact_text, out.skipped_shards))}
+                       if out.skipped_shards else {})}
+        rec = Unlogged(artifact=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                       params={k: str(v) for k, v in params.items()}, metrics={**final, **system},
+                       tags=end_tags, step=rc.train.epochs * (1 if first_acc is None else 2), run_id=run_id,
+                       epochs=waiting)
         try:
-            with tr.system_metrics(run_id, rc.tracking.system_metrics_s) as system:  # CPU, memory, GPU
-                out = train_task(rc, ctx.manifest, task_name, backbone_state, on_epoch=on_epoch)
-                first_acc = None
-                if rc.train.retrain_at_chance and at_chance(out.fit.test_acc, len(out.classes), rc.train.chance_margin):
-                    # once, with another (fixed) seed; its epochs are logged after the first attempt's
-                    first_acc = out.fit.test_acc
-                    retry = dataclasses.replace(rc, seed=retrain_seed(rc.seed))
-                    out = train_task(retry, ctx.manifest, task_name, backbone_state,
-                                     on_epoch=lambda e, r: on_epoch(e + rc.train.epochs, r))
-            stats = out.net.mask_stats(out.task)
-            path, size = save_task_artifact(rc, out, task_name, folder)
-            params = {
-                **method_params(rc.method, rc.train),
-                "epochs": rc.train.epochs, "batch_size": rc.train.batch_size,
-                "model": rc.model.name, "model_width": rc.model.width,
-                "backbone_fingerprint": ctx.backbone_fingerprint, "backbone_run_id": ctx.backbone_run_id,
-                "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
-                "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc.seed,
-                "device": out.fit.device, "compile": rc.train.compile,
-                **({"retrain_seed": retrain_seed(rc.seed)} if first_acc is not None else {}),
-            }
-            final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
-                     "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
-                     "compile_seconds": out.fit.compile_seconds if rc.train.compile else None,
-                     "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
-                     "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples,
-                     "refit_seconds": out.fit.refit_seconds if rc.train.head_refit else None,
-                     "first_test_acc": first_acc}
-            final.update({f"layer_ones.{i:02d}.{name}": v for i, (name, v) in enumerate(stats["layers"].items())})
-            end_tags = {"ksm_device": out.fit.device,
-                        **({"ksm_warning": CHANCE_LEVEL}
-                           if at_chance(out.fit.test_acc, len(out.classes), rc.train.chance_margin) else {}),
-                        **({"ksm_retrained": CHANCE_LEVEL} if first_acc is not None else {}),
-                        **({"ksm_skipped_shards": ", ".join(map(redact_text, out.skipped_shards))}
-                           if out.skipped_shards else {})}
-            rec = Unlogged(artifact=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-                           params={k: str(v) for k, v in params.items()}, metrics={**final, **system},
-                           tags=end_tags, step=rc.train.epochs * (1 if first_acc is None else 2), run_id=run_id,
-                           epochs=waiting)
-            try:
-                log_outcome(tr, claim.run, rec, rc)
-            except TrackingUnreachable as e:
-                where = rec.keep()
-                raise TrackingUnreachable(f"task {task_name} finished training, but {e}. Nothing is lost: the "
-                                          f"trained task is kept at {where} and the next run of the same command "
-                                          "logs it from there without training it again") from None
-            shutil.rmtree(folder, ignore_errors=True)
-        except TrackingUnreachable:
-            raise  # the server cannot take a FAILED either: the rerun's claim closes this run KILLED
-        except BaseException:
-            try:
-                tr.finish(run_id, "FAILED")
-            except TrackingUnreachable:  # the server cannot take it either: the rerun's claim closes it KILLED
-                pass
-            raise
+            log_outcome(tr, claim.run, rec, rc)
+        except TrackingUnreachable as e:
+            where = rec.keep()
+            raise TrackingUnreachable(f"task {task_name} finished training, but {e}. Nothing is lost: the "
+                                      f"trained task is kept at {where} and the next run of the same command "
+                                      "logs it from there without training it again") from None
+        shutil.rmtree(folder, ignore_errors=True)
     return task_result(claim.run.info, "trained", params=rec.params, metrics=final,
                        tags={**claim.run.data.tags, **end_tags})
 
@@ -482,8 +471,7 @@ def backbone_job(rc: RunConfig, manifest_path: str) -> dict[str, Any]:
     m = manifest(manifest_path)
     init = m.task(m.initial_task)
     bb = rc.train.backbone
-    cfg = TrainConfig(epochs=bb.epochs, lr_backbone=bb.lr, device=rc.device(), seed=rc.seed,
-                      amp=rc.train.amp, channels_last=rc.train.channels_last)
+    cfg = rc.backbone_train_config()
     test = make_loader(m, init.name, "test", batch_size=BACKBONE_EVAL_BATCH, seed=rc.seed)
     torch.manual_seed(rc.seed)
     if rc.model.weights_path:

@@ -9,12 +9,11 @@ from typing import Any
 
 from .config import RunConfig
 from .data import Manifest, ensure_shards, in_process
-from .errors import PipelineError
+from .errors import Log, PipelineError
 from .identity import backbone_key, result_key, sequence_key
 from .params import method_params
 from .probes import check_tracking_uri
 from .redact import redact_text
-from .runtime import Log
 from .tracking import Tracker
 
 __all__ = ["Prepared", "check_inputs", "prepare", "open_stream_run", "trained_sequence", "trained_runs",

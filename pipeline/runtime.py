@@ -12,14 +12,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from .config import ClusterCfg, RunConfig
-from .errors import PipelineError
+from .errors import Log, PipelineError
 from .probes import check_ray_address
 
 __all__ = ["ray_session", "embedded", "check_fits", "check_fits_before_ray", "remote", "ray_map", "warm_workers",
-           "StopSignals", "job_slots", "in_flight_limit", "job_resources", "check_cluster", "job_remote",
-           "Log"]
+           "StopSignals", "job_slots", "in_flight_limit", "job_resources", "check_cluster", "job_remote"]
 
-Log = Callable[[str], None]
 T = TypeVar("T")
 
 

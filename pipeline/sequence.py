@@ -19,7 +19,7 @@ from .claims import Heartbeat, acquire
 from .config import RunConfig
 from .data import Manifest, ensure_shards, task_specs
 from .data.manifest import is_local
-from .errors import PipelineError, Stopped
+from .errors import Log, PipelineError
 from .export import export_after_sequence
 from .fanout import Job, fan_out
 from .identity import backbone_key, result_key
@@ -27,7 +27,7 @@ from .jobs import JobContext, backbone_job, warm_worker
 from .lineage import Prepared, open_stream_run, prepare, supersede
 from .probes import check_tracking_uri
 from .report import write_report
-from .runtime import (Log, check_cluster, check_fits_before_ray, job_remote, job_resources, ray_map, ray_session,
+from .runtime import (check_cluster, check_fits_before_ray, job_remote, job_resources, ray_map, ray_session,
                       warm_workers)
 
 __all__ = ["run_sequence", "run_shards", "shards_before_ray", "shard_writers", "backbone_stage"]
@@ -90,38 +90,34 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
         return state, fp, found.info.run_id
 
     assert run_id is not None
-    with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6):  # the claim stays alive while it works
-        try:
-            what = f"loading {rc.model.weights_path}" if rc.model.weights_path else \
-                f"training on {init} for {rc.train.backbone.epochs} epochs"
-            log(f"[backbone] {what}")
-            if rc.train.backbone.workers > 1 and not rc.model.weights_path:
-                log(f"[backbone] data-parallel over {rc.train.backbone.workers} Ray Train workers")
-                out = train_backbone_dp(rc, str(p.manifest.path))
-            else:
-                out = ray.get(job_remote(backbone_job, rc.cluster).remote(rc, str(p.manifest.path)))
-            state = out["state"]
-            fp = fingerprint(state)
-            fit = out["fit"]
-            for rec in fit["history"]:
-                tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
-            tr.metrics(run_id, {"test_acc": fit["test_acc"], "train_seconds": fit["train_seconds"]},
-                       step=len(fit["history"]))
-            tr.params(run_id, {"model": rc.model.name, "model_width": rc.model.width,
-                               "weights_path": rc.model.weights_path, "task": init,
-                               "classes": ", ".join(out["classes"]), "epochs": rc.train.backbone.epochs,
-                               "lr": rc.train.backbone.lr, "seed": rc.seed, "fingerprint": fp,
-                               "workers": rc.train.backbone.workers})
-            tr.tags(run_id, {"ksm_fingerprint": fp,
-                             **{k: out[k] for k in ("ksm_host", "ksm_node_id", "ksm_node_ip") if k in out}})
-            with tempfile.TemporaryDirectory(prefix="ksm-bb-") as tmp:
-                path = Path(tmp) / "backbone.safetensors"
-                save_file(state, str(path), metadata={"fingerprint": fp, "model": rc.model.name})
-                tr.artifact(run_id, path, "backbone")
-            tr.finish(run_id)
-        except BaseException:
-            tr.finish(run_id, "FAILED")
-            raise
+    # the claim stays alive while it works; the run ends FINISHED, or FAILED (KILLED when interrupted)
+    with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6), tr.running(run_id):
+        what = f"loading {rc.model.weights_path}" if rc.model.weights_path else \
+            f"training on {init} for {rc.train.backbone.epochs} epochs"
+        log(f"[backbone] {what}")
+        if rc.train.backbone.workers > 1 and not rc.model.weights_path:
+            log(f"[backbone] data-parallel over {rc.train.backbone.workers} Ray Train workers")
+            out = train_backbone_dp(rc, str(p.manifest.path))
+        else:
+            out = ray.get(job_remote(backbone_job, rc.cluster).remote(rc, str(p.manifest.path)))
+        state = out["state"]
+        fp = fingerprint(state)
+        fit = out["fit"]
+        for rec in fit["history"]:
+            tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
+        tr.metrics(run_id, {"test_acc": fit["test_acc"], "train_seconds": fit["train_seconds"]},
+                   step=len(fit["history"]))
+        tr.params(run_id, {"model": rc.model.name, "model_width": rc.model.width,
+                           "weights_path": rc.model.weights_path, "task": init,
+                           "classes": ", ".join(out["classes"]), "epochs": rc.train.backbone.epochs,
+                           "lr": rc.train.backbone.lr, "seed": rc.seed, "fingerprint": fp,
+                           "workers": rc.train.backbone.workers})
+        tr.tags(run_id, {"ksm_fingerprint": fp,
+                         **{k: out[k] for k in ("ksm_host", "ksm_node_id", "ksm_node_ip") if k in out}})
+        with tempfile.TemporaryDirectory(prefix="ksm-bb-") as tmp:
+            path = Path(tmp) / "backbone.safetensors"
+            save_file(state, str(path), metadata={"fingerprint": fp, "model": rc.model.name})
+            tr.artifact(run_id, path, "backbone")
     log(f"[backbone] test accuracy on {init}: {fit['test_acc']:.3f} (fingerprint {fp[:12]})")
     return state, fp, run_id
 
@@ -139,7 +135,7 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
         p = prepare(rc, log, manifest=m)
         tr = p.tracker
         key, parent_id = open_stream_run(tr, rc, m, log)
-        try:
+        with tr.running(parent_id):  # FINISHED; KILLED when stopped; FAILED when a task or anything else failed
             state, fp, bb_run = backbone_stage(p, log)
             tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp})
             wanted = {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
@@ -156,18 +152,8 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                                    "fanout_wall_seconds": wall, "tasks_trained": sum(
                                        r["status"] == "trained" for r in ordered)})
             if failures:
-                tr.finish(parent_id, "FAILED")
                 lines = "\n".join(f"  {t}: {msg.splitlines()[0][:300]}" for t, msg in failures.items())
                 raise PipelineError(f"{len(failures)} task(s) failed (the others are saved; re-run the same "
                                     f"command to retry only these):\n{lines}")
-            tr.finish(parent_id, "FINISHED")
-        except Stopped:
-            tr.finish(parent_id, "KILLED")
-            raise
-        except BaseException:
-            st = tr.client.get_run(parent_id).info.status
-            if st == "RUNNING":
-                tr.finish(parent_id, "FAILED")
-            raise
     return {"parent_run_id": parent_id, "results": ordered, "backbone_run_id": bb_run, "fingerprint": fp,
             "sequence_key": key, "report": report, "experiment_id": tr.experiment_id}

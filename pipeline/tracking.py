@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from .config import ROOT
-from .errors import TrackingUnreachable
+from .errors import Stopped, TrackingUnreachable
 from .redact import redact_url, split_userinfo
 from .store import ensure_store
 
@@ -204,6 +204,27 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+    @contextlib.contextmanager
+    def running(self, run_id: str, *, finish: bool = True) -> Iterator[None]:
+        """Close ``run_id`` as the block ends, as MLflow's ``start_run`` closes its run: FINISHED when the block
+        returns, KILLED on :class:`Stopped` or KeyboardInterrupt, FAILED on any other exception, which is raised
+        again. ``finish=False``: the block closes the run itself when it succeeds (a task job, whose last log and
+        finish are kept locally when the server is down); only an exception closes it here.
+
+        A :class:`TrackingUnreachable` from the block leaves the run as it is (the server cannot take a status
+        either; a rerun's claim closes a dead task run KILLED, a stream's parent run is reopened), and one raised
+        while closing after another exception does not hide that exception."""
+        try:
+            yield
+        except TrackingUnreachable:
+            raise
+        except BaseException as e:
+            with contextlib.suppress(TrackingUnreachable):
+                self.finish(run_id, "KILLED" if isinstance(e, (Stopped, KeyboardInterrupt)) else "FAILED")
+            raise
+        if finish:
+            self.finish(run_id)
 
     def params(self, run_id: str, params: Mapping[str, Any]) -> None:
         self.log(run_id, params=params)

@@ -50,7 +50,7 @@ import webdataset as wds
 
 from .arrays import ArraySplit, channel_stats
 from .benchmarks import TaskSpec, build_task, expand, spec_of, task_specs
-from ..errors import ConfigError, DataError, ShardWriteError, unknown_name
+from ..errors import ConfigError, DataError, Log, ShardWriteError, unknown_name
 from ..redact import redact_text
 from .manifest import (FORMAT_VERSION, MANIFEST_NAME, TASKS_DIR, Manifest, TaskInfo, check_shard_paths, is_local,
                        join_url, sample_key, sha256_file)
@@ -65,7 +65,6 @@ TASK_FILE = "task.json"
 #: a writer's temp (or moved-aside) folder: .<folder>.tmp-<host>-<pid>-<ns>
 TEMP_NAME = re.compile(r"\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-(?P<ns>\d+)$")
 
-Log = Callable[[str], Any]
 #: map_tasks(write_task, [(spec, tasks_root), ...]) -> the TaskInfos, in order (in-process, or Ray jobs)
 TaskMap = Callable[[Callable[..., TaskInfo], list[tuple[Any, ...]]], Iterable[TaskInfo]]
 

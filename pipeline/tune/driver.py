@@ -28,9 +28,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ..config import RunConfig
-from ..errors import PipelineError
+from ..errors import Log, PipelineError
 from ..lineage import prepare
-from ..runtime import Log, check_fits_before_ray, ray_session
+from ..runtime import check_fits_before_ray, ray_session
 from ..sequence import backbone_stage
 from ..tracking import Tracker
 from . import outputs
@@ -135,72 +135,68 @@ def _sweep(rc: RunConfig, ts: TuneSettings, tr: Tracker, manifest: str, tasks: l
         f"grace {ts.grace_period} rf {ts.reduction_factor:g}; space: "
         + ", ".join(f"{k} ~ {d.describe()}" for k, d in ts.space.items()))
     t0 = time.perf_counter()
-    status = "FAILED"
     runs = TrialRuns(rc.tracking.uri, tr.experiment_id, sweep_id, ts.max_epochs)
-    try:
-        refs = {"backbone": ray.put(state)}  # once: every trial maps the same arrays zero-copy
-        trial_rc = dataclasses.replace(rc, cluster=dataclasses.replace(rc.cluster, cpus_per_task=ts.cpus_per_trial,
-                                                                       gpus_per_task=ts.gpus_per_trial))
-        ctx = TrialContext(manifest=manifest, experiment_id=tr.experiment_id, parent_run_id=parent_id,
-                           sweep_id=sweep_id, tasks=tuple(tasks), max_epochs=ts.max_epochs, holdout=ts.holdout)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, rc=trial_rc, ctx=ctx, refs=refs),
-                                        {"cpu": ts.cpus_per_trial, "gpu": ts.gpus_per_trial})
-        tuner = tune.Tuner(
-            trainable,
-            param_space={k: d.sampler() for k, d in ts.space.items()},
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", num_samples=ts.num_samples,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=ts.max_epochs,
-                                        grace_period=ts.grace_period, reduction_factor=ts.reduction_factor),
-                search_alg=BasicVariantGenerator(points_to_evaluate=[dict(x) for x in ts.points_to_evaluate],
-                                                 random_state=ts.seed),
-                max_concurrent_trials=ts.max_concurrent, trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=f"sweep-{sweep_id}", storage_path=str(out_dir / "ray"),
-                                      callbacks=[runs], verbose=1 if rc.progress else 0,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-        grid = tuner.fit()
-        wall = time.perf_counter() - t0
-        trials = outputs.collect(tr, sweep_id, ts)
-        best = outputs.pick_best(trials)
-        n_early = sum(t.early_stopped for t in trials)
-        n_failed = sum(t.status == "FAILED" for t in trials) + max(0, len(grid) - len(trials))
-        tr.metrics(parent_id, {"trials": len(trials), "trials_finished": sum(t.status == "FINISHED" for t in trials),
-                               "trials_early_stopped": n_early, "trials_failed": n_failed, "wall_seconds": wall})
-        log("\n" + outputs.table(trials, keys, best))
-        if best is None:
-            errors = [str(e) for e in grid.errors][:1]
-            raise PipelineError(f"no trial of sweep {sweep_id} produced a validation accuracy ({n_failed} failed); "
-                                f"first error: {errors[0].splitlines()[-1][:500] if errors else 'see the Tune logs'} "
-                                f"(trial logs under {out_dir / 'ray'})")
-        title = (f"sweep {sweep_id}: {len(trials)} trials on {', '.join(tasks)}, {n_early} stopped early "
-                 f"(ASHA), {ts.max_epochs} epochs max")
-        plot = outputs.plot(trials, best, keys, out_dir / "trials.png", title)
-        tr.artifact(parent_id, plot, "tune")
-        best_path = out_dir / "best.yaml"
-        data = outputs.write_best(best_path, best, ts, rc, tasks, sweep_id, parent_id)
-        tr.artifact(parent_id, best_path, "tune")
-        best_vals = {**data["method"], **data["train"]}
-        tr.params(parent_id, {**{f"best.{k}": v for k, v in best_vals.items() if k != "name"},
-                              "best.trial": best.trial_id, "best.run_id": best.run_id})
-        tr.metrics(parent_id, {"best_val_acc": best.val_acc,
-                               **({"best_val_acc_deployed": best.val_acc_deployed}
-                                  if best.val_acc_deployed is not None else {})})
-        tr.tags(parent_id, {"ksm_best_run": best.run_id, "ksm_best_yaml": str(best_path)})
-        command = outputs.follow_up(best_path)
-        log(f"\n[tune] best trial {best.trial_id}: "
-            + ", ".join(f"{k}={v:.6g}" for k, v in best_vals.items() if k != "name")
-            + f" -> mean validation accuracy {best.val_acc:.4f} ({len(trials)} trials, {n_early} stopped early, "
-            f"{n_failed} failed, {wall:.0f} s)")
-        log(f"[tune] wrote {best_path} and {plot}")
-        log(f"[tune] run the sequence with these values:\n  {command}")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        runs.close_interrupted()  # nothing is left RUNNING, whatever ended the sweep
-        tr.finish(parent_id, status)
+    with tr.running(parent_id):  # FINISHED; KILLED when interrupted; FAILED on an error
+        try:
+            refs = {"backbone": ray.put(state)}  # once: every trial maps the same arrays zero-copy
+            trial_rc = dataclasses.replace(rc, cluster=dataclasses.replace(rc.cluster, cpus_per_task=ts.cpus_per_trial,
+                                                                           gpus_per_task=ts.gpus_per_trial))
+            ctx = TrialContext(manifest=manifest, experiment_id=tr.experiment_id, parent_run_id=parent_id,
+                               sweep_id=sweep_id, tasks=tuple(tasks), max_epochs=ts.max_epochs, holdout=ts.holdout)
+            trainable = tune.with_resources(tune.with_parameters(run_trial, rc=trial_rc, ctx=ctx, refs=refs),
+                                            {"cpu": ts.cpus_per_trial, "gpu": ts.gpus_per_trial})
+            tuner = tune.Tuner(
+                trainable,
+                param_space={k: d.sampler() for k, d in ts.space.items()},
+                tune_config=tune.TuneConfig(
+                    metric=METRIC, mode="max", num_samples=ts.num_samples,
+                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=ts.max_epochs,
+                                            grace_period=ts.grace_period, reduction_factor=ts.reduction_factor),
+                    search_alg=BasicVariantGenerator(points_to_evaluate=[dict(x) for x in ts.points_to_evaluate],
+                                                     random_state=ts.seed),
+                    max_concurrent_trials=ts.max_concurrent, trial_dirname_creator=_trial_dirname),
+                run_config=tune.RunConfig(name=f"sweep-{sweep_id}", storage_path=str(out_dir / "ray"),
+                                          callbacks=[runs], verbose=1 if rc.progress else 0,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+            grid = tuner.fit()
+            wall = time.perf_counter() - t0
+            trials = outputs.collect(tr, sweep_id, ts)
+            best = outputs.pick_best(trials)
+            n_early = sum(t.early_stopped for t in trials)
+            n_failed = sum(t.status == "FAILED" for t in trials) + max(0, len(grid) - len(trials))
+            tr.metrics(parent_id, {"trials": len(trials),
+                                   "trials_finished": sum(t.status == "FINISHED" for t in trials),
+                                   "trials_early_stopped": n_early, "trials_failed": n_failed, "wall_seconds": wall})
+            log("\n" + outputs.table(trials, keys, best))
+            if best is None:
+                errors = [str(e) for e in grid.errors][:1]
+                first = errors[0].splitlines()[-1][:500] if errors else "see the Tune logs"
+                raise PipelineError(f"no trial of sweep {sweep_id} produced a validation accuracy ({n_failed} "
+                                    f"failed); first error: {first} (trial logs under {out_dir / 'ray'})")
+            title = (f"sweep {sweep_id}: {len(trials)} trials on {', '.join(tasks)}, {n_early} stopped early "
+                     f"(ASHA), {ts.max_epochs} epochs max")
+            plot = outputs.plot(trials, best, keys, out_dir / "trials.png", title)
+            tr.artifact(parent_id, plot, "tune")
+            best_path = out_dir / "best.yaml"
+            data = outputs.write_best(best_path, best, ts, rc, tasks, sweep_id, parent_id)
+            tr.artifact(parent_id, best_path, "tune")
+            best_vals = {**data["method"], **data["train"]}
+            tr.params(parent_id, {**{f"best.{k}": v for k, v in best_vals.items() if k != "name"},
+                                  "best.trial": best.trial_id, "best.run_id": best.run_id})
+            tr.metrics(parent_id, {"best_val_acc": best.val_acc,
+                                   **({"best_val_acc_deployed": best.val_acc_deployed}
+                                      if best.val_acc_deployed is not None else {})})
+            tr.tags(parent_id, {"ksm_best_run": best.run_id, "ksm_best_yaml": str(best_path)})
+            command = outputs.follow_up(best_path)
+            log(f"\n[tune] best trial {best.trial_id}: "
+                + ", ".join(f"{k}={v:.6g}" for k, v in best_vals.items() if k != "name")
+                + f" -> mean validation accuracy {best.val_acc:.4f} ({len(trials)} trials, {n_early} stopped early, "
+                f"{n_failed} failed, {wall:.0f} s)")
+            log(f"[tune] wrote {best_path} and {plot}")
+            log(f"[tune] run the sequence with these values:\n  {command}")
+        finally:
+            runs.close_interrupted()  # nothing is left RUNNING, whatever ended the sweep (before the sweep's run)
     return {"parent_run_id": parent_id, "sweep_id": sweep_id, "experiment_id": tr.experiment_id,
             "best": best_vals, "best_val_acc": best.val_acc, "best_trial": best.trial_id,
             "best_yaml": str(best_path), "plot": str(plot), "command": command, "tasks": tasks,
