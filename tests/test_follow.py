@@ -48,6 +48,18 @@ def wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 300)
         time.sleep(0.5)
 
 
+def rerun(tmp_path: Path, *args: str) -> dict:
+    """The same command again, in this process on the session's Ray runtime (tests/conftest.py's ray_local): what
+    it finds in the store is the point, not its process (the stopped driver above was a real one)."""
+    from hydra import compose, initialize_config_dir
+
+    import run_pipeline
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.root={tmp_path}", *TINY, *args])
+    return run_pipeline.main_from_config(cfg)
+
+
 def end(proc: subprocess.Popen, timeout: float = 120) -> int:
     try:
         return proc.wait(timeout=timeout)
@@ -92,7 +104,7 @@ def test_follow_trains_an_appended_line_and_stops_cleanly_on_sigterm(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sigterm_during_the_fan_out_leaves_no_run_running_and_the_rerun_resumes(tmp_path):
+def test_a_sigterm_during_the_fan_out_leaves_no_run_running_and_the_rerun_resumes(tmp_path, ray_local):
     """The driver gets SIGTERM (what `ray job stop` and Kubernetes send) while a task trains: with no grace period
     that job is killed, its run closed KILLED, the parent run KILLED, and the process exits 128 + 15. The same
     command then trains only what is missing. SIGINT takes the same handler (test_sigint_and_sigterm_...)."""
@@ -125,9 +137,9 @@ def test_a_sigterm_during_the_fan_out_leaves_no_run_running_and_the_rerun_resume
     assert [r.info.status for r in after if r.data.tags.get("ksm_kind") == "sequence"] == ["KILLED"]
 
     t0 = time.monotonic()
-    proc, log = launch(tmp_path, *args, "train.epochs=20")
-    assert end(proc, timeout=600) == 0, log.read_text()[-3000:]
+    res = rerun(tmp_path, *args, "train.epochs=20")  # raises unless it succeeds (the CLI's exit 0)
     print(f"[fault] the resumed run took {time.monotonic() - t0:.1f}s")
+    assert "trained" in {r["status"] for r in res["results"]}  # only what the signal cut short
     final = runs(tmp_path)
     finished = sorted(r.data.tags["ksm_task"] for r in final
                       if r.data.tags.get("ksm_kind") == "task" and r.info.status == "FINISHED")
@@ -167,7 +179,7 @@ def descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.slow
-def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path):
+def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path, ray_local):
     """kill -9 on the driver while its second task trains: nothing can close its runs, and its embedded Ray goes
     with it. The same command then closes the dead attempt KILLED (its pid is gone) and trains that task again
     (or reuses it, when the dying worker managed to finish it), reopens the parent run, and keeps the task that
@@ -205,8 +217,7 @@ def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path):
     cut = next(r for r in tasks if r.info.status == "RUNNING")
 
     t0 = time.monotonic()
-    proc, log = launch(tmp_path, *args)
-    assert end(proc, timeout=600) == 0, log.read_text()[-3000:]
+    rerun(tmp_path, *args)  # raises unless it succeeds (the CLI's exit 0)
     print(f"[fault] driver SIGKILLed mid-task: the same command resumed in {time.monotonic() - t0:.1f}s")
     final = runs(tmp_path)
     assert not [r for r in final if r.info.status == "RUNNING"]

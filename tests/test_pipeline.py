@@ -443,13 +443,18 @@ def test_task_job_on_a_full_disk_fails_its_run_naming_path_and_errno(first, tmp_
 
 
 @pytest.mark.slow
-def test_a_task_at_chance_is_tagged_retrained_once_and_flagged_in_the_report(ray_local, tmp_path, capsys):
+@pytest.mark.mutates_tiny_sequence
+def test_a_task_at_chance_is_tagged_retrained_once_and_flagged_in_the_report(first, tmp_path, capsys):
     """Issue #22's detector, forced: an absurd mask learning rate (1e6, on masks and BN) and no head refit leave
     KSM's tasks at chance. Each such run is trained once more with another seed (train.retrain_at_chance), is
     tagged ksm_warning=chance_level when the retry fails too, and the report and its parent run count it."""
-    out = run(tmp_path, "train.lr_mask=1e6", "train.head_refit=false", "train.retrain_at_chance=true")
-    c = _client(tmp_path)
-    tasks = {r.data.tags["ksm_task"]: r for r in _runs(c, "tags.ksm_kind = 'task'")}
+    root, _ = first  # its own sequence (run name, result keys) on the shared store: shards and backbone reused
+    out = run(root, "run_name=chance-test", "train.lr_mask=1e6", "train.head_refit=false",
+              "train.retrain_at_chance=true")
+    c = _client(root)
+    key = out["sequence_key"]
+    tasks = {r.data.tags["ksm_task"]: r for r in _runs(c, f"tags.ksm_kind = 'task' and tags.ksm_sequence = '{key}'")}
+    assert sorted(tasks) == ["t1", "t2"] and all(r.info.status == "FINISHED" for r in tasks.values())
     flagged = {n for n, r in tasks.items() if r.data.tags.get("ksm_warning") == "chance_level"}
     assert flagged, {n: r.data.metrics["test_acc"] for n, r in tasks.items()}
     for name, r in tasks.items():
@@ -461,7 +466,8 @@ def test_a_task_at_chance_is_tagged_retrained_once_and_flagged_in_the_report(ray
             hist = c.get_metric_history(r.info.run_id, "test_acc")
             assert sorted(h.step for h in hist) == [0, 1, 2, 3, 4]  # 2 epochs, 2 more for the retry, the final
     assert all("first_test_acc" in tasks[n].data.metrics for n in flagged)  # nothing flagged without its retry
-    parent = _runs(c, "tags.ksm_kind = 'sequence'")[0]
+    parent = c.get_run(out["parent_run_id"])
+    assert parent.data.tags["ksm_kind"] == "sequence" and parent.data.tags["ksm_sequence"] == key
     assert parent.data.metrics["tasks_at_chance"] == len(flagged)
     printed = capsys.readouterr().out
     assert f"warning: {len(flagged)} task(s) ended at chance level" in printed
