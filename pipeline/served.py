@@ -13,8 +13,9 @@ Over REST (``mlflow models serve -m models:/<name>/<version>``): ``POST /invocat
 ``{"predictions": [1, 0]}``.
 
 An image is preprocessed exactly as the task's test images were when its accuracy was logged (the streaming
-loader's eval transform: scale to [0, 1], bilinear resize to the network's input size, grey to 3 channels, the
-task's mean/std), so the model reproduces the logged accuracy on the same images. Nothing else is resized: an
+loader's eval transform, ``ksm_core.transforms.eval_transform``: scale to [0, 1], bilinear resize to the network's
+input size, grey to 3 channels, the task's mean/std), so the model reproduces the logged accuracy on the same
+images. Nothing else is resized: an
 image must have the task's stored shape (H, W, C), or (H, W) for a grey task. A bad request (an unknown task, a
 wrong shape, pixels that are not uint8) raises :class:`BadRequest` naming the first bad row and the form the row's
 task expects; over REST it is an HTTP 400 with that message.
@@ -43,17 +44,17 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+from ksm_core.transforms import eval_transform, resize_matrix
 
 __all__ = ["MultiTaskModel", "BadRequest", "SPEC_FILE", "FORMAT", "DEFAULT_LIMITS", "eval_transform",
            "resize_matrix"]
 
 FORMAT = "ksm-served/1"
 SPEC_FILE = "ksm_model.json"   # in the model's artifact folder "ksm", beside backbone.safetensors and tasks/
-CROP_PADDING = 4               # the loader's eval crop is the centre of a 4-pixel zero padding: the image itself
 _NAMED = 10                    # tasks named in an "unknown task" message before "..."
 #: one request's bounds when the spec has none (a model exported before they existed): 4096 rows, 16 Mi pixels
 #: (4096 images of 64x64; the uint8 request is 16 MiB, its JSON ~60 MB). The config's defaults are the same.
@@ -67,33 +68,6 @@ class BadRequest(MlflowException, ValueError):
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-def resize_matrix(n: int, size: int) -> torch.Tensor:
-    """[size, n] weights of torch's bilinear resize n -> size along one axis (antialiased when shrinking): the
-    streaming loader's own construction (pipeline.data.loader.resize_matrix), repeated so this file stands alone."""
-    if n == size:
-        return torch.eye(n)
-    eye = torch.eye(n)[None, None]
-    return F.interpolate(eye, size=(size, n), mode="bilinear", align_corners=False, antialias=size < n)[0, 0]
-
-
-def eval_transform(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """uint8 [B, H, W, C] -> the network's normalised float32 [B, channels, size, size], the same operations in
-    the same order as the loader's BatchTransform with train=False (so the same bits)."""
-    x = x.permute(0, 3, 1, 2).float()
-    rows = (resize_matrix(x.shape[2], size) / 255.0)[None]
-    cols = resize_matrix(x.shape[3], size)[None]
-    x = rows[:, None] @ x @ cols[:, None].transpose(-1, -2)
-    c = x.shape[1]
-    if c != channels:
-        if c == 1 and channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        elif c == 3 and channels == 1:
-            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        else:
-            raise BadRequest(f"cannot turn {c}-channel images into {channels} channels")
-    return ((x - mean) / std).contiguous()
 
 
 class _Task:
@@ -262,7 +236,7 @@ class MultiTaskModel(PythonModel):
                     x = torch.from_numpy(np.ascontiguousarray(image[part]))
                     if x.dim() == 3:
                         x = x[..., None]
-                    x = eval_transform(x, t.mean, t.std, t.size, t.channels).to(self.device)
+                    x = eval_transform(x, t.mean, t.std, t.size, t.channels, BadRequest).to(self.device)
                     out[part] = self.net(x).argmax(1).cpu().numpy()
         return out
 

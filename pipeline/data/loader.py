@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from ksm_core.transforms import CROP_PADDING, apply_matrices, resize_matrix
+
 from ..errors import SHARDS_COMMAND, ConfigError, ShardCorruptError, corrupt_shard, missing_shard, unknown_name
 from ..redact import redact_text
 from .manifest import Manifest, TaskInfo, sample_key
@@ -44,7 +46,6 @@ ON_CORRUPT = ("fail", "skip")
 PARTS = ("all", "fit", "holdout")
 #: the only tar entries read from a shard; anything else (e.g. a .pyd/.pickle) is never even loaded
 SAMPLE_EXTENSIONS = ("npy", "png", "cls")
-CROP_PADDING = 4
 
 
 # ---------------------------------------------------------------------------------------- hold-out split
@@ -150,11 +151,8 @@ class BatchTransform:
         self, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        x = x.permute(0, 3, 1, 2).float()
-        rows, cols = self.matrices(x.shape[0], x.shape[2], x.shape[3], generator)
-        x = rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # [B, C, size, size], values in [0, 1]
-        x = self._to_channels(x)
-        return ((x - self.mean) / self.std).contiguous(), y
+        rows, cols = self.matrices(x.shape[0], x.shape[1], x.shape[2], generator)
+        return apply_matrices(x, rows, cols, self.mean, self.std, self.channels, ConfigError), y
 
     def matrices(self, b: int, h: int, w: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image row [b|1, size, h] and column [b|1, size, w] matrices (including the 1/255 scaling)."""
@@ -177,27 +175,6 @@ class BatchTransform:
             self._padded[n] = F.pad(resize_matrix(n, self.image_size), (0, 0, CROP_PADDING, CROP_PADDING))
         return self._padded[n]
 
-    def _to_channels(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        if c == self.channels:
-            return x
-        if c == 1 and self.channels == 3:
-            return x.expand(-1, 3, -1, -1)
-        if c == 3 and self.channels == 1:
-            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            return (x * luma).sum(1, keepdim=True)
-        raise ConfigError(f"cannot turn {c}-channel images into {self.channels} channels (supported: 1<->3)")
-
-
-def resize_matrix(n: int, size: int) -> torch.Tensor:
-    """[size, n] weights of torch's bilinear resize n -> size along one axis (antialiased when shrinking).
-
-    Obtained by resizing an identity image along that axis only, so it matches ``F.interpolate`` exactly.
-    """
-    if n == size:
-        return torch.eye(n)
-    eye = torch.eye(n)[None, None]
-    return F.interpolate(eye, size=(size, n), mode="bilinear", align_corners=False, antialias=size < n)[0, 0]
 
 
 @contextlib.contextmanager
