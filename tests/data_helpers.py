@@ -13,7 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from ksm_core import KSMNet, create_model, save_task
+from pipeline.served import FORMAT, SPEC_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 FOOLBOX_CIFAR = ROOT / ".cache" / "foolbox" / "cifar100"
@@ -161,3 +165,34 @@ def run_on_full_and_read_only_disks(tmp_path: Path, script: str, full_size: str,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.split("RESULT ", 1)[1]), full, ro
+
+
+def build_model_dir(root: Path, limits: dict | None = None, *, random_heads: bool = False) -> Path:
+    """A served model's artifact folder as export writes it: a real (untrained) backbone whose own task takes
+    grey 28x28 images, a grey 28x28 task and a colour 32x32 task, each a real ksm_core artifact (``random_heads``:
+    heads drawn from N(0, 1), so the tasks give non-trivial answers); ``limits`` are the served request limits."""
+    root.mkdir(parents=True)
+    (root / "tasks").mkdir()
+    torch.manual_seed(0)
+    bb = create_model("vgg16_bn_cifar", num_classes=3, width=0.0625)
+    net = KSMNet.from_backbone(bb)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in bb.state_dict().items()}, str(root / "backbone.safetensors"))
+    tasks = [{"name": "base", "artifact": None, "classes": ["a", "b", "c"], "image_shape": [28, 28, 1]}]
+    for name, classes, shape in [("grey", ["x", "y"], [28, 28, 1]), ("rgb", ["p", "q", "r", "s"], [32, 32, 3])]:
+        t = net.add_task(len(classes), method="ksm", name=name)
+        if random_heads:
+            with torch.no_grad():
+                for p in net.heads.tasks[str(t)].parameters():
+                    p.normal_()
+        save_task(net, t, root / "tasks" / f"{name}.safetensors")
+        tasks.append({"name": name, "artifact": f"tasks/{name}.safetensors", "classes": classes, "image_shape": shape})
+    for d in tasks:
+        d.update(image_size=32, channels=3, mean=[0.3] * 3, std=[0.3] * 3, run_id="-", test_acc=None)
+    spec = {"format": FORMAT, "backbone": "backbone.safetensors", "backbone_fingerprint": net.backbone_fingerprint,
+            "model": {"name": "vgg16_bn_cifar", "width": 0.0625, "num_classes": 3}, "tasks": tasks}
+    if limits is not None:
+        spec["limits"] = limits
+    (root / SPEC_FILE).write_text(json.dumps(spec))
+    return root

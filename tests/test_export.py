@@ -27,15 +27,14 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from mlflow import MlflowClient
 
 import run_pipeline
-from ksm_core import KSMNet, create_model, save_task
+from data_helpers import build_model_dir
 from pipeline.data import Manifest, iter_samples, load_source
 from pipeline.data.loader import BatchTransform
 from pipeline.data.sources import DEBIAN_FASHION_MNIST
 from pipeline.jobs import split_digest
-from pipeline.served import FORMAT, SPEC_FILE, BadRequest, MultiTaskModel, eval_transform
+from pipeline.served import BadRequest, MultiTaskModel, eval_transform
 from pipeline.tracking import EXPERIMENT_KIND
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
@@ -87,27 +86,7 @@ def test_the_served_model_code_imports_nothing_from_the_pipeline():
 def hand_model(tmp_path_factory, fashion_test):
     """A served model built by hand: a real (untrained) backbone, a grey 28x28 task and a colour 32x32 task whose
     artifacts are real ksm_core artifacts; loaded through MultiTaskModel.load_context as MLflow would."""
-    root = tmp_path_factory.mktemp("served") / "ksm"
-    (root / "tasks").mkdir(parents=True)
-    torch.manual_seed(0)
-    bb = create_model("vgg16_bn_cifar", num_classes=3, width=0.0625)
-    net = KSMNet.from_backbone(bb)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in bb.state_dict().items()}, str(root / "backbone.safetensors"))
-    tasks = [{"name": "base", "artifact": None, "classes": ["a", "b", "c"], "image_shape": [28, 28, 1]}]
-    for name, classes, shape in [("grey", ["x", "y"], [28, 28, 1]), ("rgb", ["p", "q", "r", "s"], [32, 32, 3])]:
-        t = net.add_task(len(classes), method="ksm", name=name)
-        with torch.no_grad():  # give the head a non-trivial answer
-            for p in net.heads.tasks[str(t)].parameters():
-                p.normal_()
-        save_task(net, t, root / "tasks" / f"{name}.safetensors")
-        tasks.append({"name": name, "artifact": f"tasks/{name}.safetensors", "classes": classes, "image_shape": shape})
-    for d in tasks:
-        d.update(image_size=32, channels=3, mean=[0.3] * 3, std=[0.3] * 3, run_id="-", test_acc=None)
-    spec = {"format": FORMAT, "backbone": "backbone.safetensors", "backbone_fingerprint": net.backbone_fingerprint,
-            "model": {"name": "vgg16_bn_cifar", "width": 0.0625, "num_classes": 3}, "tasks": tasks}
-    (root / SPEC_FILE).write_text(json.dumps(spec))
+    root = build_model_dir(tmp_path_factory.mktemp("served") / "ksm", random_heads=True)
     model = MultiTaskModel()
     threads = torch.get_num_threads()
     try:

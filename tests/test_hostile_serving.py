@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import tracemalloc
 import urllib.error
 import urllib.parse
@@ -28,14 +27,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 import yaml
+from data_helpers import build_model_dir
 from test_cluster import CLUSTER_DIR, VENV_BIN, Proc, compose, free_port, serve_on_a_free_port
 
-from ksm_core import KSMNet, create_model, save_task
 from pipeline.config import resolve, validate
 from pipeline.errors import PipelineError
-from pipeline.served import FORMAT, SPEC_FILE, BadRequest, MultiTaskModel
+from pipeline.served import BadRequest, MultiTaskModel
 
 ROOT = Path(__file__).resolve().parents[1]
 # the admin's password: '/' and '@' are what a sed mask or a URL parser cut in two
@@ -58,32 +56,6 @@ needs_data = pytest.mark.skipif(not _has_fashion_mnist(), reason="needs dataset-
 
 
 # ------------------------------------------------------------------------------------------ the served model
-def build_model_dir(root: Path, limits: dict | None = None) -> Path:
-    """A served model's artifact folder as export writes it: a real (untrained) backbone whose own task takes
-    grey 28x28 images, a grey 28x28 task and a colour 32x32 task, each a real ksm_core artifact."""
-    root.mkdir(parents=True)
-    (root / "tasks").mkdir()
-    torch.manual_seed(0)
-    bb = create_model("vgg16_bn_cifar", num_classes=3, width=0.0625)
-    net = KSMNet.from_backbone(bb)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in bb.state_dict().items()}, str(root / "backbone.safetensors"))
-    tasks = [{"name": "base", "artifact": None, "classes": ["a", "b", "c"], "image_shape": [28, 28, 1]}]
-    for name, classes, shape in [("grey", ["x", "y"], [28, 28, 1]), ("rgb", ["p", "q", "r", "s"], [32, 32, 3])]:
-        t = net.add_task(len(classes), method="ksm", name=name)
-        save_task(net, t, root / "tasks" / f"{name}.safetensors")
-        tasks.append({"name": name, "artifact": f"tasks/{name}.safetensors", "classes": classes, "image_shape": shape})
-    for d in tasks:
-        d.update(image_size=32, channels=3, mean=[0.3] * 3, std=[0.3] * 3, run_id="-", test_acc=None)
-    spec = {"format": FORMAT, "backbone": "backbone.safetensors", "backbone_fingerprint": net.backbone_fingerprint,
-            "model": {"name": "vgg16_bn_cifar", "width": 0.0625, "num_classes": 3}, "tasks": tasks}
-    if limits is not None:
-        spec["limits"] = limits
-    (root / SPEC_FILE).write_text(json.dumps(spec))
-    return root
-
-
 LIMITS = {"max_rows": 1024, "max_pixels": 1024 * 28 * 28}
 
 
