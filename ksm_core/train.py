@@ -320,8 +320,8 @@ def refit_head(net: KSMNet, task: int, loader: Iterable, cfg: TrainConfig | None
     whose weights and bias step by ~lr each. In the runs that ended at chance, nearly every sample of one class
     reached the head as one and the same feature vector (nothing of the image got through), a code that still
     separates the two classes, but the head's bias had not moved far enough to call that class: its logits sat
-    at a near-tie, test loss 0.39 with accuracy 0.50. Recalibrating BN, a head-only warm-up, a zero-initialised or faster head, and lower or warmed-up mask
-    learning rates did not remove the collapse; fitting the head to the final features does, on every seed. It
+    at a near-tie, test loss 0.39 with accuracy 0.50. Recalibrating BN, a head-only warm-up, a zero-initialised
+    or faster head, and lower or warmed-up mask learning rates did not remove the collapse; fitting the head to the final features does, on every seed. It
     costs one eval-mode pass over (at most ``head_refit_samples`` of) the train split. The backbone and the
     masks are untouched; the artifact stores the refitted head, so it reproduces the reported accuracy.
     """

@@ -27,6 +27,7 @@ from .fanout import Job, fan_out
 from .identity import backbone_key, result_key
 from .lineage import check_inputs, prepare
 from .present import pyplot, text_table
+from .report import at_chance_tasks
 from .runtime import check_cluster, check_fits_before_ray, job_resources, ray_session, warm_workers
 from .sequence import backbone_stage
 
@@ -123,7 +124,7 @@ def summarise(results: dict[str, dict[str, Any]], methods: list[str], seeds: lis
                      "compile_seconds": statistics.fmean(j.get("compile_seconds") or 0.0 for j in jobs),
                      "artifact_bytes": statistics.fmean(j["artifact_bytes"] for j in jobs), "per_seed": per_seed,
                      # task runs that ended at chance (tag ksm_warning=chance_level): a mean can hide a dead task
-                     "at_chance": sum(j.get("warning") == "chance_level" for j in jobs), "jobs": len(jobs),
+                     "at_chance": len(at_chance_tasks(jobs)), "jobs": len(jobs),
                      "per_seed_seconds": [statistics.fmean(results[f"{meth}/{s}/{t}"]["train_seconds"] for t in tasks)
                                           for s in seeds]})
     ft = next((r["artifact_bytes"] for r in rows if r["method"] == "finetune"), None)

@@ -39,6 +39,7 @@ from .data import Manifest, make_loader
 from .errors import PipelineError, TrackingUnreachable
 from .params import method_params
 from .redact import redact_text
+from .report import CHANCE_LEVEL
 from .tracking import Tracker
 
 __all__ = ["JobContext", "TaskOutcome", "task_epochs", "train_task", "task_job", "backbone_job", "build_backbone",
@@ -312,10 +313,6 @@ def log_outcome(tr: Tracker, run: Any, rec: Unlogged, rc: RunConfig, tags: Mappi
     tr.log(run_id, params=rec.params, metrics=rec.metrics, tags={**rec.tags, **(tags or {})}, step=rec.step,
            history=rec.epochs)
     tr.finish(run_id, "FINISHED")
-
-
-#: the ``ksm_warning`` (and ``ksm_retrained``) tag value of a task that ended within train.chance_margin of chance
-CHANCE_LEVEL = "chance_level"
 
 
 def retrain_seed(seed: int) -> int:

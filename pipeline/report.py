@@ -19,11 +19,14 @@ from typing import Any
 from .config import RunConfig
 from .present import pyplot, text_table
 
-__all__ = ["format_table", "write_report", "summarise", "at_chance_lines", "SUMMARY_ABOVE", "WORST"]
+__all__ = ["format_table", "write_report", "summarise", "at_chance_lines", "at_chance_tasks", "CHANCE_LEVEL",
+           "SUMMARY_ABOVE", "WORST"]
 
 COLUMNS = [("task", "task"), ("classes", "classes"), ("test_acc", "test acc"), ("train_seconds", "train s"),
            ("artifact_kb", "artifact KB"), ("mask_ones", "ones"), ("mask_soft", "soft"), ("node", "node"),
            ("status", "status")]
+#: the ``ksm_warning`` (and ``ksm_retrained``) tag value of a task that ended within train.chance_margin of chance
+CHANCE_LEVEL = "chance_level"
 SUMMARY_ABOVE = 50  # more tasks than this: the report summarises instead of listing every task
 WORST = 10          # how many of the lowest-accuracy tasks a summary lists
 QUANTILES = [("min", 0.0), ("p10", 0.1), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p90", 0.9),
@@ -56,10 +59,15 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
     return text_table([h for _, h in cols], [[_fmt(k, r.get(k)) for k, _ in cols] for r in rows], markdown)
 
 
+def at_chance_tasks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The task records tagged ksm_warning=chance_level (``record["warning"]``), in order."""
+    return [r for r in results if r.get("warning") == CHANCE_LEVEL]
+
+
 def at_chance_lines(results: list[dict[str, Any]], rc: RunConfig) -> list[str]:
     """The warning a report prints for the tasks that ended at chance (tag ksm_warning=chance_level): their
     count, then each (the first WORST), and what to do. Empty when there are none."""
-    hit = [r for r in results if r.get("warning") == "chance_level"]
+    hit = at_chance_tasks(results)
     if not hit:
         return []
     lines = [f"warning: {len(hit)} task(s) ended at chance level (test accuracy within train.chance_margin="
@@ -159,7 +167,7 @@ def summarise(results: list[dict[str, Any]], failures: Mapping[str, str] | None 
         "total_train_seconds": sum(secs), "total_artifact_bytes": sum(r.get("artifact_bytes") or 0 for r in results),
         "fanout_wall_seconds": wall_seconds, "worst": _worst(results),
         "skipped_samples": sum(r.get("skipped_samples") or 0 for r in results),
-        "at_chance": sum(r.get("warning") == "chance_level" for r in results),
+        "at_chance": len(at_chance_tasks(results)),
     }
 
 
@@ -305,7 +313,7 @@ def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc
             f"total training {summary['total_train_seconds']:.1f} s; "
             f"artifacts {summary['total_artifact_bytes'] / 1024:.1f} KB")
     chance = at_chance_lines(rows, rc)
-    summary["tasks_at_chance"] = sum(r.get("warning") == "chance_level" for r in rows)
+    summary["tasks_at_chance"] = len(at_chance_tasks(rows))
     for line in chance:
         log(line)
     lossy = [f"{r['task']}: {r['skipped_samples']} sample(s) skipped from corrupt shard(s) {r['skipped_shards']}"

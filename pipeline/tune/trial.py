@@ -16,8 +16,9 @@ from typing import Any
 from ksm_core import at_chance
 
 from ..config import RunConfig
-from ..jobs import CHANCE_LEVEL, manifest, node_info, prepare_worker, task_epochs
+from ..jobs import manifest, node_info, prepare_worker, task_epochs
 from ..params import method_params
+from ..report import CHANCE_LEVEL
 from ..tracking import Tracker
 from .space import METRIC, SPACE_KEYS
 
