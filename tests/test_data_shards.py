@@ -402,8 +402,10 @@ def test_auto_format_picks_png_for_large_images_only():
 
     assert image_format("auto", (28, 28, 1)) == "npy" and image_format("auto", (32, 32, 3)) == "npy"
     assert image_format("auto", (64, 64, 3)) == "png" and image_format("png", (8, 8, 1)) == "png"
-    with pytest.raises(UnknownNameError, match="unknown shard image format 'jpg'; valid: 'npy', 'png', 'auto'"):
-        image_format("jpg", (8, 8, 1))
+    assert image_format("jpeg", (8, 8, 1)) == "jpeg" and image_format("webp", (64, 64, 3)) == "webp"
+    with pytest.raises(UnknownNameError,
+                       match="unknown shard image format 'jpg'; valid: 'npy', 'png', 'jpeg', 'webp', 'auto'"):
+        image_format("jpg", (8, 8, 1))  # the format is `jpeg`; `jpg` is only its entries' extension
 
 
 def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:

@@ -11,7 +11,11 @@ Keys common to every kind::
     channels: 3                    # model input channels; mean/std are computed for these
     flip: null                     # random horizontal flips in training: null = the source's default
     seed: 0                        # order in which train samples are written to shards
-    shard: {max_samples: 2000, format: npy}         # format: npy | png | auto
+    shard: {max_samples: 2000, format: npy, quality: 90}    # format: npy | png | jpeg | webp | auto
+    on_corrupt: fail               # a member that does not decode: fail (default) | skip; a source's own wins
+
+A file source (``image_folder``, ``webdataset``) without ``size`` keeps each image's own bytes in the shards
+(format ``source``: JPEG stays JPEG); ``shard.format`` applies to array sources and to resized images.
 
 Kinds (see each builder's docstring): ``class_split``, ``sequence``, ``cifar100_superclass``. The first task
 trains the backbone; the rest are the new tasks, in order. Caps take a seeded, stratified subset, so a
@@ -30,11 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import ArraySplit, TaskData, cap_split, resolve_classes, select_classes, shuffle_split
-from .cifar100 import CPG_ORDER, superclass_split
+from .arrays import ArraySplit, TaskData, resolve_classes
+from .cifar100 import CPG_ORDER
 from ..errors import ConfigError, DataError, UnsafeInputError, unknown_name
+from .images import DEFAULT_QUALITY, IMAGE_FORMATS
 from .manifest import TASK_NAME
-from .sources import SPLITS, load_source, source_kind
+from .members import ON_CORRUPT, ArrayMembers, Members, Subset, pick
+from .sources import decode_members, list_members, source_kind
 
 #: configs/benchmark/ of this project (where :func:`load_benchmark_config` looks by default)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
@@ -184,10 +190,10 @@ def _check_line(raw: bytes, allow_download: bool) -> dict[str, Any]:
     source = entry.get("source")
     if not isinstance(source, dict):
         raise ValueError("`source` must be a mapping such as {\"name\": \"fashion_mnist\"}")
-    for key, value in source.items():
+    for key, value in _strings(source, "source"):
         # a source reads local files only; a command (webdataset's `pipe:`) may come from the config, never a line
-        if isinstance(value, str) and value.startswith("pipe:"):
-            raise UnsafeInputError(f"`source.{key}` is a `pipe:` command; a catalogue line may name folders and "
+        if value.lstrip().startswith("pipe:"):
+            raise UnsafeInputError(f"`{key}` is a `pipe:` command; a catalogue line may name folders and "
                                    "files, never commands")
     if source.get("download") not in (None, False):
         if source.get("download") is not True:
@@ -220,6 +226,18 @@ def _check_line(raw: bytes, allow_download: bool) -> dict[str, Any]:
     if classes is not None:
         resolve_classes(classes, names)
     return entry
+
+
+def _strings(value: Any, where: str) -> list[tuple[str, str]]:
+    """Every string in a nested value, with where it is (``source.urls.train[0]``): a corpus's `urls` may be a
+    list or a mapping, and a command hidden one level down is still a command."""
+    if isinstance(value, str):
+        return [(where, value)]
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _strings(v, f"{where}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in _strings(v, f"{where}[{i}]")]
+    return []
 
 
 def _is_int(v: Any) -> bool:
@@ -261,7 +279,9 @@ def build_tasks(benchmark: dict[str, Any]) -> list[TaskData]:
 
 
 # ------------------------------------------------------------------------------------------- task specs
-#: bumped whenever what a TaskSpec means for the shards changes (how caps, order or selection are applied)
+#: bumped whenever what a TaskSpec means for the shards changes (how caps, order or selection are applied).
+#: Streaming the writer (issue #21) kept it: every spec that could be written before gives the same bytes; the
+#: one new behaviour, a file source's own bytes, has its own format ("source") and so its own key
 SPEC_VERSION = 2
 DEFAULT_MAX_SAMPLES = 2000
 
@@ -295,7 +315,8 @@ class TaskSpec:
     caps: dict[str, Any]            # {"train": n | None, "test": n | None, "seed": int}
     order_seed: int                 # order of the train split in the shards
     channels: int                   # mean/std are computed for these model channels
-    shard: dict[str, Any]           # {"format": npy | png | auto, "max_samples": n}
+    shard: dict[str, Any]           # {"format": source | npy | png | jpeg | webp | auto, "max_samples": n,
+                                    #  "quality": q (jpeg and webp only)}
     flip: bool | None = None        # loader-only: None = the source's default
 
     def content(self) -> dict[str, Any]:
@@ -322,11 +343,10 @@ def task_specs(benchmark: dict[str, Any]) -> list[TaskSpec]:
         raise unknown_name("benchmark kind", kind, sorted(BENCHMARK_KINDS))
     entries = BENCHMARK_KINDS[kind](bench)
     _check_task_names(bench, [e.name for e in entries])
-    shard_cfg = bench.get("shard") or {}
-    shard = {"format": shard_cfg.get("format", "npy"),
-             "max_samples": int(shard_cfg.get("max_samples") or DEFAULT_MAX_SAMPLES)}
-    if shard["max_samples"] <= 0:
-        raise ConfigError(f"shard.max_samples must be positive, got {shard['max_samples']}")
+    shard = _shard_options(bench.get("shard") or {})
+    on_corrupt = bench.get("on_corrupt") or "fail"
+    if on_corrupt not in ON_CORRUPT:
+        raise unknown_name("benchmark.on_corrupt", on_corrupt, ON_CORRUPT)
     order = int(bench.get("seed", 0))
     flip = bench.get("flip")
     specs = []
@@ -337,38 +357,108 @@ def task_specs(benchmark: dict[str, Any]) -> list[TaskSpec]:
                 _check_cap(f"caps.{split}", caps.get(split))
             except ValueError as exc:
                 raise ConfigError(f"task {e.name!r}: {exc}") from None
+        source = _canonical_source({"on_corrupt": on_corrupt, **e.source})
+        if source.get("on_corrupt", "fail") not in ON_CORRUPT:
+            raise unknown_name(f"task {e.name!r}: source.on_corrupt", source["on_corrupt"], ON_CORRUPT)
         specs.append(TaskSpec(
-            name=e.name, source=_canonical_source(e.source), classes=e.classes, superclass=e.superclass,
+            name=e.name, source=source, classes=e.classes, superclass=e.superclass,
             caps={"train": caps.get("train"), "test": caps.get("test"), "seed": int(caps.get("seed", order))},
             # from the task's own name, not its position: the same task anywhere in any stream is the same bytes
             order_seed=_name_seed(order, e.name),
-            channels=int(bench.get("channels", 3)), shard=shard,
+            channels=int(bench.get("channels", 3)), shard=_stored_as(shard, source),
             flip=e.flip if flip is None else bool(flip)))
     return specs
 
 
-def build_task(spec: TaskSpec) -> TaskData:
-    """One task's arrays from its spec: its classes of the source, capped (seeded, stratified), the train split
-    in shard order. Holds the source's arrays (cached by the source loader) plus this one task."""
+def _shard_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``shard`` checked: ``format`` one of IMAGE_FORMATS, ``max_samples`` > 0, ``quality`` in 1..100."""
+    fmt = cfg.get("format", "npy")
+    if fmt not in IMAGE_FORMATS:
+        raise unknown_name("shard.format", fmt, IMAGE_FORMATS)
+    shard = {"format": fmt, "max_samples": int(cfg.get("max_samples") or DEFAULT_MAX_SAMPLES)}
+    if shard["max_samples"] <= 0:
+        raise ConfigError(f"shard.max_samples must be positive, got {shard['max_samples']}")
+    quality = cfg.get("quality", DEFAULT_QUALITY)
+    if not _is_int(quality) or not 1 <= quality <= 100:
+        raise ConfigError(f"shard.quality must be a whole number in 1..100 (JPEG/WebP quality), got {quality!r}")
+    if fmt in ("jpeg", "webp"):  # only where it changes the bytes: other formats keep their old task keys
+        shard["quality"] = quality
+    return shard
+
+
+def _stored_as(shard: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """What one task stores: a file source asked for no resize keeps its own bytes (``source``), else ``shard``."""
+    if source_kind(source).encoded and source.get("size") is None:
+        return {"format": "source", "max_samples": shard["max_samples"]}
+    return shard
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """One split of a task as the writer reads it: the source's listed members, and the rows it keeps, in write
+    order, with their task labels."""
+
+    members: Members
+    rows: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """A task before any image is read: its class names and the members of each split (see :func:`plan_task`)."""
+
+    spec: TaskSpec
+    class_names: list[str]
+    splits: dict[str, SplitPlan]
+    source: str
+    flip_default: bool
+
+    @property
+    def flip(self) -> bool:
+        return self.flip_default if self.spec.flip is None else bool(self.spec.flip)
+
+
+def plan_task(spec: TaskSpec, cache_dir: Path | None = None) -> TaskPlan:
+    """Which members make the task, from the source's listing alone (nothing decoded): its classes (or CIFAR-100
+    superclass), capped (seeded, stratified; test with seed + 1), the train split in its seeded shard order. A
+    class of the task without members in a split is refused here, before any image is read. ``cache_dir``: where
+    a source keeps an index (a corpus's), None for its default."""
     kind = source_kind(spec.source)
-    data = _load_both(spec.source)
-    if spec.superclass is not None:
-        data = {split: superclass_split(d, spec.superclass) for split, d in data.items()}
-    elif spec.classes is not None:
-        data = {split: select_classes(d, spec.classes) for split, d in data.items()}
-    train = cap_split(data["train"], spec.caps["train"], spec.caps["seed"])
-    test = cap_split(data["test"], spec.caps["test"], spec.caps["seed"] + 1)
-    for split, d in (("train", train), ("test", test)):
-        if len(d) == 0:
+    splits: dict[str, SplitPlan] = {}
+    for split, seed, order in (("train", spec.caps["seed"], spec.order_seed), ("test", spec.caps["seed"] + 1, None)):
+        members = list_members(spec.source, split, cache_dir)
+        rows, labels, names = pick(members, classes=spec.classes, superclass=spec.superclass, cap=spec.caps[split],
+                                   cap_seed=seed, order_seed=order,
+                                   what=f"task {spec.name!r} ({split} split of its {kind.name} source)")
+        if len(rows) == 0:
             raise ConfigError(f"task {spec.name!r} has no {split} samples; check its classes and source")
+        splits[split] = SplitPlan(members, rows, labels)
+    return TaskPlan(spec, names, splits, kind.name, kind.flip)
+
+
+def build_task(spec: TaskSpec) -> TaskData:
+    """One task's arrays from its spec (see :func:`plan_task`), every image decoded into memory: for tests and
+    notebooks (the shard writer streams the same members instead)."""
+    plan = plan_task(spec)
+    data = {split: _materialize(p, spec.source, plan.class_names) for split, p in plan.splits.items()}
     return TaskData(
         name=spec.name,
-        train=shuffle_split(train, spec.order_seed),
-        test=test,
-        flip=kind.flip if spec.flip is None else spec.flip,
-        source=kind.name,
-        meta={"caps": {k: spec.caps[k] for k in ("train", "test")}, "flip_default": kind.flip},
+        train=data["train"],
+        test=data["test"],
+        flip=plan.flip,
+        source=plan.source,
+        meta={"caps": {k: spec.caps[k] for k in ("train", "test")}, "flip_default": plan.flip_default},
     )
+
+
+def _materialize(plan: SplitPlan, source: dict[str, Any], names: list[str]) -> ArraySplit:
+    if isinstance(plan.members, ArrayMembers):
+        return ArraySplit(plan.members.x[plan.rows], plan.labels, names)
+    x = decode_members(Subset.take(plan.members, plan.rows), source, f"source {source.get('name')}").x
+    return ArraySplit(x, plan.labels, names)
 
 
 # ------------------------------------------------------------------------------------------ common steps
@@ -401,23 +491,23 @@ def _name_seed(seed: int, name: str) -> int:
 
 
 def _canonical_source(source: dict[str, Any]) -> dict[str, Any]:
-    """A source config without what does not change its data (``download``, unset keys), so
-    ``{"name": "fashion_mnist"}`` and ``{name: fashion_mnist, root: null, download: false}`` are one source."""
-    return {k: v for k, v in sorted(source.items()) if k != "download" and v is not None}
+    """A source config without what does not change its data (``download``, where an index is kept, unset keys,
+    ``on_corrupt`` at its default), so ``{"name": "fashion_mnist"}`` and ``{name: fashion_mnist, root: null,
+    download: false}`` are one source."""
+    return {k: v for k, v in sorted(source.items())
+            if k not in ("download", "index_dir") and v is not None and not (k == "on_corrupt" and v == "fail")}
 
 
 @functools.lru_cache(maxsize=8)
 def _class_names_of(source_json: str) -> tuple[str, ...]:
-    return tuple(load_source(json.loads(source_json), "test").class_names)
+    source = json.loads(source_json)
+    return tuple(source_kind(source).names(source) or list_members(source, "test").class_names)
 
 
 def _class_names(source: dict[str, Any]) -> list[str]:
-    """A source's class names (reads its test split once per driver; the arrays stay in the source's cache)."""
+    """A source's class names: from its config when it says them, else from listing its test split (once per
+    driver: folders listed, a corpus indexed, an array source loaded into its cache; no image decoded)."""
     return list(_class_names_of(json.dumps(source, sort_keys=True)))
-
-
-def _load_both(source: dict[str, Any]) -> dict[str, ArraySplit]:
-    return {split: load_source(source, split) for split in SPLITS}
 
 
 def _require(bench: dict[str, Any], *keys: str) -> None:

@@ -178,6 +178,13 @@ class TaskInfo:
     manifest's folder; ``sha256``, ``sizes`` and ``shard_counts`` are keyed by those relative paths.
     ``flip`` is the task's training-time flip setting (the benchmark's ``flip``, else ``flip_default``, which
     comes from the source: on for natural images, off for digits and Fashion-MNIST).
+
+    ``image_format`` is how images are stored: ``source`` (each image's own bytes: entries ``jpg``, ``png`` or
+    ``webp``), else ``npy``, ``png``, ``jpeg`` or ``webp``. ``uniform_shape`` is False when the images differ in
+    size (a ``source`` task of photos); ``image_shape`` is then the first train image's. ``mean``/``std`` of a
+    task stored from encoded images come from its first 1024 train images in shard order. ``skipped`` names the
+    source members left out as unusable (the source's ``on_corrupt: skip``). Manifests written before these fields
+    existed read as uniform, with nothing skipped.
     """
 
     name: str
@@ -195,6 +202,8 @@ class TaskInfo:
     flip_default: bool = False
     source: str = ""
     image_format: str = "npy"
+    uniform_shape: bool = True
+    skipped: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskInfo:

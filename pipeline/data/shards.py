@@ -11,17 +11,26 @@ Layout under ``<shard_root>/``::
 appending a task to a stream writes only that task, editing one writes only that one (its old folder stays for
 the runs that used it), and the same task in another stream is not written again.
 
-Each sample is ``<key>.npy`` (raw uint8 [H, W, C], saved without pickle) or ``<key>.png``, plus ``<key>.cls``
-(the label as ASCII digits). Keys are the sample's row number in its split (``0000042``). Tar headers carry
-a fixed integer mtime (a float one would add a PAX header per file, doubling small shards), so the same spec
-gives byte-identical shards and checksums.
+Each sample is ``<key>`` + one image entry + ``<key>.cls`` (the label as ASCII digits). The image entry is the
+source's own bytes when a file source asks for no resize (``jpg``, ``png``, ``webp``: format ``source``), else
+``npy`` (raw uint8 [H, W, C], saved without pickle), ``png``, ``jpg`` or ``webp`` per ``shard.format`` (see
+:mod:`.images`). Keys are the sample's position in its split (``0000042``). Tar headers carry a fixed integer
+mtime (a float one would add a PAX header per file, doubling small shards), so the same spec gives byte-identical
+shards and checksums.
+
+The writer streams: it plans the task from the source's listing (:func:`~.benchmarks.plan_task`: labels only),
+then reads the planned members one shard's worth at a time, so it holds one shard, never the task or the
+source (an array source's arrays excepted: they are small and already in memory). A member that does not decode
+fails the task naming it, or with the source's ``on_corrupt: skip`` is left out and listed in the task's
+``skipped``. The train split's mean/std come from running sums over its first :data:`~.images.STATS_MAX_IMAGES`
+images in shard order (every image for an array source).
 
 A task is written into a hidden temp folder beside its final one and renamed into place only when complete:
 a killed writer never leaves a task that looks valid over half-written shards, and two launches writing the
 same task at once both end with the one complete folder (the loser of the rename drops its copy). Tasks are
 written by whatever ``map_tasks`` the caller passes: in-process one after another by default, as Ray jobs by the
-driver (``runtime.ray_map``) so a cluster's nodes write in parallel. Each writer holds the source's arrays and
-the one task it writes, never the stream.
+driver (``runtime.ray_map``) so a cluster's nodes write in parallel. A WebDataset corpus source is indexed first
+(one ``map_tasks`` job per corpus shard) into ``<shard_root>/index/``, which the writers then read.
 
 A URL shard root (``http(s)://host/shards``, ``file:``, or a ``pipe:`` template with ``{rel}``, see
 :mod:`.manifest`) is read-only: :func:`ensure_shards` reads ``<url>/<benchmark>/manifest.json``, checks that it
@@ -48,19 +57,22 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from .arrays import ArraySplit, channel_stats
-from .benchmarks import TaskSpec, build_task, expand, spec_of, task_specs
+from .arrays import ArraySplit
+from .benchmarks import SplitPlan, TaskSpec, expand, plan_task, spec_of, task_specs
+from . import corpus
 from ..errors import ConfigError, DataError, Log, ShardWriteError, unknown_name
+from .images import (AUTO_PNG_MIN_VALUES, DEFAULT_QUALITY, ENCODERS, IMAGE_FORMATS, STATS_MAX_IMAGES, BadImage,
+                     RunningStats, encode_npy, encode_png, image_format, store_array, store_bytes)
+from .members import MemberError
 from ..redact import redact_text
 from .manifest import (FORMAT_VERSION, MANIFEST_NAME, TASKS_DIR, Manifest, TaskInfo, check_shard_paths, is_local,
                        join_url, sample_key, sha256_file)
 
+__all__ = ["AUTO_PNG_MIN_VALUES", "ENCODERS", "IMAGE_FORMATS", "encode_npy", "encode_png", "ensure_shards",
+           "image_format", "in_process", "spec_hash", "write_split", "write_task"]
+
 #: benchmark keys that only change how shards are read, not what they hold: not part of the spec hash
 LOADER_KEYS = ("flip",)
-IMAGE_FORMATS = ("npy", "png", "auto")
-#: ``format: auto`` stores images with at least this many values (64x64x3) as PNG, smaller ones as npy: PNG
-#: decoding costs ~2.5x the whole npy path per image (measured on Fashion-MNIST) and tiny images barely compress
-AUTO_PNG_MIN_VALUES = 64 * 64 * 3
 TASK_FILE = "task.json"
 #: a writer's temp (or moved-aside) folder: .<folder>.tmp-<host>-<pid>-<ns>
 TEMP_NAME = re.compile(r"\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-(?P<ns>\d+)$")
@@ -76,89 +88,171 @@ def spec_hash(benchmark: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------- encoding
-
-
-def encode_npy(image: np.ndarray) -> bytes:
-    """uint8 [H, W, C] -> .npy bytes (no pickle)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
-    return buf.getvalue()
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 [H, W, 1|3] -> lossless PNG bytes (grey stored as mode L)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {"npy": encode_npy, "png": encode_png}
-
-
-def image_format(fmt: str, image_shape: Sequence[int]) -> str:
-    """The concrete format ("npy" or "png") for a configured one, resolving "auto" by image size."""
-    if fmt not in IMAGE_FORMATS:
-        raise unknown_name("shard image format", fmt, IMAGE_FORMATS)
-    if fmt == "auto":
-        return "png" if int(np.prod(image_shape)) >= AUTO_PNG_MIN_VALUES else "npy"
-    return fmt
-
-
 # -------------------------------------------------------------------------------------------- writing
 
 
+class ShardSink:
+    """One split's shards, written one sample at a time: a new tar every ``max_samples`` samples, each closed
+    (and hashed) as soon as it is full. Keys count the samples written (a skipped member leaves no gap)."""
+
+    def __init__(self, folder: Path, split: str, max_samples: int):
+        self.folder, self.split, self.max_samples = folder, split, max_samples
+        self.written = 0
+        self.out: dict[str, Any] = {"shards": [], "sizes": {}, "counts": {}, "sha256": {}}
+        self._tar: wds.TarWriter | None = None
+        self._rel = ""
+        self._in_shard = 0
+
+    def write(self, ext: str, data: bytes, label: int) -> None:
+        if self._tar is None:
+            self._rel = f"{self.split}-{len(self.out['shards']):06d}.tar"
+            self._tar = wds.TarWriter(str(self.folder / self._rel), encoder=False, mtime=0)  # int: no PAX headers
+            self._in_shard = 0
+        self._tar.write({"__key__": sample_key(self.written), ext: data, "cls": str(int(label)).encode()})
+        self.written += 1
+        self._in_shard += 1
+        if self._in_shard == self.max_samples:
+            self._close()
+
+    def _close(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        self._tar = None
+        rel, path = self._rel, self.folder / self._rel
+        self.out["shards"].append(rel)
+        self.out["sizes"][rel] = path.stat().st_size
+        self.out["counts"][rel] = self._in_shard
+        self.out["sha256"][rel] = sha256_file(path)
+
+    def close(self) -> dict[str, Any]:
+        """Close the last shard; relpaths (relative to ``folder``), sizes, counts and sha256s of every shard."""
+        if self._tar is not None:
+            self._close()
+        return self.out
+
+
 def write_split(data: ArraySplit, folder: Path, split: str, fmt: str, max_samples: int) -> dict[str, Any]:
-    """Write one split as shards of at most ``max_samples`` into ``folder``; returns relpaths (relative to
-    ``folder``), sizes, counts and sha256s."""
-    encode = ENCODERS[fmt]
-    out: dict[str, Any] = {"shards": [], "sizes": {}, "counts": {}, "sha256": {}}
-    for shard, start in enumerate(range(0, len(data), max_samples)):
-        rel = f"{split}-{shard:06d}.tar"
-        stop = min(start + max_samples, len(data))
-        with wds.TarWriter(str(folder / rel), encoder=False, mtime=0) as sink:  # int: no PAX headers
-            for i in range(start, stop):
-                sink.write({"__key__": sample_key(i), fmt: encode(data.x[i]), "cls": str(int(data.y[i])).encode()})
-        out["shards"].append(rel)
-        out["sizes"][rel] = (folder / rel).stat().st_size
-        out["counts"][rel] = stop - start
-        out["sha256"][rel] = sha256_file(folder / rel)
-    return out
+    """Write an in-memory split as shards of at most ``max_samples`` into ``folder`` (``fmt``: npy, png, jpeg,
+    webp); returns relpaths (relative to ``folder``), sizes, counts and sha256s."""
+    sink = ShardSink(folder, split, max_samples)
+    for x, y in zip(data.x, data.y):
+        stored = store_array(x, fmt, DEFAULT_QUALITY)
+        sink.write(stored.ext, stored.data, int(y))
+    return sink.close()
+
+
+class _Written:
+    """What streaming a task's splits found: stored format, shapes, skipped members, and the train mean/std."""
+
+    def __init__(self, channels: int, every_image: bool):
+        self.stats = RunningStats(channels, limit=None if every_image else STATS_MAX_IMAGES)
+        self.fmt = ""
+        self.shape: tuple[int, int, int] | None = None
+        self.uniform = True
+        self.skipped: list[str] = []
+        self._pending: list[np.ndarray] = []
+
+    def seen(self, shape: tuple[int, int, int]) -> None:
+        if self.shape is None:
+            self.shape = shape
+        elif shape != self.shape:
+            self.uniform = False
+
+    def wants(self) -> bool:
+        """Whether the next train image's pixels still count toward the mean/std (then it is decoded in full)."""
+        return self.stats.limit is None or self.stats.images + len(self._pending) < self.stats.limit
+
+    def pixels(self, x: np.ndarray) -> None:
+        if self.wants():
+            self._pending.append(x)  # summed in batches: per-image numpy calls would dominate small images
+            if len(self._pending) >= 256:
+                self.flush()
+
+    def flush(self) -> None:
+        by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+        for x in self._pending:
+            by_shape.setdefault(x.shape, []).append(x)
+        for group in by_shape.values():
+            room = len(group) if self.stats.limit is None else self.stats.limit - self.stats.images
+            if room > 0:
+                self.stats.add(np.stack(group[:room]))
+        self._pending.clear()
+
+
+def write_members(plan: SplitPlan, spec: TaskSpec, folder: Path, split: str, found: _Written, *, stats: bool
+                  ) -> dict[str, Any]:
+    """Stream one split of a planned task into shards: one shard's worth of members read at a time (in the order
+    the source reads fastest), each stored as the spec says and written in the plan's order."""
+    fmt, quality = spec.shard["format"], int(spec.shard.get("quality", DEFAULT_QUALITY))
+    mode, size = str(spec.source.get("mode", "RGB")), spec.source.get("size")
+    skip = spec.source.get("on_corrupt", "fail") == "skip"
+    members, n = plan.members, spec.shard["max_samples"]
+    sink = ShardSink(folder, split, n)
+    for start in range(0, len(plan), n):
+        rows, labels = plan.rows[start:start + n], plan.labels[start:start + n]
+        got = dict(members.read(rows))  # at most one shard's worth of encoded bytes (or array rows) in memory
+        for row, label in zip(rows.tolist(), labels.tolist()):
+            payload = got.pop(row)
+            try:
+                if isinstance(payload, MemberError):
+                    raise payload
+                if isinstance(payload, np.ndarray):
+                    stored = store_array(payload, image_format(fmt, payload.shape), quality)
+                else:
+                    stored = store_bytes(payload, fmt, quality, mode, size, full=stats and found.wants())
+            except (MemberError, BadImage) as exc:
+                why = str(exc) if isinstance(exc, MemberError) else f"{members.name(row)}: {exc}"
+                if not skip:
+                    raise MemberError(f"task {spec.name!r}, {split} split: {why}; fix or remove it, or set the "
+                                      "source's `on_corrupt: skip` to leave such members out") from None
+                found.skipped.append(why)
+                continue
+            found.fmt = found.fmt or ("source" if fmt == "source" else
+                                      {"jpg": "jpeg"}.get(stored.ext, stored.ext))
+            found.seen(stored.shape)
+            if stats and stored.pixels is not None:
+                found.pixels(stored.pixels)
+            sink.write(stored.ext, stored.data, label)
+    found.flush()
+    if sink.written == 0:
+        raise ConfigError(f"task {spec.name!r} has no {split} samples left: every one of its {len(plan)} members "
+                          f"was skipped as unusable (first: {found.skipped[0] if found.skipped else '?'})")
+    return sink.close()
 
 
 def write_task(spec: TaskSpec, tasks_root: str) -> TaskInfo:
-    """Build one task and write its shards and ``task.json`` into ``<tasks_root>/<spec.folder>``, atomically
-    (temp folder, then rename). Returns its TaskInfo, shard paths relative to its folder. Runs in the driver or
-    in a Ray job: it needs nothing but the spec and the shared path."""
+    """Plan one task, stream its shards and ``task.json`` into ``<tasks_root>/<spec.folder>``, atomically (temp
+    folder, then rename). Returns its TaskInfo, shard paths relative to its folder. Runs in the driver or in a Ray
+    job: it needs nothing but the spec and the shared path (a corpus's index: ``<tasks_root>/../index``)."""
     root = Path(tasks_root)
     final = root / spec.folder
     tmp = root / f".{spec.folder}.tmp-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
     try:
+        plan = plan_task(spec, root.parent / corpus.INDEX_DIR)  # every class checked before a byte is written
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        task = build_task(spec)
-        fmt = image_format(spec.shard["format"], task.train.image_shape)
-        splits = {split: write_split(task.split(split), tmp, split, fmt, spec.shard["max_samples"])
+        found = _Written(spec.channels, every_image=not plan.splits["train"].members.encoded)
+        splits = {split: write_members(plan.splits[split], spec, tmp, split, found, stats=split == "train")
                   for split in ("train", "test")}
-        mean, std = channel_stats(task.train.x, spec.channels)
+        mean, std = found.stats.result()
         info = TaskInfo(
-            name=task.name,
-            class_names=list(task.class_names),
-            num_classes=len(task.class_names),
-            counts={split: len(task.split(split)) for split in splits},
-            image_shape=task.train.image_shape,
+            name=spec.name,
+            class_names=list(plan.class_names),
+            num_classes=len(plan.class_names),
+            counts={split: sum(s["counts"].values()) for split, s in splits.items()},
+            image_shape=found.shape,
             mean=mean,
             std=std,
             shards={split: s["shards"] for split, s in splits.items()},
             sha256={k: v for s in splits.values() for k, v in s["sha256"].items()},
             sizes={k: v for s in splits.values() for k, v in s["sizes"].items()},
             shard_counts={k: v for s in splits.values() for k, v in s["counts"].items()},
-            flip=task.flip,
-            flip_default=bool(task.meta["flip_default"]),
-            source=task.source,
-            image_format=fmt,
+            flip=plan.flip,
+            flip_default=plan.flip_default,
+            source=plan.source,
+            image_format=found.fmt,
+            uniform_shape=found.uniform,
+            skipped=[*plan.splits["train"].members.problems, *found.skipped],
         )
         with open(tmp / TASK_FILE, "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "spec": spec.content(), "info": info.to_dict()}, f, indent=1)
@@ -171,7 +265,7 @@ def write_task(spec: TaskSpec, tasks_root: str) -> TaskInfo:
                 raise
             # another launch wrote the same task first: same spec, same bytes; keep theirs
         return info
-    except DataError:  # a missing source, an unknown class: already said in its own words
+    except DataError:  # a missing source, an unknown class, a corrupt member: already said in its own words
         raise
     except OSError as e:  # a full disk, a read-only folder: say where and what, keep nothing half-written
         code = errno.errorcode.get(e.errno or 0, str(e.errno))
@@ -221,10 +315,14 @@ def ensure_shards(
     if not name or not isinstance(name, str) or "/" in name or name.startswith(".") or name == TASKS_DIR:
         raise ConfigError(f"benchmark needs a plain `name` other than {TASKS_DIR!r} (it names the stream's folder), "
                           f"got {name!r}")
+    remote = isinstance(shard_root, str) and not is_local(shard_root)
+    root = Path(shard_root).absolute() if not remote else Path()  # Ray workers may run in another directory
+    if not remote:  # a corpus is indexed once, one job per corpus shard, beside the tasks that read it
+        for source in _corpus_sources(spec):
+            corpus.ensure_index(source, root / corpus.INDEX_DIR, map_fn=map_tasks, log=log)
     specs = task_specs(spec)  # every config problem surfaces here, before a byte is written
-    if isinstance(shard_root, str) and not is_local(shard_root):
-        return remote_shards(spec, shard_root, verify=verify, log=log)
-    root = Path(shard_root).absolute()  # Ray workers may run in another directory
+    if remote:
+        return remote_shards(spec, str(shard_root), verify=verify, log=log)
     tasks_root = root / TASKS_DIR
     _remove_stale_temps(tasks_root)
     infos: dict[str, TaskInfo] = {}
@@ -239,13 +337,26 @@ def ensure_shards(
         for s, info in zip(missing, map_tasks(write_task, [(s, str(tasks_root)) for s in missing])):
             infos[s.name] = info
             log(f"[shards] {name}/{s.name}: {info.counts['train']} train + {info.counts['test']} test "
-                f"{info.image_shape} {info.image_format} in {sum(len(v) for v in info.shards.values())} shards "
-                f"-> {TASKS_DIR}/{s.folder}")
+                f"{info.image_shape}{'' if info.uniform_shape else ' (first; sizes vary)'} {info.image_format} in "
+                f"{sum(len(v) for v in info.shards.values())} shards -> {TASKS_DIR}/{s.folder}")
+            if info.skipped:
+                log(f"[shards] warning: {name}/{s.name}: {len(info.skipped)} unusable member(s) left out "
+                    f"(on_corrupt: skip; all listed in its task.json `skipped`): {'; '.join(info.skipped[:3])}")
         log(f"[shards] wrote {len(missing)} task(s) in {time.perf_counter() - t0:.1f}s")
     manifest = Manifest(root=str(root / name), benchmark=name, spec_hash=spec_hash(spec),
                         tasks=[_in_stream(infos[s.name], s) for s in specs], spec=spec,
                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return _save_if_changed(manifest, log)
+
+
+def _corpus_sources(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The distinct WebDataset corpus sources of a (expanded) benchmark spec."""
+    sources = [spec.get("source")] + [t.get("source") for t in spec.get("tasks") or [] if isinstance(t, dict)]
+    seen: dict[str, dict[str, Any]] = {}
+    for s in sources:
+        if isinstance(s, dict) and s.get("name") == "webdataset":
+            seen.setdefault(json.dumps(s, sort_keys=True), s)
+    return list(seen.values())
 
 
 def _in_stream(info: TaskInfo, spec: TaskSpec) -> TaskInfo:

