@@ -196,3 +196,57 @@ def build_model_dir(root: Path, limits: dict | None = None, *, random_heads: boo
         spec["limits"] = limits
     (root / SPEC_FILE).write_text(json.dumps(spec))
     return root
+
+
+def fashion_jpegs(classes: list[int], per_class: int, size: int = 64, quality: int = 90, offset: int = 0
+                  ) -> list[tuple[int, bytes]]:
+    """(label, JPEG bytes) of real Fashion-MNIST test images, ``per_class`` of each of ``classes`` (in label order),
+    upsampled to ``size`` px RGB: small real photos-like files for the streamed-source tests; skips without the
+    dataset."""
+    import io
+
+    from pipeline.data import load_source
+    from pipeline.data.sources import DEBIAN_FASHION_MNIST
+
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip("needs dataset-fashion-mnist")
+    test = load_source({"name": "fashion_mnist"}, "test")
+    out = []
+    for label in classes:
+        for i in np.flatnonzero(test.y == label)[offset:offset + per_class]:
+            im = Image.fromarray(test.x[i, ..., 0]).convert("RGB").resize((size, size), Image.BILINEAR)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=quality)
+            out.append((int(label), buf.getvalue()))
+    return out
+
+
+def write_jpeg_folder(root: Path, classes: list[int], per_class: int, size: int = 64) -> Path:
+    """An ImageFolder of real Fashion-MNIST JPEGs: root/c<label>/<n>.jpg."""
+    for n, (label, data) in enumerate(fashion_jpegs(classes, per_class, size)):
+        folder = root / f"c{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{n:05d}.jpg").write_bytes(data)
+    return root
+
+
+def write_jpeg_corpus(root: Path, classes: list[int], per_class: int, shards: int = 2, *, json_label: bool = False,
+                      size: int = 64) -> list[Path]:
+    """A WebDataset corpus of real Fashion-MNIST JPEGs written with webdataset's own TarWriter: samples spread over
+    ``shards`` tars (round robin), each ``<key>.jpg`` + ``<key>.cls`` (the label), or ``<key>.json``
+    ({"label": "c<label>"}) with ``json_label``. Returns the shard paths."""
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [root / f"corpus-{i:06d}.tar" for i in range(shards)]
+    writers = [wds.TarWriter(str(p), encoder=False) for p in paths]
+    for n, (label, data) in enumerate(fashion_jpegs(classes, per_class, size)):
+        sample = {"__key__": f"s{n:06d}", "jpg": data}
+        if json_label:
+            sample["json"] = json.dumps({"label": f"c{label}", "other": n}).encode()
+        else:
+            sample["cls"] = str(label).encode()
+        writers[n % shards].write(sample)
+    for w in writers:
+        w.close()
+    return paths
