@@ -26,14 +26,24 @@
 #   KSM_MLFLOW_DIR            folder for the default stores     default ~/ksm-mlflow (outside the repo, so
 #                             `ray job submit --working-dir .` never uploads the server's data)
 #   KSM_MLFLOW_BACKEND_STORE_URI   runs, params, metrics        default sqlite:///$KSM_MLFLOW_DIR/mlflow.db
-#                             PostgreSQL: postgresql://USER:PASSWORD@DBHOST:5432/mlflow
-#                             (then `pip install psycopg2-binary` where the server runs). Handed to mlflow
+#                             PostgreSQL (the cluster store: many concurrent jobs, tens of thousands of runs):
+#                             postgresql://USER:PASSWORD@DBHOST:5432/mlflow, an existing, empty database (MLflow
+#                             creates its tables on the first start). Its driver is psycopg 3, which
+#                             `pip install -e .[postgres]` (scripts/install.sh) brings. Handed to mlflow
 #                             through its environment (MLFLOW_BACKEND_STORE_URI), never on its command line,
 #                             where `ps` shows it to every user of the machine; printed with the password masked.
+#                             Prefer the password in PGPASSWORD (or a ~/.pgpass) and none in the URI: libpq
+#                             reads both itself. A sqlite store is created in WAL mode (pipeline/store.py).
 #   KSM_MLFLOW_ARTIFACTS_DESTINATION  where the server stores artifacts  default $KSM_MLFLOW_DIR/artifacts
 #                             (or s3://bucket/prefix, gs://..., with that store's client library installed
 #                             on the server only: workers upload through the server, never to the store)
 #   KSM_MLFLOW_WORKERS        uvicorn worker processes          default 2
+#   KSM_MLFLOW_POOL_SIZE      database connections each worker keeps open (PostgreSQL)   default 10
+#   KSM_MLFLOW_MAX_OVERFLOW   ... and may open beyond it under a burst                   default 20
+#                             A request waits for a free connection up to 30 s, then fails: with SQLAlchemy's
+#                             default (5 + 10) 64 concurrent jobs did (benchmarks/RESULTS.md, "Tracking at
+#                             cluster scale"). Workers x (pool + overflow) must stay under the database's
+#                             max_connections (PostgreSQL's default: 100).
 #   KSM_MLFLOW_ALLOWED_HOSTS  Host headers the server accepts   default: MLflow's (localhost, private IPs).
 #                             Set it when clients use a DNS name, e.g. a Kubernetes service:
 #                             "mlflow,mlflow:5000,mlflow.*"
@@ -54,6 +64,14 @@ if ! command -v "$MLFLOW_BIN" >/dev/null 2>&1; then
   exit 2
 fi
 
+# The python beside mlflow (its venv) masks URIs with the project's one redaction rule (pipeline/redact.py: the user
+# info up to the last '@', so a password holding '/' or '@' is masked whole), makes the secret key and checks the
+# store's driver.
+MLFLOW_PATH=$(command -v "$MLFLOW_BIN")
+PY=$(dirname "$MLFLOW_PATH")/python
+[ -x "$PY" ] || PY=python3
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)   # absolute: sqlite:/// and the artifact folder must not depend on the cwd
 BACKEND=${KSM_MLFLOW_BACKEND_STORE_URI:-sqlite:///$DIR/mlflow.db}
@@ -64,6 +82,30 @@ case "$ARTIFACTS" in
 esac
 case "$PORT" in
   ''|*[!0-9]*) echo "error: KSM_MLFLOW_PORT=$PORT is not a port number" >&2; exit 2 ;;
+esac
+
+case "$BACKEND" in
+  postgresql:*|postgresql+*|postgres:*)
+    # MLflow 3 on SQLAlchemy 2.1 opens postgresql:// with psycopg (v3): say so now, not in a traceback per worker
+    if ! "$PY" -c 'import psycopg' 2>/dev/null; then
+      echo "error: a PostgreSQL store needs the psycopg driver beside mlflow: pip install -e '.[postgres]'" \
+           "(or pip install 'psycopg[binary]')" >&2
+      exit 2
+    fi
+    case "$BACKEND" in postgres:*) BACKEND=postgresql:${BACKEND#postgres:} ;; esac  # SQLAlchemy's dialect name
+    export MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=${KSM_MLFLOW_POOL_SIZE:-${MLFLOW_SQLALCHEMYSTORE_POOL_SIZE:-10}}
+    export MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=${KSM_MLFLOW_MAX_OVERFLOW:-${MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW:-20}}
+    ;;
+  sqlite:*)
+    # created complete and in WAL mode (readers never wait for the writer) before any worker opens it
+    KSM_STORE_URI=$BACKEND "$PY" -c 'import os, sys; sys.path.insert(0, sys.argv[1])
+from pipeline.store import ensure_store
+from pipeline.errors import PipelineError
+try:
+    ensure_store(os.environ["KSM_STORE_URI"])
+except PipelineError as e:
+    sys.exit(f"error: {e}")' "$ROOT" || exit 2
+    ;;
 esac
 
 # Secrets travel in the environment, never in argv: a command line is world-readable in /proc (`ps`), an
@@ -80,12 +122,6 @@ if [ -n "${KSM_MLFLOW_ALLOWED_HOSTS:-}" ]; then
   args+=(--allowed-hosts "$KSM_MLFLOW_ALLOWED_HOSTS")
 fi
 
-# The python beside mlflow (its venv) masks URIs with the project's one redaction rule (pipeline/redact.py: the user
-# info up to the last '@', so a password holding '/' or '@' is masked whole) and makes the secret key.
-MLFLOW_PATH=$(command -v "$MLFLOW_BIN")
-PY=$(dirname "$MLFLOW_PATH")/python
-[ -x "$PY" ] || PY=python3
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 masked() {  # the value of the variable named $1, credentials masked; "(hidden)" if it cannot be masked
   KSM_MASK_THIS=${!1} "$PY" -c 'import os, sys; sys.path.insert(0, sys.argv[1]); from pipeline.redact import redact_url
 print(redact_url(os.environ["KSM_MASK_THIS"]))' "$ROOT" 2>/dev/null || echo "(hidden)"

@@ -17,6 +17,16 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
 
+# PostgreSQL 15's server: the tracking server's cluster store, and what tests/test_postgres.py starts (initdb into
+# a temp folder as the postgres user, on 127.0.0.1). The client side is the [postgres] extra below.
+if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
+  echo "[install] Debian package postgresql-15 (server binaries for the PostgreSQL tracking store)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  # its default cluster, if the package makes one, is not used: tests and benchmarks initdb a folder of their own
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql-15
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "[install] creating .venv"
   $PY -m venv .venv
@@ -24,8 +34,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 echo "[install] $TORCH_SPEC"
 .venv/bin/python -m pip install -q $TORCH_SPEC
-echo "[install] project + dev extra"
-.venv/bin/python -m pip install -q -e ".[dev]"
+echo "[install] project + dev and postgres extras"
+.venv/bin/python -m pip install -q -e ".[dev,postgres]"
 
 # 20 real CIFAR-100 test images (+ their fine labels in the file names) ship inside the foolbox wheel;
 # the tests use them to check the superclass mapping and the PNG shard path without downloading CIFAR.
