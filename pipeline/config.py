@@ -25,6 +25,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ksm_core import METHODS, TrainConfig, list_models, mask_spec
+from ksm_core.transforms import TRANSFORMS
 
 from .errors import PipelineError
 
@@ -129,6 +130,7 @@ class DataCfg:
     holdout: float = 0.0
     on_corrupt: str = "fail"             # fail | skip
     shuffle_buffer: int = 1000
+    transform: str = "cifar"             # cifar (pad-crop-flip at 32) | imagenet (RandomResizedCrop 224, test 256/224)
 
 
 @dataclass
@@ -392,5 +394,9 @@ def validate(rc: RunConfig) -> None:
         raise PipelineError(f"data.holdout={rc.data.holdout!r} must be in [0, 1)")
     if rc.data.on_corrupt not in ("fail", "skip"):
         raise PipelineError(f"data.on_corrupt={rc.data.on_corrupt!r}; valid: fail, skip")
+    if rc.data.transform not in TRANSFORMS:
+        raise PipelineError(f"data.transform={rc.data.transform!r} is not a transform protocol; valid: "
+                            f"{', '.join(TRANSFORMS)} (cifar: 32 px pad-crop-flip; imagenet: 224 px RandomResizedCrop, "
+                            "test Resize 256 + CenterCrop 224, ImageNet mean/std)")
     if not rc.tracking.uri:
         raise PipelineError("tracking.uri is empty; use tracking=local (sqlite file) or tracking.uri=http://host:port")
