@@ -12,12 +12,16 @@ Over REST (``mlflow models serve -m models:/<name>/<version>``): ``POST /invocat
 ``{"inputs": {"task": ["t1", "t3"], "image": [[[0, 12, ...], ...], ...]}}`` answers
 ``{"predictions": [1, 0]}``.
 
-An image is preprocessed exactly as the task's test images were when its accuracy was logged (the streaming
-loader's eval transform, ``ksm_core.transforms.eval_transform``: scale to [0, 1], bilinear resize to the network's
-input size, grey to 3 channels, the task's mean/std), so the model reproduces the logged accuracy on the same
-images. Nothing else is resized: an
-image must have the task's stored shape (H, W, C), or (H, W) for a grey task. A bad request (an unknown task, a
-wrong shape, pixels that are not uint8) raises :class:`BadRequest` naming the first bad row and the form the row's
+An image is preprocessed exactly as the task's test images were when its accuracy was logged: the task's own
+transform as the spec records it (``transform``), from ``ksm_core.transforms``. ``cifar``
+(``eval_transform``): scale to [0, 1], bilinear resize to the network's input size, grey to 3 channels, the task's
+mean/std; an image must have the task's stored shape (H, W, C), or (H, W) for a grey task, nothing else is
+resized. ``imagenet`` (``imagenet_eval_transform``): Resize(``resize_size``, shorter side) + CenterCrop
+(``image_size``) on the uint8 image, then ImageNet's mean/std; an image may have any size (H, W) with the task's
+channel count: one request's images share one size (they are one array). So the model reproduces the logged
+accuracy on the same images (full-resolution pixels: the loader decodes test JPEGs at full scale too).
+
+A bad request (an unknown task, a wrong shape, pixels that are not uint8) raises :class:`BadRequest` naming the first bad row and the form the row's
 task expects; over REST it is an HTTP 400 with that message.
 
 A request is bounded: at most ``max_rows`` rows and ``max_pixels`` pixels (the spec's ``limits``, written at export
@@ -48,10 +52,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from ksm_core.transforms import eval_transform, resize_matrix
+from ksm_core.transforms import TRANSFORMS, eval_transform, imagenet_eval_transform, resize_matrix
 
 __all__ = ["MultiTaskModel", "BadRequest", "SPEC_FILE", "FORMAT", "DEFAULT_LIMITS", "eval_transform",
-           "resize_matrix"]
+           "imagenet_eval_transform", "resize_matrix"]
 
 FORMAT = "ksm-served/1"
 SPEC_FILE = "ksm_model.json"   # in the model's artifact folder "ksm", beside backbone.safetensors and tasks/
@@ -79,11 +83,22 @@ class _Task:
         self.classes: list[str] = list(d["classes"])
         self.shape = tuple(int(v) for v in d["image_shape"])  # (H, W, C) as stored in the task's shards
         self.size, self.channels = int(d["image_size"]), int(d["channels"])
+        # the task's transform protocol (a spec written before there was a choice is cifar) and its eval resize
+        self.transform = str(d.get("transform", "cifar"))
+        if self.transform not in TRANSFORMS:
+            raise MlflowException(f"task {self.name!r}: transform {self.transform!r} is not one this code applies "
+                                  f"({', '.join(TRANSFORMS)}); export the model again with this version")
+        self.resize = int(d["resize_size"]) if d.get("resize_size") is not None else None
+        if self.transform == "imagenet" and (self.resize is None or self.resize < self.size):
+            raise MlflowException(f"task {self.name!r}: the imagenet transform needs resize_size >= image_size "
+                                  f"({self.size}) in the spec, got {d.get('resize_size')!r}; export the model again")
         self.mean = torch.tensor(d["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(d["std"], dtype=torch.float32).view(1, -1, 1, 1)
 
     def expected(self) -> str:
         h, w, c = self.shape
+        if self.transform == "imagenet":  # resized and centre-cropped: any size
+            return "uint8 H x W" + (" or H x W x 1" if c == 1 else f" x {c}") + " of any size, pixels 0..255"
         return f"uint8 {h}x{w}" + (f" or {h}x{w}x1" if c == 1 else f"x{c}") + " (H x W x C), pixels 0..255"
 
 
@@ -218,6 +233,8 @@ class MultiTaskModel(PythonModel):
         got = image.shape[1:]
         if got == (h, w, c) or (c == 1 and got == (h, w)):
             return
+        if t.transform == "imagenet" and min(got[:2]) >= 1 and (got[2:] == (c,) or (c == 1 and len(got) == 2)):
+            return
         raise BadRequest(f"row {row} (task {t.name!r}): image is {'x'.join(map(str, got))}, expected "
                          f"{t.expected()}; images are not resized beyond what the task's own transform does")
 
@@ -236,7 +253,11 @@ class MultiTaskModel(PythonModel):
                     x = torch.from_numpy(np.ascontiguousarray(image[part]))
                     if x.dim() == 3:
                         x = x[..., None]
-                    x = eval_transform(x, t.mean, t.std, t.size, t.channels, BadRequest).to(self.device)
+                    if t.transform == "imagenet":
+                        x = imagenet_eval_transform(x, t.mean, t.std, t.size, t.resize, t.channels, BadRequest)
+                    else:
+                        x = eval_transform(x, t.mean, t.std, t.size, t.channels, BadRequest)
+                    x = x.to(self.device)
                     out[part] = self.net(x).argmax(1).cpu().numpy()
         return out
 
