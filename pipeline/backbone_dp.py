@@ -51,14 +51,18 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # the batch is the global one, split over the ranks: the same steps per epoch, the same recipe as one worker
     train = make_loader(m, init.name, "train", batch_size=max(1, bb.batch_size // world), seed=rc.seed, rank=rank,
                         world=world,
-                        on_corrupt=rc.data.on_corrupt, shuffle_buffer=rc.data.shuffle_buffer)
+                        on_corrupt=rc.data.on_corrupt, shuffle_buffer=rc.data.shuffle_buffer,
+                        transform=rc.data.transform, decode_workers=max(1, int(rc.cluster.cpus_per_task)),
+                        device=rc.device())
     cfg = rc.backbone_train_config()
     res = train_backbone(model, train, None, cfg)  # no test pass inside: a lone rank's forward in DDP could block
     net = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory(prefix="ksm-bb-dp-") as tmp:
         checkpoint = None
         if rank == 0:
-            test = make_loader(m, init.name, "test", batch_size=BACKBONE_EVAL_BATCH, seed=rc.seed)
+            test = make_loader(m, init.name, "test", batch_size=BACKBONE_EVAL_BATCH, seed=rc.seed,
+                               transform=rc.data.transform, decode_workers=max(1, int(rc.cluster.cpus_per_task)),
+                               device=rc.device())
             res.test_acc, res.test_loss = evaluate(net, test, cfg)
             net.cpu()
             save_file(state_to_numpy(net), str(Path(tmp) / STATE_FILE))

@@ -62,7 +62,9 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
         def score(net_: Any, t: str, i: int) -> float:
             bs = BACKBONE_EVAL_BATCH if i == 0 else rc.train.batch_size  # as when the accuracy was logged
             return evaluate(net_, make_loader(m, t, "test", batch_size=bs, seed=rc.seed,
-                                              on_corrupt=rc.data.on_corrupt), cfg)[0]
+                                              on_corrupt=rc.data.on_corrupt, transform=rc.data.transform,
+                                              decode_workers=max(1, int(rc.cluster.cpus_per_task)),
+                                              device=rc.device()), cfg)[0]
 
         scored = evaluate_one_at_a_time(net, order, fetch, score, dev)
 

@@ -39,17 +39,19 @@ def model_name(rc: RunConfig) -> str:
     return rc.registry.model_name or rc.run_name
 
 
-def served_tasks(m: Manifest, backbone_run: Any, task_runs: dict[str, Any]) -> list[dict[str, Any]]:
+def served_tasks(m: Manifest, backbone_run: Any, task_runs: dict[str, Any], transform: str = "cifar"
+                 ) -> list[dict[str, Any]]:
     """What the served model needs of each task, the backbone's own initial task first (index 0, no artifact):
     classes, stored image shape, and the eval transform exactly as the loader built it for the task's test split
     (so predictions reproduce the logged accuracy), with the run and accuracy it comes from."""
     out = []
     for name, run in [(m.initial_task, backbone_run), *((t, task_runs[t]) for t in m.new_tasks if t in task_runs)]:
         info = m.task(name)
-        tf = make_loader(m, name, "test").transform  # builds the transform only: reads no shard
+        tf = make_loader(m, name, "test", transform=transform).transform  # builds the transform only: reads no shard
         out.append({"name": name, "artifact": None if run is backbone_run else f"tasks/{name}.safetensors",
                     "classes": list(info.class_names), "image_shape": list(info.image_shape),
-                    "image_size": tf.image_size, "channels": tf.channels,
+                    "transform": tf.name, "image_size": tf.image_size, "resize_size": tf.resize_size,
+                    "channels": tf.channels,
                     "mean": tf.mean.flatten().tolist(), "std": tf.std.flatten().tolist(),
                     "run_id": run.info.run_id, "test_acc": run.data.metrics.get("test_acc")})
     return out
@@ -166,7 +168,7 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
     registry = MlflowClient(tracking_uri=tr.uri, registry_uri=tr.uri)  # the registry of this store, whatever is set
     bb = tr.client.get_run(backbone_run_id)
     fp = bb.data.tags.get("ksm_fingerprint", "")
-    tasks = served_tasks(m, bb, task_runs)
+    tasks = served_tasks(m, bb, task_runs, transform=rc.data.transform)
     content = stable_hash({"backbone": fp, "tasks": [(d["name"], d["run_id"]) for d in tasks]})
     latest = _latest_version(registry, name)
     if only_if_changed and latest is not None and latest.tags.get(CONTENT_TAG) == content:

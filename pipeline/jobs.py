@@ -152,7 +152,8 @@ def task_epochs(rc: RunConfig, manifest_path: str, task_name: str, backbone_stat
 
     h = rc.data.holdout if holdout is None else holdout
     common = dict(batch_size=train.batch_size, seed=rc.seed, on_corrupt=rc.data.on_corrupt,
-                  shuffle_buffer=rc.data.shuffle_buffer)
+                  shuffle_buffer=rc.data.shuffle_buffer, transform=rc.data.transform,
+                  decode_workers=max(1, int(rc.cluster.cpus_per_task)), device=rc.device())
     if evaluate_on == "holdout":
         train_loader = make_loader(m, task_name, "train", holdout=h, part="fit", **common)
         eval_loader = make_loader(m, task_name, "train", train=False, holdout=h, part="holdout", **common)
@@ -469,7 +470,9 @@ def backbone_job(rc: RunConfig, manifest_path: str) -> dict[str, Any]:
     init = m.task(m.initial_task)
     bb = rc.train.backbone
     cfg = rc.backbone_train_config()
-    test = make_loader(m, init.name, "test", batch_size=BACKBONE_EVAL_BATCH, seed=rc.seed)
+    test = make_loader(m, init.name, "test", batch_size=BACKBONE_EVAL_BATCH, seed=rc.seed,
+                       transform=rc.data.transform, decode_workers=max(1, int(rc.cluster.cpus_per_task)),
+                       device=rc.device())
     torch.manual_seed(rc.seed)
     if rc.model.weights_path:
         model = create_model(rc.model.name, num_classes=init.num_classes, weights_path=rc.model.weights_path,
@@ -481,7 +484,9 @@ def backbone_job(rc: RunConfig, manifest_path: str) -> dict[str, Any]:
     else:
         model = build_backbone(rc.model, init.num_classes)
         train = make_loader(m, init.name, "train", batch_size=bb.batch_size, seed=rc.seed,
-                            on_corrupt=rc.data.on_corrupt, shuffle_buffer=rc.data.shuffle_buffer)
+                            on_corrupt=rc.data.on_corrupt, shuffle_buffer=rc.data.shuffle_buffer,
+                            transform=rc.data.transform, decode_workers=max(1, int(rc.cluster.cpus_per_task)),
+                            device=rc.device())
         res = train_backbone(model, train, test, cfg)
     model.cpu()
     return {"state": state_to_numpy(model), "fit": res.to_dict(), "task": init.name,
