@@ -8,18 +8,23 @@ Typical use (driver, then each Ray job)::
         loader.set_epoch(epoch)
         for x, y in loader: ...
 
-``build_tasks`` / ``load_source`` give the same data as in-memory arrays.
+``build_tasks`` / ``load_source`` give the same data as in-memory arrays. The writer itself streams: a source
+lists its members (``list_members``: labels, nothing decoded), ``plan_task`` picks a task's rows from the labels,
+and ``write_task`` reads one shard's worth at a time; a WebDataset corpus (``webdataset`` source, :mod:`.corpus`)
+is indexed once (``ensure_index``) and read by offset.
 """
 
 from .arrays import ArraySplit, TaskData, stratified_split, stratified_subset
-from .benchmarks import (BENCHMARK_KINDS, TaskSpec, build_task, build_tasks, list_benchmarks, load_benchmark_config,
-                         register_kind, task_names, task_specs)
+from .benchmarks import (BENCHMARK_KINDS, TaskPlan, TaskSpec, build_task, build_tasks, list_benchmarks,
+                         load_benchmark_config, plan_task, register_kind, task_names, task_specs)
 from .cifar100 import CPG_ORDER, FINE_NAMES, SUPERCLASSES, superclass_of
 from ..errors import ConfigError, DataError, ShardCorruptError, SourceNotFoundError, UnknownNameError
 from .loader import Loader, in_holdout, iter_samples, make_loader
 from .manifest import Manifest, TaskInfo, sha256_file
 from .shards import TASKS_DIR, ensure_shards, in_process, spec_hash, write_task
-from .sources import SOURCES, data_home, load_source, register_source
+from .sources import SOURCES, data_home, list_members, load_source, register_source
+from .corpus import ensure_index
+from .members import MemberError, Members
 
 __all__ = [
     "ArraySplit",
@@ -40,6 +45,12 @@ __all__ = [
     "build_task",
     "build_tasks",
     "data_home",
+    "ensure_index",
+    "list_members",
+    "MemberError",
+    "Members",
+    "plan_task",
+    "TaskPlan",
     "ensure_shards",
     "in_holdout",
     "iter_samples",

@@ -158,14 +158,19 @@ class _Written:
         elif shape != self.shape:
             self.uniform = False
 
+    def how(self, mode: str) -> str:
+        """How a decoded image counts: by histogram (exact and cheap) unless RGB must become the model's grey
+        (luma mixes the channels, so it needs the pixels)."""
+        return "pixels" if mode != "L" and self.stats.channels == 1 else "hist"
+
     def wants(self) -> bool:
         """Whether the next train image's pixels still count toward the mean/std (then it is decoded in full)."""
         return self.stats.limit is None or self.stats.images + len(self._pending) < self.stats.limit
 
     def pixels(self, x: np.ndarray) -> None:
         if self.wants():
-            self._pending.append(x)  # summed in batches: per-image numpy calls would dominate small images
-            if len(self._pending) >= 256:
+            self._pending.append(x)  # summed in batches: per-image numpy calls would dominate small images, and
+            if sum(p.size for p in self._pending) >= 1 << 20:  # a batch's float64 copy stays under ~8 MB
                 self.flush()
 
     def flush(self) -> None:
@@ -199,7 +204,8 @@ def write_members(plan: SplitPlan, spec: TaskSpec, folder: Path, split: str, fou
                 if isinstance(payload, np.ndarray):
                     stored = store_array(payload, image_format(fmt, payload.shape), quality)
                 else:
-                    stored = store_bytes(payload, fmt, quality, mode, size, full=stats and found.wants())
+                    stored = store_bytes(payload, fmt, quality, mode, size,
+                                         stats=found.how(mode) if stats and found.wants() else "")
             except (MemberError, BadImage) as exc:
                 why = str(exc) if isinstance(exc, MemberError) else f"{members.name(row)}: {exc}"
                 if not skip:
@@ -210,7 +216,9 @@ def write_members(plan: SplitPlan, spec: TaskSpec, folder: Path, split: str, fou
             found.fmt = found.fmt or ("source" if fmt == "source" else
                                       {"jpg": "jpeg"}.get(stored.ext, stored.ext))
             found.seen(stored.shape)
-            if stats and stored.pixels is not None:
+            if stats and stored.hist is not None:
+                found.stats.add_hist(stored.hist, len(stored.hist) // 256)
+            elif stats and stored.pixels is not None:
                 found.pixels(stored.pixels)
             sink.write(stored.ext, stored.data, label)
     found.flush()
