@@ -16,7 +16,12 @@ Measures, on one CUDA GPU (VGG16-BN width 1, tasks of 2500 train images 32x32x3 
   4. ksm_core's fast paths, each switched off alone against all on (KSM, host-memory batches as the pipeline's
      loader makes them): ms per step without pinned memory, without channels_last, without bf16, and with
      ``torch.compile`` (its compile seconds beside its gain); and the host syncs a training step makes, counted
-     with ``torch.cuda.set_sync_debug_mode("warn")`` (on the CPU smoke run: the host reads of the dispatched ops).
+     with ``torch.cuda.set_sync_debug_mode("warn")`` (on the CPU smoke run: the host reads of the dispatched ops);
+  5. the 224-px data path (issue #21): JPEG decode of real Fashion-MNIST images upsampled to 256-300 px (quality 90,
+     made in memory), images/s of ``torchvision.io.decode_jpeg`` on the device (a batch a call, as the loader does
+     on CUDA), of the same plus ksm_core's RandomResizedCrop(224) per image there, and of PIL on one CPU thread;
+     beside them, images/s of a KSM-masked resnet18 and resnet50 training step at 224 px (ksm_core's ``fit_task``
+     step, batch 32), so the decode a GPU job needs per second is next to what decodes it.
 Targets are printed beside the numbers, not asserted: a KSM task <= 10 s; 20 tasks <= 60 s wall when packed.
 
 The backbone is trained first, briefly (``--backbone-epochs``, 0 = random init), on the other five Fashion-MNIST
@@ -26,13 +31,14 @@ until on the device, where they are resized to 32x32 once. Writes summary.json a
 
 Without a CUDA GPU and without --smoke the check says so and exits with status 1: CPU numbers at paper scale would
 take hours and answer nothing. --smoke runs on the CPU even where a GPU is present (one torch thread per process).
-Needs only ksm_core, torch and numpy (no Ray, MLflow or Hydra).
+Needs only ksm_core, torch, torchvision (and the Pillow it installs) and numpy (no Ray, MLflow or Hydra).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import gzip
+import io
 import json
 import math
 import os
@@ -54,6 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ksm_core import KSMNet, TrainConfig, create_model, evaluate, fit_task, train_backbone
+from ksm_core.transforms import random_resized_crop_params, resized_crop
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "outputs" / "gpu_check_data.npz"
@@ -102,13 +109,20 @@ class Scale:
     parallel: tuple[int, ...]
     precisions: tuple[str, ...]
     compile_row: bool  # section 4's compiled step: 7-40 s of compiling on a CPU, so not in the smoke run
+    decode_images: int = 2048            # section 5: JPEGs decoded per measurement
+    decode_batch: int = 128              # ... per decode_jpeg call
+    step_models: tuple[str, ...] = ("resnet18", "resnet50")  # ... KSM steps at 224 px
+    step_batch: int = 32
+    step_steps: int = 20                 # timed steps per model (after as many untimed)
 
 
 FULL = Scale(width=1.0, backbone_train=1500, backbone_test=200, task_train=500, task_test=500, epochs=30, batch=32,
              backbone_epochs=3, parallel=(1, 4, 8), precisions=("fp32", "bf16"), compile_row=True)
 # bf16 autocast is CUDA-only in ksm_core: the smoke run is fp32
 SMOKE = Scale(width=0.0625, backbone_train=40, backbone_test=20, task_train=40, task_test=20, epochs=1, batch=32,
-              backbone_epochs=1, parallel=(1, 2), precisions=("fp32",), compile_row=False)
+              backbone_epochs=1, parallel=(1, 2), precisions=("fp32",), compile_row=False, decode_images=16,
+              decode_batch=8, step_models=("resnet18",), step_batch=2, step_steps=1)
+JPEG_SIDES = (256, 300)  # section 5: each JPEG's height and width are drawn in this range
 
 
 # ------------------------------------------------------------------------------------------------ data (host)
@@ -424,6 +438,83 @@ def fast_paths(backbone: nn.Module, data: dict, scale: Scale, precision: str, de
             "syncs": step_syncs(backbone, base, train, max(1, min(FAST_PATH_WARMUP, full // 2)), dev)}
 
 
+# ------------------------------------------------------------------------------------------- 224-px data path
+def jpeg_bytes(x: np.ndarray, n: int, seed: int = 0) -> list[bytes]:
+    """``n`` JPEGs (quality 90, RGB) of real images ``x`` (uint8 [N, 28, 28]) upsampled (bicubic) to sides drawn in
+    JPEG_SIDES, made in memory: what a passthrough shard of photos holds, without the pipeline to write one."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(JPEG_SIDES[0], JPEG_SIDES[1] + 1, size=2))
+        buf = io.BytesIO()
+        Image.fromarray(x[i % len(x)]).resize((w, h), Image.BICUBIC).convert("RGB").save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_rates(blobs: list[bytes], batch: int, dev: torch.device) -> dict[str, Any]:
+    """Images/s of PIL on one CPU thread, of ``decode_jpeg`` on ``dev`` a batch a call, and of that plus
+    RandomResizedCrop(224) per image on ``dev`` (ksm_core's, as the loader's device path runs it)."""
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    n = len(blobs)
+    t0 = time.perf_counter()
+    for b in blobs:
+        with Image.open(io.BytesIO(b)) as im:
+            np.asarray(im.convert("RGB"))
+    pil = n / (time.perf_counter() - t0)
+    datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    g = torch.Generator().manual_seed(0)
+
+    def decode(crop: bool) -> None:
+        for i in range(0, n, batch):
+            images = decode_jpeg(datas[i:i + batch], mode=ImageReadMode.RGB, device=dev)
+            if crop:
+                torch.stack([resized_crop(im, *random_resized_crop_params(im.shape[1], im.shape[2], g))
+                             for im in images])
+
+    decode(True)  # warm-up: the decoder's handles, the allocator, the resize kernels
+    _, plain = timed(lambda: decode(False), dev)
+    _, cropped = timed(lambda: decode(True), dev)
+    return {"images": n, "batch": batch, "sides": list(JPEG_SIDES), "pil_cpu_1_thread": pil,
+            "decode_jpeg_device": n / plain, "decode_jpeg_and_crop_device": n / cropped}
+
+
+def step_rate_224(model: str, scale: Scale, precision: str, dev: torch.device) -> dict[str, Any]:
+    """Images/s of ksm_core's KSM training step (``fit_task``'s, with this check's fast paths) of ``model`` at
+    224 px, batch ``scale.step_batch``, inputs already on the device (random: the rate, not the accuracy)."""
+    torch.manual_seed(0)
+    n = scale.step_batch * scale.step_steps
+    x = torch.randn(n, 3, 224, 224, device=dev)
+    y = torch.randint(0, 10, (n,), device=dev)
+    train = DeviceBatches(x, y, scale.step_batch, shuffle=False)
+    cfg = dataclasses.replace(train_config(precision, scale, dev, seed=0), epochs=1,
+                              max_steps_per_epoch=scale.step_steps)
+    net = KSMNet.from_backbone(create_model(model, num_classes=10))
+    fit_task(net, net.add_task(10, method="ksm"), train, None, cfg, deploy=False)  # warm-up (cudnn autotuning)
+    net = KSMNet.from_backbone(create_model(model, num_classes=10))
+    res, _ = timed(lambda: fit_task(net, net.add_task(10, method="ksm"), train, None, cfg, deploy=False), dev)
+    return {"model": model, "batch": scale.step_batch, "precision": precision, "steps": res.steps,
+            "ms_per_step": 1e3 * res.train_seconds / res.steps, "images_per_s": res.samples / res.train_seconds}
+
+
+def data_path(x: np.ndarray, scale: Scale, precision: str, dev: torch.device) -> dict[str, Any]:
+    """Section 5: JPEG decode rates beside the 224-px training steps' consumption."""
+    out = decode_rates(jpeg_bytes(x, scale.decode_images), scale.decode_batch, dev)
+    print(f"  decode: PIL 1 CPU thread {out['pil_cpu_1_thread']:.0f} img/s, decode_jpeg on {dev.type} "
+          f"{out['decode_jpeg_device']:.0f} img/s (+ crop: {out['decode_jpeg_and_crop_device']:.0f})", flush=True)
+    out["steps"] = []
+    for model in scale.step_models:
+        row = step_rate_224(model, scale, precision, dev)
+        out["steps"].append(row)
+        print(f"  {model} KSM step at 224 px: {row['images_per_s']:.1f} img/s ({row['ms_per_step']:.1f} ms/step)",
+              flush=True)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ packed processes
 def worker(spec_path: str) -> None:
     """One packed task in its own process: load, warm up, say READY, wait for the go, train, print the RESULT."""
@@ -565,7 +656,7 @@ def render_markdown(s: dict[str, Any]) -> str:
     return "\n".join(head + [single, "", f"## Tasks packed on one device ({pk['method']}, {pk['precision']}, "
                              "one process each)", "", packed_md, "", proj_line, "",
                              "## Share of the bf16 dense peak per training step (FLOPs counted: matmul + conv)", "",
-                             util, "", *render_fast_paths(s["fast_paths"])])
+                             util, "", *render_fast_paths(s["fast_paths"]), *render_data_path(s["data_path"])])
 
 
 def render_fast_paths(fp: dict[str, Any] | None) -> list[str]:
@@ -580,6 +671,22 @@ def render_fast_paths(fp: dict[str, Any] | None) -> list[str]:
             "", f"Host syncs per training step: {sy['syncs_per_step']:g} (counted by {sy['check']} over epochs of "
             f"{sy['steps']} and {2 * sy['steps']} steps; an epoch's end reads its loss and accuracy once: "
             f"{sy['syncs_per_epoch']} in all, first {sy['first']}).", ""]
+
+
+def render_data_path(dp: dict[str, Any] | None) -> list[str]:
+    """Section 5's lines: decode rates, then the 224-px steps they feed."""
+    if dp is None:
+        return ["## 224-px data path", "", "Not measured (the run stopped before this section).", ""]
+    decode = md_table(["decoder", "images/s"],
+                      [["PIL, 1 CPU thread", dp["pil_cpu_1_thread"]],
+                       ["torchvision decode_jpeg on the device", dp["decode_jpeg_device"]],
+                       ["decode_jpeg + RandomResizedCrop(224) on the device", dp["decode_jpeg_and_crop_device"]]])
+    steps = md_table(["model", "precision", "batch", "ms/step", "images/s"],
+                     [[r["model"], r["precision"], r["batch"], r["ms_per_step"], r["images_per_s"]]
+                      for r in dp["steps"]])
+    return [f"## 224-px data path ({dp['images']} JPEGs of {dp['sides'][0]}-{dp['sides'][1]} px, quality 90, "
+            f"{dp['batch']} a decode call)", "", decode, "", "KSM training step at 224 px (inputs on the device):", "",
+            steps, ""]
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
@@ -643,7 +750,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         "targets": {"ksm_task_s": TARGET_KSM_TASK_S, "ksm_task_s_measured": None, "ksm_task_met": None,
                     "twenty_tasks_wall_s": TARGET_TASKS_WALL_S, "twenty_tasks_projected_s": None,
                     "twenty_tasks_met": None},
-        "fast_paths": None,
+        "fast_paths": None, "data_path": None,
     }
     print(f"gpu_check on {summary['device']['name']}: backbone ...", flush=True)
     backbone, summary["setup"]["backbone"] = pretrain_backbone(data, scale, dev)
@@ -671,6 +778,10 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     write_summary(args.out, summary)
     print("fast paths:", flush=True)
     summary["fast_paths"] = fast_paths(backbone, data, scale, packed_precision, dev)
+    summary["total_seconds"] = time.perf_counter() - t0
+    write_summary(args.out, summary)
+    print("224-px data path:", flush=True)
+    summary["data_path"] = data_path(data["task_train"][0], scale, packed_precision, dev)
     summary.update(finished=True, total_seconds=time.perf_counter() - t0)
     write_summary(args.out, summary)
     return summary

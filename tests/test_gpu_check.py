@@ -6,6 +6,7 @@ Values are asserted, never wall-clock times.
 """
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
@@ -97,7 +100,7 @@ def test_smoke_run_writes_both_summaries_without_the_pipeline_packages(tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     s = json.loads((out / "summary.json").read_text())
     assert set(s) == {"smoke", "finished", "total_seconds", "device", "setup", "single_task", "utilisation",
-                      "packed", "targets", "fast_paths"}
+                      "packed", "targets", "fast_paths", "data_path"}
     assert s["smoke"] is True and s["finished"] is True and s["device"]["type"] == "cpu"
     assert s["setup"]["backbone"]["init"] == "pretrained" and 0 <= s["setup"]["backbone"]["test_acc"] <= 1
     n_train = s["setup"]["train_images"]
@@ -124,10 +127,16 @@ def test_smoke_run_writes_both_summaries_without_the_pipeline_packages(tmp_path)
     # the smoke run counts host reads (the CUDA sync check needs a GPU): none per step, the epoch's two at its end
     assert fp["syncs"]["check"] == "host reads of dispatched ops"
     assert fp["syncs"]["syncs_per_step"] == 0 and fp["syncs"]["syncs_per_epoch"] == 2
+    dp = s["data_path"]  # the 224-px data path: decode_jpeg on the device (here the CPU) beside the steps it feeds
+    assert dp["images"] == gc.SMOKE.decode_images and dp["sides"] == list(gc.JPEG_SIDES)
+    assert all(dp[k] > 0 for k in ("pil_cpu_1_thread", "decode_jpeg_device", "decode_jpeg_and_crop_device"))
+    assert [(r["model"], r["batch"], r["steps"]) for r in dp["steps"]] == [("resnet18", 2, 1)]
+    assert all(r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in dp["steps"])
     md = (out / "summary.md").read_text()
     assert "| method | precision | s/task | target | test acc | steps |" in md
     assert "| tasks at once | wall s |" in md and "CPU smoke run" in md
     assert "| switch | ms/step | vs all on | compile s |" in md and "Host syncs per training step: 0 " in md
+    assert "## 224-px data path (16 JPEGs of 256-300 px" in md and "| resnet18 | fp32 | 2 |" in md
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the bf16 autocast path is CUDA-only)")
@@ -170,6 +179,20 @@ def test_a_masked_training_step_makes_the_host_read_nothing(method):
         if (y > 2).any():  # a Python branch on a tensor: the kind of read the mask code must not make
             pass
     assert reads.ops == ["aten._local_scalar_dense", "aten._local_scalar_dense"]
+
+
+@needs_data
+def test_the_data_path_makes_real_jpegs_of_mixed_sizes_and_decodes_them_on_the_device_path():
+    """Section 5's inputs are real JPEGs of 256-300 px made in memory; decode_jpeg's batch call (on the CPU here)
+    reads them back to the same sizes, so on a GPU the section measures decoding, not errors."""
+    raw, _ = gc.load_raw(gc.DEFAULT_DATA)
+    blobs = gc.jpeg_bytes(gc.carve(raw, gc.SMOKE)["task_train"][0], 6)
+    images = decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs], mode=ImageReadMode.RGB)
+    sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
+    assert [tuple(im.shape) for im in images] == [(3, h, w) for w, h in sizes]
+    assert len(set(sizes)) > 1 and all(256 <= v <= 300 for s in sizes for v in s)
+    rates = gc.decode_rates(blobs, 4, torch.device("cpu"))
+    assert rates["images"] == 6 and rates["decode_jpeg_and_crop_device"] > 0
 
 
 def test_host_read_steps_are_told_apart_from_an_epochs_end():
