@@ -59,10 +59,9 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.2f}")
     print("| workers | wall | train s (in the job) | test acc |")
     print("|---:|---:|---:|---:|")
-    print(f"| 1 (Ray job) | {t1 - t0:.1f} s | {one['fit']['train_seconds']:.1f} s | {one['fit']['test_acc']:.3f} |")
-    print(f"| 2 (Ray Train, DDP gloo) | {t2 - t1:.1f} s | {two['fit']['train_seconds']:.1f} s | "
-          f"{two['fit']['test_acc']:.3f} |")
-    print(f"speed-up {(t1 - t0) / (t2 - t1):.2f}x (wall), {one['fit']['train_seconds'] / two['fit']['train_seconds']:.2f}x "
+    print(f"| 1 (Ray job) | {t1 - t0:.1f} s | {one.fit.train_seconds:.1f} s | {one.fit.test_acc:.3f} |")
+    print(f"| 2 (Ray Train, DDP gloo) | {t2 - t1:.1f} s | {two.fit.train_seconds:.1f} s | {two.fit.test_acc:.3f} |")
+    print(f"speed-up {(t1 - t0) / (t2 - t1):.2f}x (wall), {one.fit.train_seconds / two.fit.train_seconds:.2f}x "
           "(training loop)")
 
 

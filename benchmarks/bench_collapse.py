@@ -101,8 +101,8 @@ def main() -> None:
     cache = root / f"backbone-{a.stream}-{a.bb_epochs}.npz"
     if not cache.exists():
         out = jobs.backbone_job(rc, str(m.path))
-        np.savez(cache, **out["state"])
-        print(f"backbone: test acc {out['fit']['test_acc']:.3f} on {m.initial_task}", flush=True)
+        np.savez(cache, **out.state)
+        print(f"backbone: test acc {out.fit.test_acc:.3f} on {m.initial_task}", flush=True)
     state = dict(np.load(cache))
     tasks = m.new_tasks if a.tasks == "all" else a.tasks.split(",")
     rows = []

@@ -158,10 +158,10 @@ def main() -> None:
     state = backbone_state(warm, root)
     bare = bare_seconds(root, seq, state)
     two, out_two = pipeline_seconds(root, seq, 2, "two-workers")
-    bare2 = bare_two_processes(root, seq, state, [r["task"] for r in warm["results"]])
+    bare2 = bare_two_processes(root, seq, state, [r.task for r in warm["results"]])
     # the one-off part of a run: from the start to the first job's MLflow run (worker start-up + imports)
-    first = min(r["start_time"] for r in out_one["results"]) / 1e3 - out_one["t0_epoch"]
-    first_two = min(r["start_time"] for r in out_two["results"]) / 1e3 - out_two["t0_epoch"]
+    first = min(r.start_time for r in out_one["results"]) / 1e3 - out_one["t0_epoch"]
+    first_two = min(r.start_time for r in out_two["results"]) / 1e3 - out_two["t0_epoch"]
 
     load = os.getloadavg()[0]
     train = f"{args.train_cap or 1000} train images"

@@ -193,8 +193,8 @@ def main() -> None:
         t0 = time.perf_counter()
         seq = sequence(root, args.tasks)
         out = seq["out"]
-        print(f"sequence: {time.perf_counter() - t0:.1f} s, tasks {[r['task'] for r in out['results']]}, "
-              f"accuracy {[round(r['test_acc'], 3) for r in out['results']]}")
+        print(f"sequence: {time.perf_counter() - t0:.1f} s, tasks {[r.task for r in out['results']]}, "
+              f"accuracy {[round(r.test_acc, 3) for r in out['results']]}")
         uri = f"sqlite:///{root}/mlflow.db"
         rc = resolve(seq["cfg"])
         model_uri = f"models:/{rc.registry.model_name or rc.run_name}/1"

@@ -14,7 +14,6 @@ under ``paths.output/ray_train``: on a multi-node cluster that folder must be sh
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,12 @@ from ksm_core.train import train_backbone
 from .config import RunConfig
 from .data import make_loader
 from .jobs import BACKBONE_EVAL_BATCH, build_backbone, manifest, node_info, prepare_worker, state_to_numpy
+from .records import BackboneResult
 
 __all__ = ["train_backbone_dp"]
 
 STATE_FILE = "backbone.safetensors"
-FIT_FILE = "fit.json"
+RECORD_FILE = "backbone.json"  # the BackboneResult but its weights (BackboneResult.to_json)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -65,16 +65,16 @@ def _worker_loop(config: dict[str, Any]) -> None:
                                device=rc.device())
             res.test_acc, res.test_loss = evaluate(net, test, cfg)
             net.cpu()
-            save_file(state_to_numpy(net), str(Path(tmp) / STATE_FILE))
-            fit = {**res.to_dict(), "workers": world, "per_worker_samples": train.num_samples}
-            (Path(tmp) / FIT_FILE).write_text(json.dumps({"fit": fit, **node_info()}))
+            out = BackboneResult(state_to_numpy(net), res, init.name, tuple(init.class_names), node_info())
+            save_file(out.state, str(Path(tmp) / STATE_FILE))
+            (Path(tmp) / RECORD_FILE).write_text(out.to_json())
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"test_acc": float(res.test_acc or 0.0)}, checkpoint=checkpoint)
 
 
-def train_backbone_dp(rc: RunConfig, manifest_path: str) -> dict[str, Any]:
+def train_backbone_dp(rc: RunConfig, manifest_path: str) -> BackboneResult:
     """Train the backbone on the initial task with ``train.backbone.workers`` Ray Train workers; returns what
-    ``jobs.backbone_job`` returns (numpy state, fit record, task, classes, node)."""
+    ``jobs.backbone_job`` returns (rank 0's numpy state and fit, the task, where rank 0 ran)."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from safetensors.numpy import load_file
@@ -98,6 +98,5 @@ def train_backbone_dp(rc: RunConfig, manifest_path: str) -> dict[str, Any]:
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as folder:
-        state = load_file(str(Path(folder) / STATE_FILE))
-        rec = json.loads((Path(folder) / FIT_FILE).read_text())
-    return {"state": state, "fit": rec.pop("fit"), "task": init.name, "classes": list(init.class_names), **rec}
+        return BackboneResult.from_json(load_file(str(Path(folder) / STATE_FILE)),
+                                        (Path(folder) / RECORD_FILE).read_text())

@@ -27,6 +27,7 @@ from .fanout import Job, fan_out
 from .identity import backbone_key, result_key
 from .lineage import check_inputs, prepare
 from .present import pyplot, text_table
+from .records import TaskResult
 from .report import at_chance_tasks
 from .runtime import check_cluster, check_fits_before_ray, job_resources, ray_session, warm_workers
 from .sequence import backbone_stage
@@ -109,23 +110,23 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             "backbone_run_id": bb_run}
 
 
-def summarise(results: dict[str, dict[str, Any]], methods: list[str], seeds: list[int],
+def summarise(results: dict[str, TaskResult], methods: list[str], seeds: list[int],
               tasks: list[str]) -> list[dict[str, Any]]:
     """Per method: the mean test accuracy over tasks for each seed, then its mean and std over seeds; seconds and
     artifact bytes per task (means over every job); its bytes as a % of fine-tune's; its rank by accuracy."""
     rows = []
     for meth in methods:
-        per_seed = [statistics.fmean(results[f"{meth}/{s}/{t}"]["test_acc"] for t in tasks) for s in seeds]
+        per_seed = [statistics.fmean(results[f"{meth}/{s}/{t}"].test_acc for t in tasks) for s in seeds]
         jobs = [results[f"{meth}/{s}/{t}"] for s in seeds for t in tasks]
         rows.append({"method": meth, "mean_test_acc": statistics.fmean(per_seed),
                      "std_test_acc": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
-                     "task_seconds": statistics.fmean(j["train_seconds"] for j in jobs),
+                     "task_seconds": statistics.fmean(j.train_seconds for j in jobs),
                      # train.compile: the part of task_seconds that compiled the step (0 without it)
-                     "compile_seconds": statistics.fmean(j.get("compile_seconds") or 0.0 for j in jobs),
-                     "artifact_bytes": statistics.fmean(j["artifact_bytes"] for j in jobs), "per_seed": per_seed,
+                     "compile_seconds": statistics.fmean(j.compile_seconds or 0.0 for j in jobs),
+                     "artifact_bytes": statistics.fmean(j.artifact_bytes for j in jobs), "per_seed": per_seed,
                      # task runs that ended at chance (tag ksm_warning=chance_level): a mean can hide a dead task
                      "at_chance": len(at_chance_tasks(jobs)), "jobs": len(jobs),
-                     "per_seed_seconds": [statistics.fmean(results[f"{meth}/{s}/{t}"]["train_seconds"] for t in tasks)
+                     "per_seed_seconds": [statistics.fmean(results[f"{meth}/{s}/{t}"].train_seconds for t in tasks)
                                           for s in seeds]})
     ft = next((r["artifact_bytes"] for r in rows if r["method"] == "finetune"), None)
     for rank, r in enumerate(sorted(rows, key=lambda r: -r["mean_test_acc"]), start=1):

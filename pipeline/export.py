@@ -26,6 +26,7 @@ from .config import RunConfig, stable_hash
 from .data import Manifest, iter_samples, make_loader
 from .errors import Log, PipelineError
 from .lineage import prepare, trained_sequence
+from .records import TaskResult
 from .tracking import Tracker, filter_value
 
 __all__ = ["export_model", "export_after_sequence", "run_export", "model_name", "served_tasks", "model_files"]
@@ -224,7 +225,7 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
 
 
 def export_after_sequence(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, backbone_run_id: str,
-                          results: list[dict[str, Any]], log: Log = print) -> dict[str, Any] | None:
+                          results: list[TaskResult], log: Log = print) -> dict[str, Any] | None:
     """The end of ``mode=sequence``: export the sequence's FINISHED tasks (``results``: the report's per-task
     records) unless ``registry.export`` is off or the newest version already holds them. A failed export does not
     fail the sequence (its tasks are saved): it is logged, tagged on the sequence run (``ksm_export_error``), and
@@ -237,7 +238,7 @@ def export_after_sequence(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id
         log(f"[export] skipped at the end of the sequence: {len(results)} tasks > registry.export_max_tasks="
             f"{rc.registry.export_max_tasks}; register them with the same command and mode=export")
         return None
-    runs = {r["task"]: tr.client.get_run(r["run_id"]) for r in results if r.get("run_id")}
+    runs = {r.task: tr.client.get_run(r.run_id) for r in results if r.run_id}
     try:
         return export_model(rc, tr, m, parent_run_id, backbone_run_id, runs, log, only_if_changed=True)
     except Exception as e:  # noqa: BLE001  (reported, tagged and retriable; the tasks themselves are saved)

@@ -15,8 +15,9 @@ import numpy as np
 
 from .config import RunConfig
 from .errors import Log, Stopped
-from .jobs import JobContext, result_from_run, task_job
+from .jobs import JobContext, task_job
 from .lineage import trained_runs
+from .records import TaskResult
 from .redact import redact_text
 from .runtime import StopSignals, in_flight_limit, job_remote
 from .tracking import Tracker
@@ -54,7 +55,7 @@ class JobPool:
         ref = job_remote(task_job, job.rc.cluster).remote(job.rc, self.ctx, job.task, job.result, self.state_ref)
         self.running[ref] = job
 
-    def collect(self, timeout: float) -> list[tuple[Job, dict[str, Any] | None, str | None]]:
+    def collect(self, timeout: float) -> list[tuple[Job, TaskResult | None, str | None]]:
         """The jobs that finished within ``timeout`` seconds: (job, result, None) or (job, None, what failed)."""
         import ray
 
@@ -63,7 +64,7 @@ class JobPool:
         ready, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
         if ready:  # and whatever else is done by now
             ready, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
-        out: list[tuple[Job, dict[str, Any] | None, str | None]] = []
+        out: list[tuple[Job, TaskResult | None, str | None]] = []
         for ref in ready:
             job = self.running.pop(ref)
             try:
@@ -72,7 +73,7 @@ class JobPool:
                 out.append((job, None, _cause(e)))
         return out
 
-    def stop(self, grace_s: float, log: Log) -> tuple[list[tuple[Job, dict[str, Any] | None, str | None]], list[Job]]:
+    def stop(self, grace_s: float, log: Log) -> tuple[list[tuple[Job, TaskResult | None, str | None]], list[Job]]:
         """Let in-flight jobs finish for ``grace_s`` seconds, then kill the rest and close their runs KILLED.
         Returns what finished meanwhile and the jobs killed."""
         import ray
@@ -103,7 +104,7 @@ class JobPool:
 
 
 def fan_out(jobs: list[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: Tracker, progress: bool,
-            log: Log = print) -> tuple[dict[str, dict[str, Any]], dict[str, str], float]:
+            log: Log = print) -> tuple[dict[str, TaskResult], dict[str, str], float]:
     """Every job whose result has no FINISHED run yet, as Ray tasks (at most ``cluster.max_in_flight`` handed
     to Ray at once), in the given order, with a progress bar; a failed job does not stop the others. Returns
     the results and the failures by label, and the wall seconds of the fan-out.
@@ -114,12 +115,13 @@ def fan_out(jobs: list[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: 
     import ray
     from tqdm import tqdm
 
-    done = trained_runs(tr, {j.label: j.result for j in jobs})
+    done = trained_runs(tr, {j.label: j.result for j in jobs}, stream=ctx.sequence_key,
+                        backbone_fingerprint=ctx.backbone_fingerprint)
     todo = deque(j for j in jobs if j.label not in done)
     if done:
         log(f"[fan-out] {len(done)} job(s) already trained: {', '.join(sorted(done))[:300]}; "
             f"training {len(todo)}: {', '.join(j.label for j in todo)[:300] or '-'}")
-    results = {label: result_from_run(r, "reused") for label, r in done.items()}
+    results = {label: TaskResult.from_run(r, "reused") for label, r in done.items()}
     failures: dict[str, str] = {}
     if not todo:
         return results, failures, 0.0
@@ -128,10 +130,10 @@ def fan_out(jobs: list[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: 
     t0 = time.perf_counter()
     with StopSignals() as stop, tqdm(total=len(jobs), initial=len(done), desc="tasks", unit="task",
                                      disable=not progress) as bar:
-        def record(job: Job, res: dict[str, Any] | None, err: str | None) -> None:
+        def record(job: Job, res: TaskResult | None, err: str | None) -> None:
             if res is not None:
                 results[job.label] = res
-                bar.set_postfix_str(f"{job.label}: acc {res['test_acc']:.3f}")
+                bar.set_postfix_str(f"{job.label}: acc {res.test_acc:.3f}")
             else:
                 failures[job.label] = err or "?"
                 bar.set_postfix_str(f"{job.label}: FAILED")
@@ -157,9 +159,9 @@ def fan_out(jobs: list[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: 
     return results, failures, time.perf_counter() - t0
 
 
-def _stopped_message(signum: int, total: int, results: dict[str, Any], failures: dict[str, str], killed: list[Job],
-                     todo: Any) -> str:
-    trained = sum(1 for r in results.values() if r.get("status") == "trained")
+def _stopped_message(signum: int, total: int, results: dict[str, TaskResult], failures: dict[str, str],
+                     killed: list[Job], todo: Any) -> str:
+    trained = sum(1 for r in results.values() if r.status == "trained")
     return (f"stopped by {signal.Signals(signum).name}: {len(results)} of {total} task(s) have their result "
             f"({trained} trained by this run), {len(failures)} failed, {len(killed)} in-flight killed (their runs "
             f"are KILLED), {len(todo)} not started. Run the same command again to resume: only the tasks without a "

@@ -23,10 +23,11 @@ from typing import Any
 from .config import RunConfig
 from .data import Manifest, ensure_shards
 from .errors import Log, PipelineError, Stopped
-from .jobs import JobContext, result_from_run, warm_worker
+from .jobs import JobContext, warm_worker
 from .fanout import Job, JobPool
 from .identity import backbone_key, result_key
 from .lineage import open_stream_run, prepare, supersede, trained_runs
+from .records import TaskResult
 from .redact import redact_text
 from .report import write_report
 from .runtime import (StopSignals, check_cluster, check_fits_before_ray, in_flight_limit, job_resources, ray_session,
@@ -72,7 +73,7 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             ctx = JobContext(manifest=str(m.path), experiment_id=tr.experiment_id, parent_run_id=parent_id,
                              sequence_key=key, backbone_fingerprint=fp, backbone_run_id=bb_run)
             pool = JobPool(ctx, ray.put(state), tr, in_flight_limit(rc.cluster))
-            results: dict[str, dict[str, Any]] = {}   # result key -> its result (small records only)
+            results: dict[str, TaskResult] = {}       # result key -> its result (small records only)
             failures: dict[str, str] = {}             # result key -> what went wrong
             queued: deque[Job] = deque()
             handled: set[str] = set()                 # result keys queued, running or done
@@ -87,8 +88,8 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                         wanted = {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
                         supersede(tr, key, wanted)
                         new = {t: k for t, k in wanted.items() if k not in handled}
-                        for t, run in trained_runs(tr, new).items():
-                            results[new[t]] = result_from_run(run, "reused")
+                        for t, run in trained_runs(tr, new, stream=key, backbone_fingerprint=fp).items():
+                            results[new[t]] = TaskResult.from_run(run, "reused")
                         todo = [Job(t, t, rc, k) for t, k in new.items() if k not in results]
                         queued.extend(todo)
                         handled.update(new.values())
@@ -109,12 +110,12 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                 _record(*outcome, results, failures, log)
             order = {t: i for i, t in enumerate(m.new_tasks)}
             tasks_of = {result_key(rc, fp, m.task(t).identity): t for t in m.new_tasks}  # the stream as it is now
-            ordered = sorted((r for k, r in results.items() if k in tasks_of), key=lambda r: order.get(r["task"], 0))
+            ordered = sorted((r for k, r in results.items() if k in tasks_of), key=lambda r: order.get(r.task, 0))
             write_report(tr, parent_id, ordered, rc, log=log,
                          failures={tasks_of[k]: msg for k, msg in failures.items() if k in tasks_of})
             tr.finish(parent_id, "KILLED" if killed or failures else "FINISHED")
             signum = stop.signum or 2
-    trained = sum(1 for r in results.values() if r["status"] == "trained")
+    trained = sum(1 for r in results.values() if r.status == "trained")
     raise Stopped(signum, f"follow stopped: {len(ordered)} of {len(m.new_tasks)} task(s) of the stream have their "
                           f"result ({trained} trained by this run), {len(failures)} failed, {len(killed)} in-flight "
                           f"killed (runs KILLED), {len(queued)} not started. Run the same command to go on.")
@@ -136,11 +137,11 @@ def _replan(rc: RunConfig, m: Manifest, bb_key: str, log: Log) -> Manifest:
     return new
 
 
-def _record(job: Job, res: dict[str, Any] | None, err: str | None, results: dict[str, Any],
+def _record(job: Job, res: TaskResult | None, err: str | None, results: dict[str, TaskResult],
             failures: dict[str, str], log: Log) -> None:
     if res is not None:
         results[job.result] = res
-        log(f"[follow] {job.task}: {res['status']}, test acc {res['test_acc']:.3f}")
+        log(f"[follow] {job.task}: {res.status}, test acc {res.test_acc:.3f}")
     else:
         failures[job.result] = err or "?"
         log(f"[follow] {job.task}: FAILED: {(err or '?').splitlines()[0][:300]}")

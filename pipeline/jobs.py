@@ -38,12 +38,13 @@ from .config import MethodCfg, ModelCfg, RunConfig, TrainCfg
 from .data import Manifest, make_loader
 from .errors import PipelineError, TrackingUnreachable
 from .params import method_params
+from .records import BackboneResult, TaskResult
 from .redact import redact_text
 from .report import CHANCE_LEVEL
 from .tracking import Tracker
 
 __all__ = ["JobContext", "TaskOutcome", "task_epochs", "train_task", "task_job", "backbone_job", "build_backbone",
-           "prepare_worker", "result_from_run", "state_to_numpy", "warm_worker", "node_info", "manifest",
+           "prepare_worker", "state_to_numpy", "warm_worker", "node_info", "manifest",
            "task_datasets", "split_digest"]
 
 
@@ -323,7 +324,7 @@ def retrain_seed(seed: int) -> int:
 
 
 def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
-             backbone_state: dict[str, np.ndarray]) -> dict[str, Any]:
+             backbone_state: dict[str, np.ndarray]) -> TaskResult:
     """One new task, end to end, tracked as a child run of the sequence. ``result`` is its result key (backbone,
     task content, method, training, seed): a FINISHED run with it, from any stream, is the task's result. Safe to
     run more than once.
@@ -345,7 +346,7 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     # result; another live launch training it is waited for; a dead attempt's run is closed KILLED
     claim = acquire(tr, keys, task_name, tags, parent=ctx.parent_run_id, stale_s=rc.cluster.claim_timeout_s)
     if claim.done is not None:
-        return result_from_run(claim.done, status="reused")
+        return TaskResult.from_run(claim.done, status="reused")
     run_id = claim.run_id
     assert run_id is not None
     tr.inputs(run_id, task_datasets(manifest(ctx.manifest), task_name))
@@ -356,7 +357,8 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     if kept is not None:  # trained before, while the server was down: log that, do not train again
         log_outcome(tr, claim.run, kept, rc, tags={"ksm_recovered_from": kept.run_id})
         shutil.rmtree(folder, ignore_errors=True)
-        return task_result(claim.run.info, "recovered", kept.params, kept.metrics, {**claim.run.data.tags, **kept.tags})
+        return TaskResult.from_logged(claim.run.info, "recovered", kept.params, kept.metrics,
+                                      {**claim.run.data.tags, **kept.tags})
     t0 = time.perf_counter()
     # epoch records logged with the final batch: the last one (one store call fewer per task; a one-epoch task
     # of a large stream makes no call of its own for it), and any the server did not take
@@ -423,8 +425,8 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
                                       f"trained task is kept at {where} and the next run of the same command "
                                       "logs it from there without training it again") from None
         shutil.rmtree(folder, ignore_errors=True)
-    return task_result(claim.run.info, "trained", params=rec.params, metrics=final,
-                       tags={**claim.run.data.tags, **end_tags})
+    return TaskResult.from_logged(claim.run.info, "trained", params=rec.params, metrics=final,
+                                  tags={**claim.run.data.tags, **end_tags})
 
 
 def warm_worker(cpus: float, gpus: float = 0.0) -> int:
@@ -438,33 +440,9 @@ def warm_worker(cpus: float, gpus: float = 0.0) -> int:
     return os.getpid()
 
 
-def result_from_run(run: Any, status: str) -> dict[str, Any]:
-    """The per-task summary the driver reports, read back from a FINISHED task run."""
-    return task_result(run.info, status, run.data.params, run.data.metrics, run.data.tags)
-
-
-def task_result(info: Any, status: str, params: Mapping[str, str], metrics: Mapping[str, float | None],
-                tags: Mapping[str, str]) -> dict[str, Any]:
-    """The per-task summary the driver reports, from a task run's info (id, start time) and what it logged."""
-    m, p, t = metrics, params, tags
-    layers = {k.split(".", 2)[2]: v for k, v in sorted(m.items()) if k.startswith("layer_ones.")}
-    return {
-        "task": t.get("ksm_task"), "run_id": info.run_id, "status": status,
-        "classes": p.get("classes", ""), "test_acc": m.get("test_acc"), "train_seconds": m.get("train_seconds"),
-        "compile_seconds": m.get("compile_seconds"),
-        "artifact_bytes": m.get("artifact_bytes"), "mask_ones": m.get("mask_ones"), "mask_soft": m.get("mask_soft"),
-        "layers": layers, "node": t.get("ksm_node_ip") or t.get("ksm_host"), "device": t.get("ksm_device", ""),
-        "skipped_samples": int(m.get("skipped_samples") or 0), "skipped_shards": t.get("ksm_skipped_shards", ""),
-        # "chance_level" when the task ended within train.chance_margin of chance; "retrained" when it was
-        # trained once more for that reason (train.retrain_at_chance)
-        "warning": t.get("ksm_warning", ""), "retrained": bool(t.get("ksm_retrained")),
-        "start_time": info.start_time,
-    }
-
-
 # -------------------------------------------------------------------------------------------- backbone job
-def backbone_job(rc: RunConfig, manifest_path: str) -> dict[str, Any]:
-    """Train the backbone on the initial task (or load model.weights_path); returns numpy state + metrics."""
+def backbone_job(rc: RunConfig, manifest_path: str) -> BackboneResult:
+    """Train the backbone on the initial task (or load model.weights_path); returns its numpy state and fit."""
     prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
     m = manifest(manifest_path)
     init = m.task(m.initial_task)
@@ -489,5 +467,4 @@ def backbone_job(rc: RunConfig, manifest_path: str) -> dict[str, Any]:
                             device=rc.device())
         res = train_backbone(model, train, test, cfg)
     model.cpu()
-    return {"state": state_to_numpy(model), "fit": res.to_dict(), "task": init.name,
-            "classes": list(init.class_names), **node_info()}
+    return BackboneResult(state_to_numpy(model), res, init.name, tuple(init.class_names), node_info())

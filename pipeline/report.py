@@ -18,10 +18,12 @@ from typing import Any
 
 from .config import RunConfig
 from .present import pyplot, text_table
+from .records import TaskResult
 
 __all__ = ["format_table", "write_report", "summarise", "at_chance_lines", "at_chance_tasks", "CHANCE_LEVEL",
            "SUMMARY_ABOVE", "WORST"]
 
+#: (TaskResult attribute, heading) of the table's and report.csv's columns
 COLUMNS = [("task", "task"), ("classes", "classes"), ("test_acc", "test acc"), ("train_seconds", "train s"),
            ("artifact_kb", "artifact KB"), ("mask_ones", "ones"), ("mask_soft", "soft"), ("node", "node"),
            ("status", "status")]
@@ -31,15 +33,6 @@ SUMMARY_ABOVE = 50  # more tasks than this: the report summarises instead of lis
 WORST = 10          # how many of the lowest-accuracy tasks a summary lists
 QUANTILES = [("min", 0.0), ("p10", 0.1), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p90", 0.9),
              ("max", 1.0)]
-
-
-def _rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for r in results:
-        row = dict(r)
-        row["artifact_kb"] = (r.get("artifact_bytes") or 0) / 1024
-        rows.append(row)
-    return rows
 
 
 def _fmt(key: str, v: Any) -> str:
@@ -52,19 +45,18 @@ def _fmt(key: str, v: Any) -> str:
     return str(v)
 
 
-def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
-    rows = _rows(results)
+def format_table(results: list[TaskResult], markdown: bool = False) -> str:
     # the warning column only when a task has one: a task at chance must stand out, not be one more blank column
-    cols = COLUMNS + ([("warning", "warning")] if any(r.get("warning") for r in rows) else [])
-    return text_table([h for _, h in cols], [[_fmt(k, r.get(k)) for k, _ in cols] for r in rows], markdown)
+    cols = COLUMNS + ([("warning", "warning")] if any(r.warning for r in results) else [])
+    return text_table([h for _, h in cols], [[_fmt(k, getattr(r, k)) for k, _ in cols] for r in results], markdown)
 
 
-def at_chance_tasks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The task records tagged ksm_warning=chance_level (``record["warning"]``), in order."""
-    return [r for r in results if r.get("warning") == CHANCE_LEVEL]
+def at_chance_tasks(results: list[TaskResult]) -> list[TaskResult]:
+    """The task records tagged ksm_warning=chance_level (``TaskResult.warning``), in order."""
+    return [r for r in results if r.warning == CHANCE_LEVEL]
 
 
-def at_chance_lines(results: list[dict[str, Any]], rc: RunConfig) -> list[str]:
+def at_chance_lines(results: list[TaskResult], rc: RunConfig) -> list[str]:
     """The warning a report prints for the tasks that ended at chance (tag ksm_warning=chance_level): their
     count, then each (the first WORST), and what to do. Empty when there are none."""
     hit = at_chance_tasks(results)
@@ -73,23 +65,23 @@ def at_chance_lines(results: list[dict[str, Any]], rc: RunConfig) -> list[str]:
     lines = [f"warning: {len(hit)} task(s) ended at chance level (test accuracy within train.chance_margin="
              f"{rc.train.chance_margin:g} of 1 / classes): they did not learn. Train longer (train.epochs), or set "
              "train.retrain_at_chance=true to train such a task once more with another seed"]
-    lines += [f"  {r['task']}: test acc {_fmt('test_acc', r.get('test_acc'))}"
-              + (" (after a retrain)" if r.get("retrained") else "") for r in hit[:WORST]]
+    lines += [f"  {r.task}: test acc {_fmt('test_acc', r.test_acc)}" + (" (after a retrain)" if r.retrained else "")
+              for r in hit[:WORST]]
     return lines
 
 
-def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+def _plots(rows: list[TaskResult], out: Path) -> list[Path]:
     plt = pyplot()
 
     paths = []
-    names = [r["task"] for r in rows]
+    names = [r.task for r in rows]
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(rows) + 2), 3.2))
-    ax.bar(names, [r.get("test_acc") or 0 for r in rows], color="#4c72b0")
+    ax.bar(names, [r.test_acc or 0 for r in rows], color="#4c72b0")
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy")
     ax.set_title("accuracy per task")
     for i, r in enumerate(rows):
-        ax.text(i, (r.get("test_acc") or 0) + 0.01, f"{(r.get('test_acc') or 0):.3f}", ha="center", fontsize=8)
+        ax.text(i, (r.test_acc or 0) + 0.01, f"{(r.test_acc or 0):.3f}", ha="center", fontsize=8)
     fig.tight_layout()
     paths.append(out / "accuracy_per_task.png")
     fig.savefig(paths[-1], dpi=110)
@@ -97,10 +89,9 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for r in rows:
-        layers = r.get("layers") or {}
-        if layers:
-            ax.plot(range(len(layers)), list(layers.values()), marker="o", ms=3, label=r["task"])
-    any_layers = next((r["layers"] for r in rows if r.get("layers")), {})
+        if r.layers:
+            ax.plot(range(len(r.layers)), list(r.layers.values()), marker="o", ms=3, label=r.task)
+    any_layers = next((r.layers for r in rows if r.layers), {})
     ax.set_xticks(range(len(any_layers)))
     ax.set_xticklabels([f"{i}" for i in range(len(any_layers))], fontsize=7)
     ax.set_xlabel("masked layer (conv layers, then hidden linear layers)")
@@ -115,7 +106,7 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(rows) + 2), 3.2))
-    ax.bar(names, [r.get("train_seconds") or 0 for r in rows], color="#dd8452")
+    ax.bar(names, [r.train_seconds or 0 for r in rows], color="#dd8452")
     ax.set_ylabel("training seconds")
     ax.set_title("training time per task")
     fig.tight_layout()
@@ -125,13 +116,12 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
+def _write_csv(path: Path, results: list[TaskResult]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([k for k, _ in COLUMNS] + ["warning", "run_id"])
-        for r in results:  # the same columns as the table's rows (_rows), one row at a time
-            row = {**r, "artifact_kb": (r.get("artifact_bytes") or 0) / 1024}
-            w.writerow([row.get(k) for k, _ in COLUMNS] + [row.get("warning", ""), row.get("run_id")])
+        for r in results:  # the table's columns, unformatted, one row at a time
+            w.writerow([getattr(r, k) for k, _ in COLUMNS] + [r.warning, r.run_id])
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -148,25 +138,25 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     return out
 
 
-def _worst(results: list[dict[str, Any]], n: int = WORST) -> list[dict[str, Any]]:
+def _worst(results: list[TaskResult], n: int = WORST) -> list[TaskResult]:
     """The n tasks with the lowest test accuracy (ties in stream order)."""
-    scored = [(r["test_acc"], i) for i, r in enumerate(results) if r.get("test_acc") is not None]
+    scored = [(r.test_acc, i) for i, r in enumerate(results) if r.test_acc is not None]
     return [results[i] for _, i in sorted(scored)[:n]]
 
 
-def summarise(results: list[dict[str, Any]], failures: Mapping[str, str] | None = None,
+def summarise(results: list[TaskResult], failures: Mapping[str, str] | None = None,
               wall_seconds: float | None = None) -> dict[str, Any]:
     """The numbers a summary shows: counts, distributions, totals and the worst tasks."""
-    statuses = [r.get("status") for r in results]
-    accs = [r["test_acc"] for r in results if r.get("test_acc") is not None]
-    secs = [r["train_seconds"] for r in results if r.get("train_seconds") is not None]
+    statuses = [r.status for r in results]
+    accs = [r.test_acc for r in results if r.test_acc is not None]
+    secs = [r.train_seconds for r in results if r.train_seconds is not None]
     return {
         "tasks": len(results), "trained": statuses.count("trained"), "reused": statuses.count("reused"),
         "failed": len(failures or {}) + statuses.count("failed"),
         "accuracy": _quantiles(accs), "seconds": _quantiles(secs),
-        "total_train_seconds": sum(secs), "total_artifact_bytes": sum(r.get("artifact_bytes") or 0 for r in results),
+        "total_train_seconds": sum(secs), "total_artifact_bytes": sum(r.artifact_bytes or 0 for r in results),
         "fanout_wall_seconds": wall_seconds, "worst": _worst(results),
-        "skipped_samples": sum(r.get("skipped_samples") or 0 for r in results),
+        "skipped_samples": sum(r.skipped_samples for r in results),
         "at_chance": len(at_chance_tasks(results)),
     }
 
@@ -191,14 +181,14 @@ def _summary_lines(s: dict[str, Any], failures: Mapping[str, str] | None, markdo
     return lines
 
 
-def _summary_plot(results: list[dict[str, Any]], out: Path) -> Path:
+def _summary_plot(results: list[TaskResult], out: Path) -> Path:
     """report.png: the accuracy and seconds-per-task histograms and the kept-kernel ratio per layer as a band."""
     import numpy as np
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    accs = [r["test_acc"] for r in results if r.get("test_acc") is not None]
-    secs = [r["train_seconds"] for r in results if r.get("train_seconds") is not None]
+    accs = [r.test_acc for r in results if r.test_acc is not None]
+    secs = [r.train_seconds for r in results if r.train_seconds is not None]
     ax = axes[0]
     ax.hist(accs, bins=min(40, max(5, len(accs) // 10)), range=(0, 1), color="#4c72b0")
     ax.set_xlabel("test accuracy")
@@ -210,7 +200,7 @@ def _summary_plot(results: list[dict[str, Any]], out: Path) -> Path:
     ax.set_ylabel("tasks")
     ax.set_title("training time per task")
     ax = axes[2]
-    layered = [list(r["layers"].values()) for r in results if r.get("layers")]
+    layered = [list(r.layers.values()) for r in results if r.layers]
     width = max((len(v) for v in layered), default=0)
     layered = [v for v in layered if len(v) == width]
     if layered:
@@ -231,15 +221,15 @@ def _summary_plot(results: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-def _write_summary_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc: RunConfig,
+def _write_summary_report(tracker: Any, parent_id: str, results: list[TaskResult], rc: RunConfig,
                           log: Callable[[str], None], wall_seconds: float | None,
                           failures: Mapping[str, str] | None) -> dict[str, Any]:
     s = summarise(results, failures, wall_seconds)
     head = f"Sequence '{rc.run_name}' ({rc.benchmark['name']}, {rc.method.name}, {rc.model.name})"
     worst_title = f"worst {len(s['worst'])} task(s) by test accuracy:"
-    lossy = [r for r in results if r.get("skipped_samples")]
-    lossy_lines = [f"{r['task']}: {r['skipped_samples']} sample(s) skipped from corrupt shard(s) "
-                   f"{r['skipped_shards']}" for r in lossy[:WORST]]
+    lossy = [r for r in results if r.skipped_samples]
+    lossy_lines = [f"{r.task}: {r.skipped_samples} sample(s) skipped from corrupt shard(s) {r.skipped_shards}"
+                   for r in lossy[:WORST]]
     log("")
     log(f"{head}: {s['tasks']} tasks, summarised (one row per task in report.csv on run {parent_id}):")
     for line in _summary_lines(s, failures):
@@ -285,7 +275,7 @@ def _write_summary_report(tracker: Any, parent_id: str, results: list[dict[str, 
     return summary
 
 
-def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc: RunConfig,
+def write_report(tracker: Any, parent_id: str, results: list[TaskResult], rc: RunConfig,
                  log: Callable[[str], None] = print, wall_seconds: float | None = None,
                  failures: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Print the table and log report.md / report.csv / plots to the parent run; returns summary numbers.
@@ -294,17 +284,16 @@ def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc
     message) are then counted and the first ones listed. Up to that, the report is the per-task table."""
     if len(results) > SUMMARY_ABOVE:
         return _write_summary_report(tracker, parent_id, results, rc, log, wall_seconds, failures)
-    rows = _rows(results)
     table = format_table(results)
     log("")
     log(f"Sequence '{rc.run_name}' ({rc.benchmark['name']}, {rc.method.name}, {rc.model.name}):")
     log(table)
-    accs = [r["test_acc"] for r in rows if r.get("test_acc") is not None]
+    accs = [r.test_acc for r in results if r.test_acc is not None]
     summary = {
         "mean_test_acc": sum(accs) / len(accs) if accs else None,
-        "total_train_seconds": sum(r.get("train_seconds") or 0 for r in rows),
-        "total_artifact_bytes": sum(r.get("artifact_bytes") or 0 for r in rows),
-        "tasks": len(rows),
+        "total_train_seconds": sum(r.train_seconds or 0 for r in results),
+        "total_artifact_bytes": sum(r.artifact_bytes or 0 for r in results),
+        "tasks": len(results),
     }
     if wall_seconds is not None:
         summary["fanout_wall_seconds"] = wall_seconds
@@ -312,14 +301,14 @@ def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc
         log(f"mean test accuracy {summary['mean_test_acc']:.3f} over {len(accs)} task(s); "
             f"total training {summary['total_train_seconds']:.1f} s; "
             f"artifacts {summary['total_artifact_bytes'] / 1024:.1f} KB")
-    chance = at_chance_lines(rows, rc)
-    summary["tasks_at_chance"] = len(at_chance_tasks(rows))
+    chance = at_chance_lines(results, rc)
+    summary["tasks_at_chance"] = len(at_chance_tasks(results))
     for line in chance:
         log(line)
-    lossy = [f"{r['task']}: {r['skipped_samples']} sample(s) skipped from corrupt shard(s) {r['skipped_shards']}"
-             for r in rows if r.get("skipped_samples")]
+    lossy = [f"{r.task}: {r.skipped_samples} sample(s) skipped from corrupt shard(s) {r.skipped_shards}"
+             for r in results if r.skipped_samples]
     if lossy:  # data.on_corrupt=skip: the accuracies above saw less data than the manifest promises
-        summary["skipped_samples"] = sum(r["skipped_samples"] for r in rows)
+        summary["skipped_samples"] = sum(r.skipped_samples for r in results)
         log("warning: data.on_corrupt=skip dropped data; re-create the shards (mode=shards) to train on all of it")
         for line in lossy:
             log(f"  {line}")
@@ -330,8 +319,8 @@ def write_report(tracker: Any, parent_id: str, results: list[dict[str, Any]], rc
                                        + (notes + "\n" if notes else ""))
         _write_csv(out / "report.csv", results)
         files = [out / "report.md", out / "report.csv"]
-        if rows:
-            files += _plots(rows, out)
+        if results:
+            files += _plots(results, out)
         tracker.artifacts(parent_id, files, "report")
     tracker.metrics(parent_id, {k: v for k, v in summary.items() if v is not None})
     return summary

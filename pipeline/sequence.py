@@ -100,30 +100,28 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
             out = train_backbone_dp(rc, str(p.manifest.path))
         else:
             out = ray.get(job_remote(backbone_job, rc.cluster).remote(rc, str(p.manifest.path)))
-        state = out["state"]
+        state = out.state
         fp = fingerprint(state)
-        fit = out["fit"]
-        for rec in fit["history"]:
+        fit = out.fit
+        for rec in fit.history:
             tr.metrics(run_id, {k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
-        tr.metrics(run_id, {"test_acc": fit["test_acc"], "train_seconds": fit["train_seconds"]},
-                   step=len(fit["history"]))
+        tr.metrics(run_id, {"test_acc": fit.test_acc, "train_seconds": fit.train_seconds}, step=len(fit.history))
         tr.params(run_id, {"model": rc.model.name, "model_width": rc.model.width,
                            "weights_path": rc.model.weights_path, "task": init,
-                           "classes": ", ".join(out["classes"]), "epochs": rc.train.backbone.epochs,
+                           "classes": ", ".join(out.classes), "epochs": rc.train.backbone.epochs,
                            "lr": rc.train.backbone.lr, "seed": rc.seed, "fingerprint": fp,
                            "workers": rc.train.backbone.workers})
-        tr.tags(run_id, {"ksm_fingerprint": fp,
-                         **{k: out[k] for k in ("ksm_host", "ksm_node_id", "ksm_node_ip") if k in out}})
+        tr.tags(run_id, {"ksm_fingerprint": fp, **out.node})
         with tempfile.TemporaryDirectory(prefix="ksm-bb-") as tmp:
             path = Path(tmp) / "backbone.safetensors"
             save_file(state, str(path), metadata={"fingerprint": fp, "model": rc.model.name})
             tr.artifact(run_id, path, "backbone")
-    log(f"[backbone] test accuracy on {init}: {fit['test_acc']:.3f} (fingerprint {fp[:12]})")
+    log(f"[backbone] test accuracy on {init}: {fit.test_acc:.3f} (fingerprint {fp[:12]})")
     return state, fp, run_id
 
 
 def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
-    """mode=sequence: the whole task sequence; returns {"parent_run_id", "results": [per-task dicts], ...}."""
+    """mode=sequence: the whole task sequence; returns {"parent_run_id", "results": [TaskResult per task], ...}."""
     check_fits_before_ray(rc.cluster, *job_resources(rc))
     published, n_tasks = shards_before_ray(rc, log)
     with ray_session(rc.cluster, log):
@@ -150,7 +148,7 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             # what the driver itself cost, all of it: it must not grow with the stream beyond small per-task records
             tr.metrics(parent_id, {"driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                    "fanout_wall_seconds": wall, "tasks_trained": sum(
-                                       r["status"] == "trained" for r in ordered)})
+                                       r.status == "trained" for r in ordered)})
             if failures:
                 lines = "\n".join(f"  {t}: {msg.splitlines()[0][:300]}" for t, msg in failures.items())
                 raise PipelineError(f"{len(failures)} task(s) failed (the others are saved; re-run the same "

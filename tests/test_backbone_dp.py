@@ -32,7 +32,7 @@ def test_a_backbone_trained_by_two_ray_train_workers_carries_the_sequence(tmp_pa
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.root={tmp_path}", *TINY, "train.backbone.workers=2"])
     out = run_pipeline.main_from_config(cfg)
-    assert [r["status"] for r in out["results"]] == ["trained"]
+    assert [r.status for r in out["results"]] == ["trained"]
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = c.get_experiment_by_name("ksm")
     (bb,) = c.search_runs([exp.experiment_id], "tags.ksm_kind = 'backbone'")

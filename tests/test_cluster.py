@@ -521,11 +521,11 @@ def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray
 
     client = MlflowClient(tracking_uri=uri)
     manifest = Manifest.load(f"{shard_server}/{BENCH}")  # the jobs read the shards from this URL too
-    assert [r["task"] for r in out["results"]] == manifest.new_tasks == ["t1", "t2", "t3", "t4"]
-    assert all(r["status"] == "trained" for r in out["results"])
+    assert [r.task for r in out["results"]] == manifest.new_tasks == ["t1", "t2", "t3", "t4"]
+    assert all(r.status == "trained" for r in out["results"])
 
     # every run's artifacts live behind the server's proxy, not in a local folder of the driver or a worker
-    task_runs = [client.get_run(r["run_id"]) for r in out["results"]]
+    task_runs = [client.get_run(r.run_id) for r in out["results"]]
     bb_run = client.get_run(out["backbone_run_id"])
     parent = client.get_run(out["parent_run_id"])
     for r in [bb_run, parent, *task_runs]:
@@ -550,16 +550,17 @@ def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray
     net = KSMNet.from_backbone(bb)
     assert net.backbone_fingerprint == bb_run.data.tags["ksm_fingerprint"] == out["fingerprint"]
     for r, run_ in zip(out["results"], task_runs):
-        path = client.download_artifacts(run_.info.run_id, f"task/{r['task']}.safetensors", str(dl / r["task"]))
+        path = client.download_artifacts(run_.info.run_id, f"task/{r.task}.safetensors", str(dl / r.task))
         net.set_task(load_task(net, path))
-        acc, _ = evaluate(net, make_loader(manifest, r["task"], "test", batch_size=64))
-        assert acc == pytest.approx(run_.data.metrics["test_acc"], abs=1e-9), r["task"]
+        acc, _ = evaluate(net, make_loader(manifest, r.task, "test", batch_size=64))
+        assert acc == pytest.approx(run_.data.metrics["test_acc"], abs=1e-9), r.task
 
     # the same schema as the embedded run on sqlite: result fields, and each run's param / metric / ksm tag keys
     ref = embedded_run
     ref_client = ref["client"]
-    assert [set(r) for r in out["results"]] == [set(r) for r in ref["results"]]
-    ref_tasks = [ref_client.get_run(r["run_id"]) for r in ref["results"]]
+    filled = [[{k for k, v in vars(r).items() if v is not None} for r in o["results"]] for o in (out, ref)]
+    assert filled[0] == filled[1]  # the same result fields got a value
+    ref_tasks = [ref_client.get_run(r.run_id) for r in ref["results"]]
     pairs = [(bb_run, ref_client.get_run(ref["backbone_run_id"])), (parent, ref_client.get_run(ref["parent_run_id"])),
              *zip(task_runs, ref_tasks)]
     for mine, theirs in pairs:
@@ -569,7 +570,7 @@ def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray
     assert not ref_tasks[0].info.artifact_uri.startswith("mlflow-artifacts:")  # the reference is really local
     # ... and the same numbers: the sequence is deterministic wherever it runs
     assert out["fingerprint"] == ref["fingerprint"]
-    assert [r["test_acc"] for r in out["results"]] == [r["test_acc"] for r in ref["results"]]
+    assert [r.test_acc for r in out["results"]] == [r.test_acc for r in ref["results"]]
 
 
 # ------------------------------------------------------------------------------------------- URL shards

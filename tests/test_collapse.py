@@ -38,7 +38,7 @@ def short(tmp_path_factory):
                                            f"tracking.uri=sqlite:///{root}/unused.db"])
     rc = resolve(cfg)
     m = ensure_shards(rc.benchmark, rc.paths.shards, log=lambda *_: None)
-    state = jobs.backbone_job(rc, str(m.path))["state"]  # a job sets torch's threads to its CPUs (1), as in Ray
+    state = jobs.backbone_job(rc, str(m.path)).state  # a job sets torch's threads to its CPUs (1), as in Ray
     yield rc, str(m.path), state
     torch.set_num_threads(threads)
 

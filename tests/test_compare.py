@@ -44,7 +44,7 @@ def test_compare_logs_one_parent_with_per_method_metrics_and_reuses_everything(t
         assert 0.3 < metrics[f"mean_test_acc.{meth}"] <= 1 and metrics[f"task_seconds.{meth}"] > 0
         # the per-method count of task runs at chance is the count of its children tagged so (#22)
         assert metrics[f"at_chance.{meth}"] == row["at_chance"] == sum(
-            1 for label, r in out["results"].items() if label.startswith(f"{meth}/") and r["warning"] == "chance_level")
+            1 for label, r in out["results"].items() if label.startswith(f"{meth}/") and r.warning == "chance_level")
     # the children are ordinary task runs: one per method x seed x task, each with its method's own params
     kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(kids) == 2 * 2 * 2 and {r.info.status for r in kids} == {"FINISHED"}
@@ -59,7 +59,7 @@ def test_compare_logs_one_parent_with_per_method_metrics_and_reuses_everything(t
     assert "s/task ksm / piggyback: " in md and metrics["time_ratio.ksm_vs_piggyback"] > 0
 
     again = run(tmp_path, *COMPARE)  # the same compare: every result is reused, nothing trains
-    assert {r["status"] for r in again["results"].values()} == {"reused"}
+    assert {r.status for r in again["results"].values()} == {"reused"}
     assert again["parent_run_id"] == out["parent_run_id"]
     assert len(c.search_runs([exp.experiment_id], "tags.ksm_kind = 'task'")) == 8
     assert [r["mean_test_acc"] for r in again["rows"]] == [r["mean_test_acc"] for r in out["rows"]]

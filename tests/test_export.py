@@ -270,7 +270,7 @@ def test_task_runs_log_their_datasets_system_metrics_and_source(sequence):
 def test_a_rerun_adds_no_version_and_mode_export_adds_one(registry):
     s = registry
     again = _run(s.root)
-    assert {r["status"] for r in again["results"]} == {"reused"}
+    assert {r.status for r in again["results"]} == {"reused"}
     assert [str(v.version) for v in s.client.search_model_versions(f"name = '{NAME}'")] == ["1"]  # nothing changed
     _run(s.root, "mode=export")
     assert sorted(str(v.version) for v in s.client.search_model_versions(f"name = '{NAME}'")) == ["1", "2"]
@@ -390,11 +390,12 @@ def test_a_long_stream_is_not_exported_at_the_end_of_every_run(tmp_path):
     copies all task artifacts into a new version (106 s at 1000 tasks), which every append would pay again."""
     from pipeline.config import resolve
     from pipeline.export import export_after_sequence
+    from pipeline.records import TaskResult
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         rc = resolve(compose("config", overrides=[f"paths.root={tmp_path}", "registry.export_max_tasks=3"]))
     logs: list[str] = []
-    results = [{"task": f"t{i}", "run_id": f"r{i}"} for i in range(4)]
+    results = [TaskResult(task=f"t{i}", run_id=f"r{i}", status="trained") for i in range(4)]
     assert export_after_sequence(rc, None, None, "parent", "bb", results, logs.append) is None  # touches no store
     assert logs == ["[export] skipped at the end of the sequence: 4 tasks > registry.export_max_tasks=3; register "
                     "them with the same command and mode=export"]

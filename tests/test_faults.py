@@ -31,6 +31,7 @@ def mlflow_server(store: Path, log: Path, port: int) -> Proc:
 
 
 @pytest.mark.slow
+@pytest.mark.own_processes
 def test_a_tracking_server_restarted_mid_run_costs_a_pause_not_the_run(tmp_path):
     """The server is killed while a task trains and comes back 8 s later: the jobs and the driver wait it out
     (tracking.outage_s) and the sequence finishes with exactly one FINISHED run per task and nothing RUNNING."""
@@ -138,7 +139,7 @@ def test_a_worker_node_lost_mid_run_the_sequence_finishes_on_the_head(tmp_path, 
             ray.shutdown()
         cluster.shutdown()
     assert removed == [worker.node_id], "no task ran on the worker node before the run ended"
-    assert {r["task"]: r["status"] for r in out["results"]} == {"shoes": "trained", "tops": "trained"}
+    assert {r.task: r.status for r in out["results"]} == {"shoes": "trained", "tops": "trained"}
     c = MlflowClient(f"sqlite:///{db}")
     runs = c.search_runs([c.get_experiment_by_name("ksm").experiment_id], "tags.ksm_kind = 'task'")
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -149,6 +150,7 @@ def test_a_worker_node_lost_mid_run_the_sequence_finishes_on_the_head(tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.own_processes
 def test_a_tracking_server_down_past_outage_s_loses_no_training(tmp_path):
     """The server is killed while a task trains and stays down past tracking.outage_s (3 s). The job finishes
     training anyway, keeps the trained task (artifact + run.json) under paths.output/unlogged/ and fails naming

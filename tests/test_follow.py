@@ -139,7 +139,7 @@ def test_a_sigterm_during_the_fan_out_leaves_no_run_running_and_the_rerun_resume
     t0 = time.monotonic()
     res = rerun(tmp_path, *args, "train.epochs=20")  # raises unless it succeeds (the CLI's exit 0)
     print(f"[fault] the resumed run took {time.monotonic() - t0:.1f}s")
-    assert "trained" in {r["status"] for r in res["results"]}  # only what the signal cut short
+    assert "trained" in {r.status for r in res["results"]}  # only what the signal cut short
     final = runs(tmp_path)
     finished = sorted(r.data.tags["ksm_task"] for r in final
                       if r.data.tags.get("ksm_kind") == "task" and r.info.status == "FINISHED")

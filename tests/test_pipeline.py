@@ -121,7 +121,7 @@ def test_end_to_end_runs_artifacts_and_report(first, tmp_path):
     assert sum(n.endswith(".png") for n in names) == 3
     md = Path(c.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
     assert "t1" in md and "t2" in md
-    assert [r["task"] for r in out["results"]] == ["t1", "t2"]
+    assert [r.task for r in out["results"]] == ["t1", "t2"]
 
 
 @pytest.mark.slow
@@ -139,12 +139,12 @@ def test_resume_trains_only_the_missing_task(first):
     assert after["t1"].info.start_time == before["t1"].info.start_time
     assert after["t2"].info.run_id != before["t2"].info.run_id  # retrained, later
     assert after["t2"].info.start_time > before["t2"].info.end_time
-    assert {r["task"]: r["status"] for r in again["results"]} == {"t1": "reused", "t2": "trained"}
+    assert {r.task: r.status for r in again["results"]} == {"t1": "reused", "t2": "trained"}
     assert again["parent_run_id"] == out["parent_run_id"]
 
     # a third run finds everything finished and trains nothing
     third = run(root)
-    assert {r["status"] for r in third["results"]} == {"reused"}
+    assert {r.status for r in third["results"]} == {"reused"}
     assert len(_runs(c, "tags.ksm_kind = 'task'", "FINISHED")) == 2
 
 
@@ -185,7 +185,7 @@ def test_a_backbone_from_a_weights_file(first, tmp_path):
     assert loaded.data.params["weights_path"] == str(weights)
     assert out["fingerprint"] == bb.data.tags["ksm_fingerprint"]  # the same tensors, whatever their source
     assert loaded.data.metrics["test_acc"] == pytest.approx(bb.data.metrics["test_acc"])
-    assert [r["task"] for r in out["results"]] == ["t1"]
+    assert [r.task for r in out["results"]] == ["t1"]
 
 
 @pytest.mark.slow
@@ -213,10 +213,10 @@ def test_a_corrupt_shard_fails_its_task_or_is_skipped_and_counted_in_mlflow(firs
     assert fail_runs == {"t1": "FINISHED", "t2": "FAILED"}
 
     out = run(root, "run_name=corrupt-skip", "data.on_corrupt=skip", *small)
-    res = {r["task"]: r for r in out["results"]}
+    res = {r.task: r for r in out["results"]}
     lost = 128 * 3  # the bad shard's samples, in each of the 2 epochs and the head refit's pass (train.head_refit)
-    assert res["t1"]["skipped_samples"] == 0 and res["t2"]["skipped_samples"] == lost
-    t2 = c.get_run(res["t2"]["run_id"])
+    assert res["t1"].skipped_samples == 0 and res["t2"].skipped_samples == lost
+    t2 = c.get_run(res["t2"].run_id)
     assert t2.info.status == "FINISHED" and t2.data.metrics["skipped_samples"] == lost
     assert t2.data.tags["ksm_skipped_shards"] == str(bad)
     assert t2.data.params["train_samples"] == "300"  # what the manifest promised; the metric says what was lost
@@ -288,6 +288,7 @@ def test_unreachable_tracking_server_is_named(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.own_processes
 def test_cli_reports_errors_and_lists_choices(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -472,7 +473,7 @@ def test_a_task_at_chance_is_tagged_retrained_once_and_flagged_in_the_report(fir
     printed = capsys.readouterr().out
     assert f"warning: {len(flagged)} task(s) ended at chance level" in printed
     assert all(f"  {n}: test acc" in printed for n in flagged)
-    assert {r["task"]: r["warning"] for r in out["results"]} == {n: "chance_level" if n in flagged else ""
+    assert {r.task: r.warning for r in out["results"]} == {n: "chance_level" if n in flagged else ""
                                                                   for n in tasks}
     md = Path(c.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path / "dl"))).read_text()
     assert "chance level" in md and "| warning |" in md

@@ -50,7 +50,7 @@ def task_runs(root: Path) -> list:
 def test_a_catalogue_grows_and_changes_and_only_new_work_is_done(tmp_path, ray_local, capsys):
     cat = write(tmp_path / "tasks.jsonl", LINES)
     first = run(tmp_path, cat)
-    assert [r["status"] for r in first["results"]] == ["trained", "trained"]
+    assert [r.status for r in first["results"]] == ["trained", "trained"]
     before = {r.data.tags["ksm_task"]: r for r in task_runs(tmp_path)}
     shards = tmp_path / "data" / "shards" / "tasks"
     written = {str(p.relative_to(shards)): p.stat().st_mtime_ns for p in shards.glob("*/*.tar")}
@@ -58,7 +58,7 @@ def test_a_catalogue_grows_and_changes_and_only_new_work_is_done(tmp_path, ray_l
     # a 4th line: only it trains; the backbone and the parent run are the same
     write(cat, [*LINES, NEW])
     second = run(tmp_path, cat)
-    assert {r["task"]: r["status"] for r in second["results"]} == {"shoes": "reused", "tops": "reused",
+    assert {r.task: r.status for r in second["results"]} == {"shoes": "reused", "tops": "reused",
                                                                     "boots": "trained"}
     assert second["backbone_run_id"] == first["backbone_run_id"]
     assert second["parent_run_id"] == first["parent_run_id"]
@@ -80,20 +80,20 @@ def test_a_catalogue_grows_and_changes_and_only_new_work_is_done(tmp_path, ray_l
     changed = {**LINES[2], "caps": {"train": 100, "test": 40}}
     write(cat, [LINES[0], LINES[1], changed, NEW])
     third = run(tmp_path, cat)
-    assert {r["task"]: r["status"] for r in third["results"]} == {"shoes": "reused", "tops": "trained",
+    assert {r.task: r.status for r in third["results"]} == {"shoes": "reused", "tops": "trained",
                                                                    "boots": "reused"}
     tops = [r for r in task_runs(tmp_path) if r.data.tags["ksm_task"] == "tops"]
     old = [r for r in tops if r.info.run_id == before["tops"].info.run_id][0]
     assert old.data.tags.get("ksm_superseded") == "true" and old.info.status == "FINISHED"
     assert [r.data.tags.get("ksm_superseded") for r in tops if r is not old] == [None]
-    assert third["results"][1]["run_id"] != old.info.run_id
+    assert third["results"][1].run_id != old.info.run_id
 
     # a malformed line is named by its number and left out; the others run (nothing to train: all reused)
     write(cat, [LINES[0], LINES[1], changed, NEW, "{not json"])
     capsys.readouterr()
     fourth = run(tmp_path, cat)
     assert f"[shards] warning: catalogue {cat} line 5 is malformed" in capsys.readouterr().out
-    assert {r["status"] for r in fourth["results"]} == {"reused"} and len(fourth["results"]) == 3
+    assert {r.status for r in fourth["results"]} == {"reused"} and len(fourth["results"]) == 3
 
     # the first line changed: that is another backbone, so the stream needs a new name
     write(cat, [{**LINES[0], "caps": {"train": 300, "test": 100}}, LINES[1]])
@@ -126,6 +126,7 @@ def test_a_generated_stream_appends_tasks_as_it_grows():
 
 
 @pytest.mark.slow
+@pytest.mark.own_processes
 def test_two_launches_at_the_same_moment_train_everything_once(tmp_path):
     """Two drivers (two terminals, two `ray job submit`s) start the same stream on a fresh store together: the
     backbone and each task are trained exactly once; the other launch waits for and reuses those runs."""

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: pipeline/'s floors, lowest first; a module imports only from its own floor or below (ARCHITECTURE.md)
 FLOORS: dict[str, int] = {
-    "pipeline": 0, "pipeline.errors": 0, "pipeline.config": 0, "pipeline.redact": 0,
+    "pipeline": 0, "pipeline.errors": 0, "pipeline.config": 0, "pipeline.redact": 0, "pipeline.records": 0,
     "pipeline.data": 1, "pipeline.tracking": 1, "pipeline.store": 1, "pipeline.probes": 1, "pipeline.present": 1,
     "pipeline.report": 1, "pipeline.params": 1, "pipeline.runtime": 1, "pipeline.claims": 1, "pipeline.served": 1,
     "pipeline.identity": 1,
