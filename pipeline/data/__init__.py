@@ -15,8 +15,9 @@ is indexed once (``ensure_index``) and read by offset.
 """
 
 from .arrays import ArraySplit, TaskData, stratified_split, stratified_subset
-from .benchmarks import (BENCHMARK_KINDS, TaskPlan, TaskSpec, build_task, build_tasks, list_benchmarks,
-                         load_benchmark_config, plan_task, register_kind, task_names, task_specs)
+from .benchmarks import (BENCHMARK_KINDS, TaskSpec, list_benchmarks, load_benchmark_config, register_kind, task_names,
+                         task_specs)
+from .plan import TaskPlan, build_task, build_tasks, plan_task
 from .cifar100 import CPG_ORDER, FINE_NAMES, SUPERCLASSES, superclass_of
 from ..errors import ConfigError, DataError, ShardCorruptError, SourceNotFoundError, UnknownNameError
 from .loader import Loader, in_holdout, iter_samples, make_loader

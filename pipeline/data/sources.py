@@ -43,7 +43,8 @@ from .arrays import ArraySplit, as_nhwc_uint8, stratified_split
 from .cifar100 import cifar100_files, read_cifar100
 from ..errors import ConfigError, SourceNotFoundError, unknown_name
 from .images import decode
-from .members import (IMAGE_SUFFIXES, ON_CORRUPT, ArrayMembers, FileMembers, MemberError, Members, Subset,
+from .members import (IMAGE_SUFFIXES, ON_CORRUPT,  # noqa: F401  (IMAGE_SUFFIXES: re-exported)
+                      ArrayMembers, FileMembers, MemberError, Members, Subset,
                       class_dirs, list_images)
 
 #: Folder of the Debian package ``dataset-fashion-mnist`` (IDX files, gzipped).
