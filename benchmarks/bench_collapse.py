@@ -35,7 +35,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from ksm_core import at_chance, evaluate  # noqa: E402
 from ksm_core.layers import TaskHeads  # noqa: E402
 from pipeline import jobs  # noqa: E402
-from pipeline.compare import _method  # noqa: E402
+from pipeline.compare import method_settings  # noqa: E402
 from pipeline.config import resolve  # noqa: E402
 from pipeline.data import ensure_shards, make_loader  # noqa: E402
 
@@ -111,7 +111,7 @@ def main() -> None:
             for s in seeds(a.seeds):
                 r = dataclasses.replace(rc, seed=s, train=dataclasses.replace(rc.train, head_refit=refit == "on"))
                 for task in tasks:
-                    out = jobs.train_task(r, str(m.path), task, state, method=_method(r, meth))
+                    out = jobs.train_task(r, str(m.path), task, state, method=method_settings(r, meth))
                     row = {"method": meth, "seed": s, "task": task, "head_refit": refit,
                            "test_acc": round(out.fit.test_acc, 4), "test_loss": round(out.fit.test_loss, 4),
                            "train_acc": round(out.fit.history[-1]["train_acc"], 4),

@@ -32,7 +32,7 @@ from .report import at_chance_tasks
 from .runtime import check_cluster, check_fits_before_ray, job_resources, ray_session, warm_workers
 from .sequence import backbone_stage
 
-__all__ = ["check_compare", "run_compare", "summarise"]
+__all__ = ["check_compare", "run_compare", "summarise", "method_settings"]
 
 
 def check_compare(rc: RunConfig) -> None:
@@ -52,7 +52,10 @@ def check_compare(rc: RunConfig) -> None:
         raise PipelineError(f"compare.seeds={seeds} names a seed twice")
 
 
-def _method(rc: RunConfig, name: str) -> MethodCfg:
+def method_settings(rc: RunConfig, name: str) -> MethodCfg:
+    """The settings method ``name`` is trained with in a comparison: the run's own ``method`` section when it is
+    the run's method (what the user tuned), else the method's reference values (``ksm_core.mask_spec``; none for
+    fine-tune), so each method is compared at its own best-known settings, not at another method's."""
     if name == rc.method.name:
         return rc.method
     if name == "finetune":
@@ -84,7 +87,7 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             tr.params(parent_id, {"run_name": rc.run_name, "benchmark": rc.benchmark["name"], "methods": ",".join(methods),
                                   "seeds": ",".join(map(str, seeds)), "tasks": ",".join(m.new_tasks),
                                   "epochs": rc.train.epochs, "model": rc.model.name, "model_width": rc.model.width})
-            configs = {(meth, s): dataclasses.replace(rc, method=_method(rc, meth), seed=s)
+            configs = {(meth, s): dataclasses.replace(rc, method=method_settings(rc, meth), seed=s)
                        for meth in methods for s in seeds}
             # interleaved: every method's job for a task is queued before the next task's, so methods share the
             # machine's good and bad moments alike

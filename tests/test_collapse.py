@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 import run_pipeline
 from ksm_core import at_chance, evaluate, refit_head
 from pipeline import jobs
-from pipeline.compare import _method
+from pipeline.compare import method_settings
 from pipeline.config import resolve
 from pipeline.data import ensure_shards, make_loader
 
@@ -45,7 +45,7 @@ def short(tmp_path_factory):
 
 def _train(rc, manifest: str, state, seed: int, *, head_refit: bool, method: str = "ksm"):
     rc = dataclasses.replace(rc, seed=seed, train=dataclasses.replace(rc.train, head_refit=head_refit))
-    return jobs.train_task(rc, manifest, "t2", state, method=_method(rc, method))
+    return jobs.train_task(rc, manifest, "t2", state, method=method_settings(rc, method))
 
 
 @pytest.mark.slow  # trains up to 17 short tasks (~3 s each; 2 here)
