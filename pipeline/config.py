@@ -398,5 +398,8 @@ def validate(rc: RunConfig) -> None:
         raise PipelineError(f"data.transform={rc.data.transform!r} is not a transform protocol; valid: "
                             f"{', '.join(TRANSFORMS)} (cifar: 32 px pad-crop-flip; imagenet: 224 px RandomResizedCrop, "
                             "test Resize 256 + CenterCrop 224, ImageNet mean/std)")
+    if rc.data.transform == "imagenet" and rc.model.name == "vgg16_bn_cifar":  # its classifier takes 1x1 features
+        raise PipelineError("data.transform=imagenet feeds 224 x 224 images; model vgg16_bn_cifar takes 32 x 32 "
+                            "only: use model=resnet18 or model=resnet50, or data.transform=cifar")
     if not rc.tracking.uri:
         raise PipelineError("tracking.uri is empty; use tracking=local (sqlite file) or tracking.uri=http://host:port")

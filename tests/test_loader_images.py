@@ -292,10 +292,13 @@ def test_an_unknown_transform_is_refused_naming_the_valid_ones(stream, tmp_path)
     from pipeline.config import resolve, validate
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        good = resolve(compose("config", overrides=[f"paths.root={tmp_path}", "data.transform=imagenet"]))
-        bad = resolve(compose("config", overrides=[f"paths.root={tmp_path}", "data.transform=imagnet"]))
-    validate(good)
-    assert good.data.transform == "imagenet"
+        rc = {over: resolve(compose("config", overrides=[f"paths.root={tmp_path}", *over.split()]))
+              for over in ("data.transform=imagenet model=resnet18", "data.transform=imagnet model=resnet18",
+                           "data.transform=imagenet", "")}
+    assert rc[""].data.transform == "cifar"  # the default: the 32-px protocol, as before
+    validate(rc["data.transform=imagenet model=resnet18"])
     with pytest.raises(PipelineError) as err:
-        validate(bad)
+        validate(rc["data.transform=imagnet model=resnet18"])
     assert "data.transform='imagnet'" in str(err.value) and "valid: cifar, imagenet" in str(err.value)
+    with pytest.raises(PipelineError, match="model vgg16_bn_cifar takes 32 x 32 only: use model=resnet18"):
+        validate(rc["data.transform=imagenet"])  # the default model's classifier cannot take 224 px
