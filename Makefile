@@ -5,8 +5,10 @@ VENV_PY := .venv/bin/python
 run: .install-stamp
 	$(VENV_PY) run_pipeline.py
 
+# two xdist workers: one runs every test that may hold Ray in its process, in order; the other runs the tests that
+# only wait on processes of their own, and the fast ones (tests/conftest.py, pytest_collection_modifyitems)
 test: .install-stamp
-	$(VENV_PY) -m pytest -q
+	$(VENV_PY) -m pytest -q -n 2 --dist loadgroup
 
 # the tests that start nothing (no Ray, MLflow or subprocess): well under a minute, for the edit-test loop
 test-fast: .install-stamp

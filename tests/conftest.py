@@ -1,6 +1,7 @@
 """Shared test set-up. Ray must bind loopback only (ARCHITECTURE.md, "Known traps")."""
 import os
 import platform
+import subprocess
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -26,6 +27,11 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "mutates_tiny_sequence: adds runs to the session's shared tiny sequence (run "
                                        "after every test that only reads it; see pytest_collection_modifyitems)")
+    config.addinivalue_line("markers", "own_processes: its cost is processes it starts and waits on (drivers, servers, "
+                                       "a `ray start` head), never Ray in the pytest process: `make test` runs it on "
+                                       "any xdist worker, beside the in-process group (see pytest_collection_modifyitems)")
+    # pytest-xdist registers it too; said here so that a plain `pytest` without xdist accepts it under --strict-markers
+    config.addinivalue_line("markers", "xdist_group(name): tests of one group run on one xdist worker, in order")
 
 
 def pytest_sessionstart(session):
@@ -42,23 +48,45 @@ def pytest_sessionstart(session):
                     "it (apt-get dataset-fashion-mnist, the foolbox wheel's CIFAR-100 images)", returncode=3)
 
 
-@pytest.fixture(autouse=True)
-def _fast_tests_start_nothing(request, monkeypatch):
-    """A test not marked `slow` may start no process (Ray, an MLflow server, a CLI run): `make test-fast` relies
-    on it. Such a test fails here, naming the command, instead of silently slowing the fast tier."""
-    if request.node.get_closest_marker("slow"):
+# ------------------------------------------------------------------------------- the fast tier starts nothing
+# A test not marked `slow` may start no process (Ray, an MLflow server, a CLI run), in its body or in any fixture
+# it sets up, whatever the fixture's scope (a module- or session-scoped fixture is set up inside the setup of the
+# first test that needs it): `make test-fast` relies on it. Popen is guarded for the whole session and consults
+# the test whose setup or call runs now; such a test fails, naming itself and the command, instead of silently
+# slowing the fast tier. (Teardown is left out: a session fixture a slow test started ends in whichever test's
+# teardown comes last.)
+_fast_item: pytest.Item | None = None  # the test being set up or run now, when it is not marked slow
+_real_popen_init = subprocess.Popen.__init__
+
+
+def _fast_tests_start_nothing(self, args, *a, **kw):
+    if _fast_item is not None:
+        pytest.fail(f"{_fast_item.nodeid} starts a process ({args!r:.200}), in its body or a fixture of any scope: "
+                    "mark it @pytest.mark.slow", pytrace=False)
+    return _real_popen_init(self, args, *a, **kw)
+
+
+subprocess.Popen.__init__ = _fast_tests_start_nothing  # from conftest's import on: before any test or fixture runs
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    global _fast_item
+    _fast_item = None if item.get_closest_marker("slow") else item
+    try:
         yield
-        return
-    import subprocess
+    finally:
+        _fast_item = None
 
-    real_init = subprocess.Popen.__init__
 
-    def refuse(self, args, *a, **kw):
-        pytest.fail(f"{request.node.nodeid} starts a process ({args!r:.200}): mark it @pytest.mark.slow")
-
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
-    yield
-    monkeypatch.setattr(subprocess.Popen, "__init__", real_init)
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    global _fast_item
+    _fast_item = None if item.get_closest_marker("slow") else item
+    try:
+        yield
+    finally:
+        _fast_item = None
 
 
 # ------------------------------------------------------------------------------------ one Ray runtime a session
@@ -80,7 +108,14 @@ def pytest_collection_modifyitems(session, config, items):
     their own Ray, a multi-node Cluster or subprocesses, or assert that Ray is not running); (1) tests on the
     shared runtime; (2) tests that only read the shared tiny sequence; (3) tests that add to it
     (`@pytest.mark.mutates_tiny_sequence`), last, in collection order. Ray is started once, after group 0, and never
-    shut down until the session ends; the sequence is read in the state its readers assert."""
+    shut down until the session ends; the sequence is read in the state its readers assert.
+
+    Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) every slow test that may run Ray in this process is
+    one xdist group, "in_process": one worker runs all of them, in the order above, exactly as a plain `pytest` does.
+    The suite spends most of its time waiting on processes it started (drivers, servers, a `ray start` head): 8.7
+    CPU-minutes in 13 wall minutes on 2 cores, measured. So the tests that only wait on their own processes
+    (`@pytest.mark.own_processes`, one group per module so a module's fixtures start once) and the fast tests run on
+    the other worker meanwhile."""
     def group(item) -> int:
         if not _uses_shared_ray(item):
             return 0
@@ -89,6 +124,29 @@ def pytest_collection_modifyitems(session, config, items):
         return 2 if "tiny_sequence" in item.fixturenames else 1
 
     items[:] = sorted(items, key=group)  # stable: collection order within a group
+    for item in items:
+        if item.get_closest_marker("own_processes"):
+            item.add_marker(pytest.mark.xdist_group(f"own:{item.module.__name__}"))
+        elif item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("in_process"))
+
+
+@pytest.fixture(autouse=True)
+def _own_processes_start_no_ray_here(request):
+    """An `own_processes` test may run on the worker that holds the shared runtime, or on one that runs the
+    Ray-down tests next: it must leave this process's Ray as it found it (never start it here)."""
+    if not request.node.get_closest_marker("own_processes"):
+        yield
+        return
+    import sys
+
+    def up() -> bool:
+        ray = sys.modules.get("ray")
+        return bool(ray is not None and ray.is_initialized())
+
+    before = up()
+    yield
+    assert up() == before, f"{request.node.nodeid} is marked own_processes but started Ray in the pytest process"
 
 
 @pytest.fixture(scope="session")

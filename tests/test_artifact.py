@@ -204,6 +204,7 @@ except ArtifactWriteError as e:
 
 
 @pytest.mark.slow
+@pytest.mark.own_processes
 @pytest.mark.skipif(os.geteuid() != 0, reason="the fast read-only folder test covers EACCES for a normal user")
 def test_read_only_folder_as_root_without_dac_override(tmp_path):
     """As root a 0o500 folder does not deny: run the write as root without CAP_DAC_OVERRIDE (setpriv), which

@@ -35,6 +35,9 @@ from pipeline.config import resolve, validate
 from pipeline.errors import PipelineError
 from pipeline.served import BadRequest, MultiTaskModel
 
+# servers, drivers and a served model of its own: nothing here runs Ray in the pytest process
+pytestmark = pytest.mark.own_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 # the admin's password: '/' and '@' are what a sed mask or a URL parser cut in two
 ADMIN_PASSWORD = "adm/in@pw-" + secrets.token_hex(6)

@@ -18,6 +18,9 @@ from pipeline.errors import PipelineError
 from pipeline.store import ensure_store
 from pipeline.tracking import Tracker
 
+# every test here waits on store files and child processes of its own, never on Ray in this process
+pytestmark = pytest.mark.own_processes
+
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 180  # bound on every wait for a child process (generous: two CPUs shared with other work)
 
