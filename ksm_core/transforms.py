@@ -161,10 +161,11 @@ def resized_crop(x: torch.Tensor, top: int, left: int, height: int, width: int, 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels: int,
               error: Callable[[str], Exception] = ValueError) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float32 [B, channels, H, W]: scaled to [0, 1], :func:`to_channels`, ``(x - mean) / std``
-    (mean/std [1, channels, 1, 1] on ``x``'s device)."""
-    x = x.float() / 255.0
-    return ((to_channels(x, channels, error) - mean) / std).contiguous()
+    """uint8 [B, C, H, W] -> float32 [B, channels, H, W]: :func:`to_channels`, then ``(x / 255 - mean) / std`` as one
+    fused multiply-add (mean/std [1, channels, 1, 1] on ``x``'s device). One pass over a 224-px batch instead of
+    four: it runs in the loader's consuming thread, where it was the largest cost of an imagenet batch."""
+    x = to_channels(x.float(), channels, error)
+    return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std)).contiguous()
 
 
 def imagenet_eval_transform(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int, resize: int,
