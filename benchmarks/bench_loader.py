@@ -94,9 +94,11 @@ def write_task(root: Path, stream: str, name: str, splits: dict[str, tuple[list[
         shards[split] = []
         for s, start in enumerate(range(0, len(blobs), max_samples)):
             path = folder / f"{split}-{s:06d}.tar"
-            with wds.TarWriter(str(path)) as w:
+            # bytes as they are, an integer mtime: plain ustar headers, as the shard writer makes (a float mtime
+            # adds a PAX header per member, which sends the loader to tarfile's slower reader)
+            with wds.TarWriter(str(path), encoder=False, mtime=0) as w:
                 for i in range(start, min(start + max_samples, len(blobs))):
-                    w.write({"__key__": sample_key(i), exts[i]: blobs[i], "cls": int(labels[i])})
+                    w.write({"__key__": sample_key(i), exts[i]: blobs[i], "cls": str(int(labels[i])).encode()})
             rel = f"../tasks/{folder.name}/{path.name}"
             shards[split].append(rel)
             sha[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
