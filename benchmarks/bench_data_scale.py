@@ -100,6 +100,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=3000, help="the small corpus (the large one is 5x)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/ksm-data-scale"))
+    ap.add_argument("--repeat", type=int, default=3, help="runs per cell, N and 5N interleaved; the fastest is kept "
+                                                          "(a shared machine's load only ever adds time)")
     args = ap.parse_args()
     sizes = [args.n, 5 * args.n]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -107,17 +109,20 @@ def main() -> None:
     rows = []
     for label, kind, warm in (("ImageFolder", "folder", False), ("WebDataset, cold (index built)", "wds", False),
                               ("WebDataset, warm (index reused)", "wds", True)):
-        got = {}
-        for n in sizes:
-            root = args.work / f"shards-{kind}-{n}-{'warm' if warm else 'cold'}"
-            subprocess.run(["rm", "-rf", str(root)], check=True)
-            bench = task_bench(kind, corpora[n][kind], n)
-            if warm:  # index it first (another process), then write the task into a fresh tasks folder
-                run_child(bench, root)
-                subprocess.run(["rm", "-rf", str(root / "tasks"), str(root / "scale")], check=True)
-            got[n] = run_child(bench, root)
-            if args.n >= 2500:  # 2 classes x N/10 images, 20% held out: enough for the caps
-                assert got[n]["counts"] == {"train": 400, "test": 100}, got[n]
+        got: dict[int, dict] = {}
+        for _ in range(args.repeat):
+            for n in sizes:
+                root = args.work / f"shards-{kind}-{n}-{'warm' if warm else 'cold'}"
+                subprocess.run(["rm", "-rf", str(root)], check=True)
+                bench = task_bench(kind, corpora[n][kind], n)
+                if warm:  # index it first (another process), then write the task into a fresh tasks folder
+                    run_child(bench, root)
+                    subprocess.run(["rm", "-rf", str(root / "tasks"), str(root / "scale")], check=True)
+                r = run_child(bench, root)
+                if args.n >= 2500:  # 2 classes x N/10 images, 20% held out: enough for the caps
+                    assert r["counts"] == {"train": 400, "test": 100}, r
+                best = got.setdefault(n, r)
+                best.update(wall_s=min(best["wall_s"], r["wall_s"]), rss_mb=max(best["rss_mb"], r["rss_mb"]))
         a, b = got[sizes[0]], got[sizes[1]]
         rows.append((label, a, b, b["rss_mb"] / a["rss_mb"], b["wall_s"] / a["wall_s"]))
     print(f"\n| source | peak RSS N={sizes[0]} | 5N={sizes[1]} | ratio (<= 1.2) | time N | 5N | ratio (<= 1.5) |")
