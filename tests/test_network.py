@@ -210,5 +210,11 @@ def test_a_compiled_step_gives_the_eager_gradients_and_reports_its_compile_time(
     net = KSMNet.from_backbone(bb)
     t = net.add_task(2, method=method)
     res = fit_task(net, t, batches, batches, TrainConfig(epochs=2, device="cpu", compile=True))
-    assert 0 < res.compile_seconds < res.train_seconds and res.steps == 4
+    # what holds by construction, on any machine: the first step's extra time is measured inside train_seconds
+    # and clamped at 0 (its size against a compiled step's is a timing, for benchmarks/, not a test)
+    assert 0.0 <= res.compile_seconds <= res.train_seconds and res.steps == 4
     assert net.is_deployed(t) and 0.0 <= res.test_acc <= 1.0
+    eager_net = KSMNet.from_backbone(bb)
+    eager = fit_task(eager_net, eager_net.add_task(2, method=method), batches, batches,
+                     TrainConfig(epochs=2, device="cpu"))
+    assert eager.compile_seconds == 0.0 and eager.steps == 4  # reported only for a compiled step
