@@ -278,21 +278,53 @@ def test_folder_under_a_regular_file_is_refused_by_name(tmp_path):
     assert f"cannot create the MLflow store in folder {folder} (Not a directory)" in str(e.value)
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o555 folder anyway: "
+                    "test_read_only_folder_as_root_without_dac_override covers EACCES for root")
 def test_read_only_folder_is_refused_by_name(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        try:
-            (folder / "probe").touch()
-        except PermissionError:
-            pass
-        else:
-            (folder / "probe").unlink()
-            pytest.skip("this user (root?) writes into a 0o555 folder regardless; "
-                        "test_folder_under_a_regular_file_is_refused_by_name covers the error path")
         with pytest.raises(PipelineError) as e:
             ensure_store(f"sqlite:///{folder / 'mlflow.db'}")
         assert f"cannot create the MLflow store in folder {folder} (Permission denied)" in str(e.value)
     finally:
         folder.chmod(0o755)
+
+
+# the store created by a process that lacks root's CAP_DAC_OVERRIDE: the folder's mode then denies it (EACCES)
+_NO_DAC_SCRIPT = r"""
+import errno, sys
+from pipeline.errors import PipelineError
+from pipeline.store import ensure_store
+try:
+    ensure_store(f"sqlite:///{sys.argv[1]}/mlflow.db")
+except PipelineError as e:  # raised `from None`: the OSError it reports is still its __context__
+    print("RESULT", errno.errorcode.get(getattr(e.__context__, "errno", None), "-"), e)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="test_read_only_folder_is_refused_by_name covers EACCES for a normal user")
+def test_read_only_folder_as_root_without_dac_override(tmp_path):
+    """As root a 0o555 folder does not deny: create the store as root without CAP_DAC_OVERRIDE (setpriv, as
+    tests/test_artifact.py does), which the folder's mode then refuses with the real EACCES."""
+    import shutil
+
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is not installed: cannot drop CAP_DAC_OVERRIDE")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    script = tmp_path / "create.py"
+    script.write_text(_NO_DAC_SCRIPT)
+    try:
+        r = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable,
+                            str(script), str(folder)], capture_output=True, text=True, timeout=WAIT_S, cwd=REPO)
+    finally:
+        folder.chmod(0o755)
+    assert r.returncode == 0 and "RESULT" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    code, msg = r.stdout.split("RESULT ", 1)[1].strip().split(" ", 1)
+    assert code == "EACCES", r.stdout  # the errno itself, as a normal user gets it
+    assert f"cannot create the MLflow store in folder {folder} (Permission denied)" in msg, msg
+    assert list(folder.iterdir()) == []  # nothing half-made left behind
