@@ -105,6 +105,13 @@ def acquire(tr: Tracker, keys: dict[str, str], name: str, tags: dict[str, str], 
         done = _first(runs, "FINISHED")
         now = time.time()
         others = [r for r in runs if r.info.status == "RUNNING" and r.info.run_id != me]
+        # this very announcement made twice: MLflow's client sends a create_run again when the first answer timed
+        # out (a slow server), and the server may have made both. The same request (host, pid, heartbeat to the
+        # millisecond) is not a rival: withdrawn
+        doubled = {r.info.run_id for r in others if _same_announcement(r, run)}
+        for r_id in doubled:
+            tr.client.delete_run(r_id)
+        others = [r for r in others if r.info.run_id not in doubled]
         dead = [r for r in others if not _alive(r, stale_s, now)]
         for r in dead:
             tr.tags(r.info.run_id, {"ksm_claim": "expired"})
@@ -119,6 +126,12 @@ def acquire(tr: Tracker, keys: dict[str, str], name: str, tags: dict[str, str], 
             return Claim(done=done)
         look = True  # from now on: look (one search a poll) before announcing again
         wait()
+
+
+def _same_announcement(run: Any, mine: Any) -> bool:
+    """Whether ``run`` was made by the same create_run request as ``mine`` (sent twice by the client)."""
+    a, b = run.data.tags, mine.data.tags
+    return all(a.get(k) == b.get(k) for k in (HEARTBEAT_TAG, "ksm_claim_host", "ksm_claim_pid"))
 
 
 def _first(runs: list[Any], status: str) -> Any | None:

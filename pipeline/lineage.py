@@ -55,7 +55,8 @@ def trained_sequence(tr: Tracker, rc: RunConfig, m: Manifest, mode: str) -> tupl
                             f"run the same command without mode={mode} first")
     bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
     fp = bb_run.data.tags.get("ksm_fingerprint", "")
-    return parent, bb_run, trained_runs(tr, {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks})
+    return parent, bb_run, trained_runs(tr, {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks},
+                                        stream=parent.data.tags.get("ksm_sequence"), backbone_fingerprint=fp)
 
 
 def _check_same_initial_task(tr: Tracker, rc: RunConfig, manifest: Manifest) -> None:
@@ -89,10 +90,15 @@ def open_stream_run(tr: Tracker, rc: RunConfig, m: Manifest, log: Log = print) -
     return key, parent_id
 
 
-def trained_runs(tr: Tracker, wanted: dict[str, str]) -> dict[str, Any]:
-    """task -> its FINISHED run with the wanted result key (from any stream), for the tasks that have one. A few
-    keys are looked up one by one; many (a long stream) by one paged scan of the FINISHED task runs, so a
-    1000-task stream costs a few queries, not 1000."""
+def trained_runs(tr: Tracker, wanted: dict[str, str], *, stream: str | None = None,
+                 backbone_fingerprint: str | None = None) -> dict[str, Any]:
+    """task -> its FINISHED run with the wanted result key (from any stream), for the tasks that have one.
+
+    A few keys are looked up one by one. Many (a long stream) come from paged scans that grow with the stream, not
+    with the experiment (an experiment of 21 streams x 1000 tasks holds 21,000 task runs): first the ``stream``'s
+    own FINISHED task runs (its key, ``ksm_sequence``), which is every result when a stream resumes; the keys still
+    missing (results another stream trained on the same backbone), one by one when few, else the FINISHED task runs
+    trained on ``backbone_fingerprint`` (a result key includes it). Without either: every FINISHED task run."""
     if len(wanted) <= 20:
         found = {t: tr.find_one("FINISHED", ksm_kind="task", ksm_result=k) for t, k in wanted.items()}
         return {t: r for t, r in found.items() if r is not None}
@@ -100,16 +106,27 @@ def trained_runs(tr: Tracker, wanted: dict[str, str]) -> dict[str, Any]:
     for t, k in wanted.items():
         by_key.setdefault(k, []).append(t)
     out: dict[str, Any] = {}
-    for r in tr.scan("FINISHED", ksm_kind="task"):  # newest first is not needed: one FINISHED run per result
-        for t in by_key.get(r.data.tags.get("ksm_result", ""), []):
-            out.setdefault(t, r)
+
+    def take(runs: Any) -> None:
+        for r in runs:  # newest first is not needed: one FINISHED run per result
+            for t in by_key.get(r.data.tags.get("ksm_result", ""), []):
+                out.setdefault(t, r)
+
+    if stream:
+        take(tr.scan("FINISHED", ksm_kind="task", ksm_sequence=stream))
+    missing = {t: k for t, k in wanted.items() if t not in out}
+    if stream and 0 < len(missing) <= 20:
+        out.update(trained_runs(tr, missing))
+    elif missing:
+        take(tr.scan("FINISHED", params={"backbone_fingerprint": backbone_fingerprint} if backbone_fingerprint
+                     else None, ksm_kind="task"))
     return out
 
 
 def supersede(tr: Tracker, key: str, wanted: dict[str, str]) -> None:
     """Tag this stream's FINISHED task runs whose task has since changed (same name, other result key) as
     superseded: they stay in MLflow, but no report or evaluation takes them for the task's current result."""
-    for r in tr.find("FINISHED", ksm_kind="task", ksm_sequence=key):
+    for r in tr.scan("FINISHED", ksm_kind="task", ksm_sequence=key):
         name = r.data.tags.get("ksm_task")
         if name in wanted and r.data.tags.get("ksm_result") != wanted[name] and r.data.tags.get("ksm_superseded") != "true":
             tr.tags(r.info.run_id, {"ksm_superseded": "true", "ksm_superseded_by_result": wanted[name]})

@@ -56,7 +56,11 @@ def _http_limits(uri: str = "") -> None:
     # MLflow's REST client retries for minutes by default; a pipeline should fail within seconds instead.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # Not shorter: MLflow's client sends a request again after a read timeout, a POST included, so a create_run
+    # the server completed after the client gave up leaves a second RUNNING run. With 30 s, 64 concurrent jobs on
+    # a loaded 2-core server did that 13 times in 192 tasks (benchmarks/RESULTS.md, "Tracking at cluster
+    # scale"). A server that cannot be reached still fails at once (refused) and is waited out by PatientClient.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     if split_userinfo(uri)[1] is not None:
         # MLflow prints "View run ... at <tracking URI>/#/..." to stdout each time it ends a run on a server: with a
         # login in the URI, that is the password in every job's log
@@ -160,22 +164,22 @@ class Tracker:
 
     # -- finding runs -------------------------------------------------------------------------------------
     def find(self, status: str | None = "FINISHED", **tags: str) -> list[Any]:
-        """Runs of this experiment with all the given tags (and status), newest first."""
-        clauses = [f"tags.{k} = {filter_value(v)}" for k, v in tags.items()]
-        if status:
-            clauses.append(f"attributes.status = '{status}'")
-        return self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=5000,
-                                       order_by=["attributes.start_time DESC"])
+        """Runs of this experiment with all the given tags (and status), newest first (every page of them)."""
+        return list(self.scan(status, order_by=["attributes.start_time DESC"], **tags))
 
-    def scan(self, status: str | None = "FINISHED", page: int = 500, **tags: str) -> Iterator[Any]:
-        """Every run of this experiment with the given tags (and status), a page at a time: one query per
-        ``page`` runs instead of one per lookup, without holding them all."""
-        clauses = [f"tags.{k} = {filter_value(v)}" for k, v in tags.items()] + (
+    def scan(self, status: str | None = "FINISHED", page: int = 1000, *, params: Mapping[str, str] | None = None,
+             order_by: list[str] | None = None, **tags: str) -> Iterator[Any]:
+        """Every run of this experiment with the given tags, params (and status), a page at a time: one query per
+        ``page`` runs instead of one per lookup, without holding them all. Filter on what narrows the runs to the
+        ones wanted (a stream's key, a result key): a search's cost grows with the runs it returns (each comes
+        with all its tags, params and metrics), not with the experiment."""
+        clauses = [f"tags.{k} = {filter_value(v)}" for k, v in tags.items()] + [
+            f"params.{k} = {filter_value(v)}" for k, v in (params or {}).items()] + (
             [f"attributes.status = '{status}'"] if status else [])
         token = None
         while True:
             runs = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=page,
-                                           page_token=token)
+                                           order_by=order_by, page_token=token)
             yield from runs
             token = runs.token
             if not token:
