@@ -6,9 +6,10 @@ exactly these task runs, so a rerun that trained nothing adds no version); ``run
 (always a new version). Each export is an ``export-<model name>`` run (tag ``ksm_sequence_run``: the sequence's run)
 with the model logged on it (the UI's Models column) and registered as the next version.
 
-The model's code is ``pipeline/served.py`` (written into the model verbatim, plus its ``set_model`` line) with
-``ksm_core`` in the model's ``code/`` folder; its data are safetensors files (the backbone, one artifact per task)
-and a JSON spec with each task's classes, stored image shape and eval transform. Nothing of ours is pickled.
+The model is logged from code, as MLflow's models from code: its entry file is ``pipeline/served_model.py``
+(checked in; its last line is ``set_model(MultiTaskModel())``), with ``pipeline/served.py`` and ``ksm_core`` in the
+model's ``code/`` folder; its data are safetensors files (the backbone, one artifact per task) and a JSON spec with
+each task's classes, stored image shape and eval transform. Nothing of ours is pickled.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from .tracking import Tracker, filter_value
 
 __all__ = ["export_model", "export_after_sequence", "run_export", "model_name", "served_tasks", "model_files"]
 
-SERVED_CODE = Path(__file__).with_name("served.py")
+SERVED_CODE = Path(__file__).with_name("served.py")         # the model's code: imports only ksm_core
+SERVED_ENTRY = Path(__file__).with_name("served_model.py")  # MLflow's entry file: set_model(MultiTaskModel())
 _PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 CONTENT_TAG = "ksm_content"  # on a model version: hash of the backbone and the task runs it holds
 
@@ -128,18 +130,15 @@ def _example(m: Manifest, tasks: list[dict[str, Any]]) -> dict[str, Any]:
 
 def model_files(tmp: Path, root: Path) -> dict[str, Any]:
     """What makes a folder ``root`` (backbone, tasks, spec) a pyfunc model, as ``mlflow.pyfunc.log_model`` /
-    ``save_model`` take it: the model's code (served.py + its ``set_model`` line, written under ``tmp``),
-    ``ksm_core`` beside it, the signature and the pinned requirements."""
+    ``save_model`` take it: the entry file (``served_model.py``, as it is checked in), the code it runs
+    (``served.py`` and ``ksm_core``, each copied into the model's ``code/``), the signature and the pinned
+    requirements. ``ksm_core`` is staged under ``tmp`` first, without its bytecode caches."""
     import ksm_core
 
-    tmp.mkdir(parents=True, exist_ok=True)
-    code = tmp / "ksm_model.py"
-    code.write_text(SERVED_CODE.read_text() + "\n\nimport mlflow.models  # noqa: E402\n\n"
-                    "mlflow.models.set_model(MultiTaskModel())\n")
     core = tmp / "code" / "ksm_core"
     shutil.copytree(Path(ksm_core.__file__).parent, core, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return {"python_model": str(code), "artifacts": {"ksm": str(root)}, "code_paths": [str(core)],
-            "signature": _signature(), "pip_requirements": _requirements()}
+    return {"python_model": str(SERVED_ENTRY), "artifacts": {"ksm": str(root)},
+            "code_paths": [str(SERVED_CODE), str(core)], "signature": _signature(), "pip_requirements": _requirements()}
 
 
 def _latest_version(client: Any, name: str) -> Any | None:

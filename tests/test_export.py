@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from pipeline.data.sources import DEBIAN_FASHION_MNIST
 from pipeline.jobs import split_digest
 from pipeline.served import BadRequest, MultiTaskModel, eval_transform
 from pipeline.tracking import EXPERIMENT_KIND
+from test_cluster import Proc, serve_on_a_free_port
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
@@ -80,6 +80,55 @@ def test_the_served_model_code_imports_nothing_from_the_pipeline():
     assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
     assert {m.split(".")[0] for m in mods} <= {"__future__", "json", "threading", "pathlib", "typing", "numpy",
                                                "torch", "mlflow", "safetensors", "ksm_core"}
+
+
+def test_the_models_entry_file_is_checked_in_and_ends_by_setting_the_model():
+    """MLflow's models from code: export logs pipeline/served_model.py as it is (no code written at export), and
+    its last statement hands MLflow the model; it imports only MLflow and the served code."""
+    from pipeline.export import SERVED_CODE, SERVED_ENTRY
+
+    tree = ast.parse(SERVED_ENTRY.read_text())
+    assert SERVED_ENTRY == ROOT / "pipeline" / "served_model.py" and SERVED_CODE == ROOT / "pipeline" / "served.py"
+    assert ast.unparse(tree.body[-1]) == "set_model(MultiTaskModel())"
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert mods == {"mlflow.models", "served", "pipeline.served"}
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import)]
+    # nothing of the pipeline imports it (that would register a model as a side effect)
+    def names(n: ast.AST) -> list[str]:
+        if isinstance(n, ast.ImportFrom):
+            return [n.module or "", *(a.name for a in n.names)]
+        return [a.name for a in n.names] if isinstance(n, ast.Import) else []
+
+    importers = [p.name for p in (ROOT / "pipeline").rglob("*.py")
+                 if any(m.endswith("served_model") for n in ast.walk(ast.parse(p.read_text())) for m in names(n))]
+    assert importers == []
+
+
+@needs_fashion
+def test_the_saved_model_runs_its_own_copy_of_the_served_code_and_answers_as_it(tmp_path, fashion_test):
+    """The model as export packages it, saved and loaded through MLflow in this process: it holds the entry file
+    and, in code/, served.py byte for byte, the loaded model is the copy of served.py in the model (not the
+    repository's pipeline.served), and it answers a mixed request as MultiTaskModel loaded by hand."""
+    from pipeline.export import SERVED_CODE, SERVED_ENTRY, model_files
+
+    root = build_model_dir(tmp_path / "ksm", random_heads=True)
+    path = tmp_path / "model"
+    mlflow.pyfunc.save_model(str(path), **model_files(tmp_path / "pkg", root))
+    assert (path / "code" / "served.py").read_bytes() == SERVED_CODE.read_bytes()
+    assert (path / "served_model.py").read_bytes() == SERVED_ENTRY.read_bytes()  # MLflow keeps it at the root
+    assert (path / "code" / "ksm_core" / "artifact.py").is_file() and not list(path.rglob("__pycache__"))
+    loaded = mlflow.pyfunc.load_model(str(path))
+    inner = loaded.unwrap_python_model()
+    assert type(inner).__name__ == "MultiTaskModel" and type(inner).__module__ == "served"
+    # (a model loaded earlier in this process may have put its own copy in sys.modules first: the same file)
+    assert Path(sys.modules[type(inner).__module__].__file__).parts[-2:] == ("code", "served.py")
+
+    by_hand = MultiTaskModel()
+    by_hand.load_context(SimpleNamespace(artifacts={"ksm": str(root)}, model_config={}))
+    tasks = np.random.default_rng(0).choice(["base", "grey"], size=24)
+    request = {"task": tasks, "image": fashion_test.x[:24, ..., 0]}
+    want = by_hand.predict(None, request)
+    assert np.array_equal(loaded.predict(request), want) and len(set(want.tolist())) > 1
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +289,8 @@ def test_task_runs_log_their_datasets_system_metrics_and_source(sequence):
     runs = s.client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task'")
     assert sorted(r.data.tags["ksm_task"] for r in runs) == s.manifest.new_tasks
     commit = s.commit  # HEAD when the sequence ran (tests/conftest.py's tiny_sequence)
+    known = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-t", str(commit)], capture_output=True, text=True)
+    assert known.stdout.strip() == "commit", (commit, known.stderr)  # a real commit of this checkout, not None
     for r in runs:
         t = r.data.tags["ksm_task"]
         info = s.manifest.task(t)
@@ -255,8 +306,7 @@ def test_task_runs_log_their_datasets_system_metrics_and_source(sequence):
         assert "system/cpu_utilization_percentage" in r.data.metrics  # a short job still gets its one point
         assert "system/system_memory_usage_megabytes" in r.data.metrics
         assert r.data.tags["mlflow.source.name"].endswith("run_pipeline.py")
-        if commit:
-            assert r.data.tags["mlflow.source.git.commit"] == commit
+        assert r.data.tags["mlflow.source.git.commit"] == commit  # the tests run in a git checkout: never skipped
     # the export's fluent MLflow calls left this process's URIs as they were (unset stays unset)
     assert s.globals_after == s.globals_before
     export = s.client.search_runs([exp.experiment_id], "tags.ksm_kind = 'export'")
@@ -280,12 +330,6 @@ def test_a_rerun_adds_no_version_and_mode_export_adds_one(registry):
     assert np.array_equal(one, two)
     _run(s.root, "mode=export", "registry.model_name=fashion-served")
     assert [str(v.version) for v in s.client.search_model_versions("name = 'fashion-served'")] == ["1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -335,32 +379,28 @@ def test_mlflow_models_serve_answers_rest_requests_like_the_loaded_model(registr
     status, answer = _asgi_post(app, "/invocations", bad)
     assert status == 400 and "row 1: unknown task 'nope'" in answer["message"]
 
-    # the real thing: `mlflow models serve` on loopback, from the registry, in this environment (offline)
-    port = _free_port()
+    # the real thing: `mlflow models serve` on loopback, from the registry, in this environment (offline), on a
+    # free port: started again on another one when the port was taken between the pick and the server's bind
     env = {**os.environ, "MLFLOW_TRACKING_URI": s.uri, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/1",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, port = serve_on_a_free_port(lambda p: _ServeProc(
+        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(p)], tmp_path / f"serve-{p}.log", env=env), "/ping")
     try:
-        for _ in range(240):  # start-up: imports, model download and load (seconds; minutes on a busy machine)
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow models serve did not answer /ping:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
         status, answer = _post(f"http://127.0.0.1:{port}/invocations", body)
         assert status == 200 and answer["predictions"] == want.tolist()
         status, answer = _post(f"http://127.0.0.1:{port}/invocations", bad)
         assert status == 400 and "row 1: unknown task 'nope'" in answer["message"]
     finally:
-        _end_group(proc)
-        log.close()
+        _end_group(proc.p)
+        proc.stop()  # closes its log; the group is gone already
+
+
+class _ServeProc(Proc):
+    """A `mlflow models serve` process (tests/test_cluster.py's Proc: its own process group) whose start-up
+    wait allows for imports, the model's download and load: seconds, minutes on a busy machine."""
+
+    def wait_http(self, url: str, timeout: float = 300.0) -> None:
+        super().wait_http(url, timeout)
 
 
 def _end_group(proc: subprocess.Popen) -> None:
