@@ -131,6 +131,7 @@ def test_two_launches_at_the_same_moment_train_everything_once(tmp_path):
     """Two drivers (two terminals, two `ray job submit`s) start the same stream on a fresh store together: the
     backbone and each task are trained exactly once; the other launch waits for and reuses those runs."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -138,16 +139,20 @@ def test_two_launches_at_the_same_moment_train_everything_once(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     argv = [sys.executable, str(ROOT / "run_pipeline.py"), "benchmark=catalogue", f"benchmark.path={cat}",
             f"paths.root={tmp_path}", *[o for o in TINY if not o.startswith("cluster.num_cpus")], "cluster.num_cpus=1"]
-    # both write into one shard folder too: each task lands atomically, the slower writer keeps the first copy
-    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    # both write into one shard folder too: each task lands atomically, the slower writer keeps the first copy.
+    # Each driver leads a session of its own, with its embedded Ray's processes in its group: on a timeout or a
+    # failed assertion the whole group is killed, by its id, so no Ray process outlives the test
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
     try:
         outs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # what is left of the group (after a normal exit: Ray's agents)
+            except ProcessLookupError:
+                pass
+            p.wait()
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
