@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import csv
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .errors import Log
 from .present import pyplot, text_table
 from .records import TaskResult
 
@@ -222,7 +223,7 @@ def _summary_plot(results: list[TaskResult], out: Path) -> Path:
 
 
 def _write_summary_report(tracker: Any, parent_id: str, results: list[TaskResult], rc: RunConfig,
-                          log: Callable[[str], None], wall_seconds: float | None,
+                          log: Log, wall_seconds: float | None,
                           failures: Mapping[str, str] | None) -> dict[str, Any]:
     s = summarise(results, failures, wall_seconds)
     head = f"Sequence '{rc.run_name}' ({rc.benchmark['name']}, {rc.method.name}, {rc.model.name})"
@@ -276,7 +277,7 @@ def _write_summary_report(tracker: Any, parent_id: str, results: list[TaskResult
 
 
 def write_report(tracker: Any, parent_id: str, results: list[TaskResult], rc: RunConfig,
-                 log: Callable[[str], None] = print, wall_seconds: float | None = None,
+                 log: Log = print, wall_seconds: float | None = None,
                  failures: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Print the table and log report.md / report.csv / plots to the parent run; returns summary numbers.
 

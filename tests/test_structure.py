@@ -156,3 +156,18 @@ def test_nothing_in_the_project_points_outside_it():
                 if any(needle in text for needle in outside):
                     hits.append(str(p.relative_to(ROOT)))
     assert not hits, hits
+
+
+def test_log_is_defined_once():
+    """``Log`` (where a message for the user goes) is ``errors.Log`` everywhere: no other module defines its own
+    alias, and no ``log`` parameter spells the type out another way."""
+    defined, spelled = [], []
+    for path in PIPELINE_FILES:
+        for n in ast.walk(ast.parse(path.read_text())):
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AnnAssign) else []
+            if any(isinstance(t, ast.Name) and t.id == "Log" for t in targets):
+                defined.append(module_name(path))
+            if isinstance(n, ast.arg) and n.arg == "log" and n.annotation is not None and "Log" not in {
+                    x.id for x in ast.walk(n.annotation) if isinstance(x, ast.Name)}:  # Log, or Log | None
+                spelled.append(f"{module_name(path)} line {n.lineno}: log: {ast.unparse(n.annotation)}")
+    assert defined == ["pipeline.errors"] and not spelled, (defined, spelled)
