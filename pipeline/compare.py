@@ -76,7 +76,7 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
         tr = p.tracker
         key = stable_hash({"name": rc.run_name, "backbone": backbone_key(rc, m), "methods": methods, "seeds": seeds,
                            "tasks": [m.task(t).identity for t in m.new_tasks], "train": rc.train_identity(),
-                           "data_opts": rc.section("data")})
+                           "data_opts": rc.data_identity()})
         parent = tr.find_one(None, ksm_kind="compare", ksm_compare=key)
         parent_id = parent.info.run_id if parent is not None else tr.start(
             f"compare-{rc.run_name}", {"ksm_kind": "compare", "ksm_compare": key})

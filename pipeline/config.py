@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ksm_core import METHODS, TrainConfig, list_models, mask_spec
 from ksm_core.transforms import TRANSFORMS
@@ -228,6 +228,14 @@ class RunConfig:
             del train["compile"]
         return train
 
+    def data_identity(self) -> dict[str, Any]:
+        """The data section as the identity keys hash it: ``transform`` is left out at its default (cifar), so the
+        backbones and results made before the imagenet protocol existed keep their keys."""
+        data = self.section("data")
+        if data.get("transform") == "cifar":
+            del data["transform"]
+        return data
+
     def device(self) -> str:
         """The torch device a job uses: a job that asked Ray for no GPU must not grab one it happens to see."""
         if self.train.device == "auto" and self.cluster.gpus_per_task <= 0:
@@ -265,7 +273,12 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 def resolve(cfg: Any) -> RunConfig:
     """Hydra's composed config -> RunConfig: the overrides file merged in, every local path made absolute (from
     the cwd: Ray workers and Tune trials run elsewhere)."""
-    rc = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+    try:
+        rc = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+    except MissingMandatoryValue as e:  # a `???` in a config: a value only the user can give (a dataset's folder)
+        key = e.full_key or "?"
+        raise PipelineError(f"{key} has no value (the config says ???, a value only you can give); set it on the "
+                            f"command line, e.g. `python run_pipeline.py ... {key}=/path/to/it`") from None
     if not isinstance(rc, RunConfig):
         raise PipelineError("the config was not composed over the ksm schema; keep `- ksm_schema` first in "
                             "configs/config.yaml's defaults")

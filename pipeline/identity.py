@@ -20,15 +20,19 @@ def backbone_key(rc: RunConfig, manifest: Manifest) -> str:
     wp = rc.model.weights_path
     src = {"file": wp, "size": os.path.getsize(wp), "mtime": int(os.path.getmtime(wp))} if wp else \
         rc.train_identity()["backbone"]
-    return stable_hash({"model": {k: v for k, v in rc.section("model").items() if k != "weights_path"}, "source": src,
-                        "task": init.identity, "seed": rc.seed})
+    key = {"model": {k: v for k, v in rc.section("model").items() if k != "weights_path"}, "source": src,
+           "task": init.identity, "seed": rc.seed}
+    transform = rc.data_identity().get("transform")
+    if transform is not None:  # trained (or evaluated) through another protocol: another backbone run
+        key["transform"] = transform
+    return stable_hash(key)
 
 
 def result_key(rc: RunConfig, fingerprint: str, task_identity: str) -> str:
     """What makes two trained tasks the same result, whichever stream or launch made it: the backbone's weights,
     the task's content, the method, the training config, the data options and the seed."""
     return stable_hash({"backbone": fingerprint, "task": task_identity, "method": rc.section("method"),
-                        "train": rc.train_identity(), "data_opts": rc.section("data"), "seed": rc.seed})
+                        "train": rc.train_identity(), "data_opts": rc.data_identity(), "seed": rc.seed})
 
 
 def sequence_key(rc: RunConfig, bb_key: str) -> str:
@@ -36,4 +40,4 @@ def sequence_key(rc: RunConfig, bb_key: str) -> str:
     training and seed; not its task list, which may grow."""
     return stable_hash({"name": rc.run_name, "backbone": bb_key, "model": rc.section("model"),
                         "method": rc.section("method"), "train": rc.train_identity(), "seed": rc.seed,
-                        "data_opts": rc.section("data")})
+                        "data_opts": rc.data_identity()})

@@ -396,7 +396,7 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
             "backbone_fingerprint": ctx.backbone_fingerprint, "backbone_run_id": ctx.backbone_run_id,
             "task": task_name, "classes": ", ".join(out.classes), "num_classes": len(out.classes),
             "train_samples": out.train_samples, "test_samples": out.test_samples, "seed": rc.seed,
-            "device": out.fit.device, "compile": rc.train.compile,
+            "device": out.fit.device, "compile": rc.train.compile, "transform": rc.data.transform,
             **({"retrain_seed": retrain_seed(rc.seed)} if first_acc is not None else {}),
         }
         final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,

@@ -108,6 +108,22 @@ def test_the_head_refit_is_a_result_but_the_chance_detector_is_not():
                                                      "fp", "t")
 
 
+def test_the_data_transform_at_its_default_keeps_every_result_key():
+    """data.transform=cifar (the default) is left out of the identity: a result made before the imagenet protocol
+    existed keeps its key (the hash of the old data section, written out here); imagenet is another result."""
+    from pipeline.config import stable_hash
+
+    def rc(*over):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            return resolve(compose("config", overrides=["paths.root=/tmp/ksm-identity", *over]))
+    base, imagenet = rc(), rc("data.transform=imagenet", "model=resnet18")
+    old = stable_hash({"backbone": "fp", "task": "t", "method": base.section("method"), "train": base.train_identity(),
+                       "data_opts": {"holdout": 0.0, "on_corrupt": "fail", "shuffle_buffer": 1000}, "seed": 0})
+    assert base.data.transform == "cifar" and result_key(base, "fp", "t") == old
+    assert imagenet.data_identity()["transform"] == "imagenet"
+    assert result_key(rc("data.transform=imagenet"), "fp", "t") != old
+
+
 def test_time_ratios_compare_like_with_like_per_seed():
     """KSM vs Piggyback and each method vs fine-tune, as the mean of the per-seed ratios with their range."""
     rows = [{"method": "ksm", "per_seed_seconds": [11.0, 12.0]}, {"method": "piggyback", "per_seed_seconds": [10.0, 12.0]},
