@@ -46,6 +46,10 @@ class TaskAware(nn.Module):
 class _MaskedLayer(TaskAware):
     """Common part of masked Conv2d and Linear: a frozen weight (and bias) and per-task TaskStates."""
 
+    #: the active task's W_task, computed for this forward by the compiled mask path (``compiled.MaskedForward``
+    #: sets it just before the network's forward and clears it just after); None: computed here, eagerly
+    weight_override: Tensor | None = None
+
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
         # Shared and frozen: buffers, detached from any graph. Taken as-is (no copy) so a backbone put once in
@@ -103,6 +107,8 @@ class _MaskedLayer(TaskAware):
 
     def task_weight(self, task: int | None = None) -> tuple[Tensor, Tensor | None]:
         """W_task (and bias) for the active task: W * M broadcast over the kernel, or the task's own copy."""
+        if task is None and self.weight_override is not None:
+            return self.weight_override, self.bias
         st = self.state_for(task)
         if st.spec.method == "finetune":
             return st.weight, st.bias

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compiled
 from .network import KSMNet
 
 R = TypeVar("R")
@@ -47,7 +48,9 @@ class TrainConfig:
     amp: bool = True           # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
     pin_memory: bool = True    # CUDA only: host batches pinned, then copied without blocking the host (see _to)
-    compile: bool = False      # torch.compile the training step (see _fit_epochs): pays off on long tasks only
+    # the masked step's mask path through torch.compile, once per process (ksm_core.compiled): True | False |
+    # "auto" (on when this process holds the graph already or will have trained enough steps to repay it)
+    compile: bool | str = False
     seed: int = 0
     max_steps_per_epoch: int | None = None  # cap for smoke runs; None = whole loader
     # after the last epoch (and the deploy), fit the task's head alone to the task's final features (see
@@ -64,6 +67,8 @@ class TrainConfig:
                 raise ValueError(f"{k}={v!r} must be a number > 0")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule={self.schedule!r}; valid: 'cosine', 'constant'")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"compile={self.compile!r}; valid: true, false, 'auto'")
         if not (isinstance(self.head_refit_samples, int) and self.head_refit_samples >= 1):
             raise ValueError(f"head_refit_samples={self.head_refit_samples!r} must be an int >= 1")
 
@@ -79,9 +84,10 @@ class FitResult:
     test_acc: float = float("nan")
     test_loss: float = float("nan")
     train_seconds: float = 0.0   # optimisation steps only (data loading included, evaluation excluded)
-    # with compile: the first step's time beyond a compiled step's (part of train_seconds); a recompile for a
-    # later batch shape (an epoch's smaller last batch) is not counted here, only in train_seconds
+    # with compile: the first step's time beyond a compiled step's (part of train_seconds) when this fit compiled
+    # the mask graph; 0 when it reused the one this process compiled for an earlier task (ksm_core.compiled)
     compile_seconds: float = 0.0
+    compiled: bool = False       # the mask path ran compiled (train.compile=true, or auto's rule said so)
     refit_seconds: float = 0.0   # the head refit (feature pass + solve); counted in train_seconds too
     total_seconds: float = 0.0
     steps: int = 0
@@ -173,23 +179,16 @@ def drain_epochs(epochs: Generator[dict[str, float], None, R], on_epoch: EpochCa
 
 
 def _fit_epochs(model: nn.Module, groups: list[dict], train_loader: Iterable, test_loader: Iterable | None,
-                cfg: TrainConfig, dev: torch.device) -> Generator[dict[str, float], None, FitResult]:
+                cfg: TrainConfig, dev: torch.device, fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                compiling: bool = False) -> Generator[dict[str, float], None, FitResult]:
     """The training loop, one epoch per ``next()``: it yields each epoch's record and returns the FitResult.
-    A generator so that a caller can step several tasks in lockstep in one thread (Tune trials do)."""
-    groups = [g for g in groups if g["params"]]
-    # cfg.compile: the training forward (and so its backward) through torch.compile. Inductor fuses each masked
-    # layer's element-wise passes (threshold, soft part, slope) into a few kernels: on the narrow CPU VGG a KSM step
-    # then costs what a Piggyback step does, but compiling costs 7-40 s per task, more than a task of a few
-    # hundred steps saves (benchmarks/RESULTS.md); hence off by default. Evaluation stays eager (the eval-mode and
-    # deployed graphs would compile again for a few batches). dynamo's caches are reset first: a long-lived
-    # worker trains one new network per task, and past torch._dynamo.config.cache_size_limit recompilations of
-    # the same code it would fall back to eager; inductor's on-disk cache still serves the repeated graphs.
-    fwd = model
-    if cfg.compile:
-        from torch import _dynamo
+    A generator so that a caller can step several tasks in lockstep in one thread (Tune trials do).
 
-        _dynamo.reset()
-        fwd = torch.compile(model)
+    ``fwd``: the training forward (default: the model; a masked task under ``compile``: its
+    ``compiled.MaskedForward``). ``compiling``: this fit's first step compiles (its time is compile_seconds).
+    Evaluation always runs the model itself, eagerly."""
+    groups = [g for g in groups if g["params"]]
+    fwd = fwd or model
     opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay, foreach=True)
     spe = _steps_per_epoch(train_loader, cfg)
     sched = None
@@ -206,7 +205,7 @@ def _fit_epochs(model: nn.Module, groups: list[dict], train_loader: Iterable, te
         for step, (x, y) in enumerate(train_loader):
             if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
                 break
-            first = cfg.compile and res.steps == 0
+            first = compiling and res.steps == 0
             if first:
                 t_first = time.perf_counter()
             x, y = _to(x, dev, cfg), _to(y, dev, cfg)
@@ -231,7 +230,7 @@ def _fit_epochs(model: nn.Module, groups: list[dict], train_loader: Iterable, te
         # of the steps still queued when the host finished launching them counts
         train_loss, train_acc = float(loss_sum) / seen, float(correct) / seen
         res.train_seconds += time.perf_counter() - t0
-        if cfg.compile and epoch == 0 and res.steps > 1:
+        if compiling and epoch == 0 and res.steps > 1:
             res.compile_seconds = max(0.0, res.compile_seconds - (time.perf_counter() - t_rest) / (res.steps - 1))
         res.samples += seen
         rec = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
@@ -273,7 +272,20 @@ def fit_task_epochs(net: KSMNet, task: int, train_loader: Iterable, test_loader:
         groups = [{"params": p["masks"] + p["bn"], "lr": cfg.lr_finetune}, {"params": p["head"], "lr": cfg.lr_head}]
     else:
         groups = [{"params": p["masks"] + p["bn"], "lr": cfg.lr_mask}, {"params": p["head"], "lr": cfg.lr_head}]
-    res = yield from _fit_epochs(net, groups, train_loader, test_loader, cfg, dev)
+    # cfg.compile: the mask path through the process's cached graph (ksm_core.compiled): inductor fuses each masked
+    # layer's element-wise passes (threshold, soft part, slope), so a KSM step costs what a Piggyback step does,
+    # and a task after the first in a process compiles nothing. The fine-tune baseline has no mask path and runs
+    # eagerly (compiling its per-task network whole would cost 4-40 s per task, issue #26)
+    key = compiled.graph_key(net, task)
+    spe = _steps_per_epoch(train_loader, cfg)
+    use = key is not None and (cfg.compile is True or (
+        cfg.compile == "auto" and compiled.should_compile(key, cfg.epochs * spe if spe else None)))
+    fwd = compiled.MaskedForward(net, task) if use else None
+    res = yield from _fit_epochs(net, groups, train_loader, test_loader, cfg, dev, fwd=fwd,
+                                 compiling=fwd is not None and fwd.new)
+    res.compiled = use
+    if not use:
+        compiled.note_eager_steps(key, res.steps)
     if deploy:
         net.deploy(task)
     if cfg.head_refit:
@@ -349,8 +361,12 @@ def train_backbone(model: nn.Module, train_loader: Iterable, test_loader: Iterab
     model.to(dev)
     if dev.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    # compile (true; auto is eager here: one network, one fit): the whole network through torch.compile
+    fwd = torch.compile(model) if cfg.compile is True else None
     res = drain_epochs(_fit_epochs(model, [{"params": [q for q in model.parameters() if q.requires_grad],
-                                      "lr": cfg.lr_backbone}], train_loader, test_loader, cfg, dev), on_epoch)
+                                      "lr": cfg.lr_backbone}], train_loader, test_loader, cfg, dev, fwd=fwd,
+                                   compiling=fwd is not None), on_epoch)
+    res.compiled = fwd is not None
     if test_loader is not None:
         res.test_acc, res.test_loss = evaluate(model, test_loader, cfg)
     return res
