@@ -67,7 +67,7 @@ class TrainConfig:
                 raise ValueError(f"{k}={v!r} must be a number > 0")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule={self.schedule!r}; valid: 'cosine', 'constant'")
-        if self.compile not in (True, False, "auto"):
+        if not (self.compile is True or self.compile is False or self.compile == "auto"):
             raise ValueError(f"compile={self.compile!r}; valid: true, false, 'auto'")
         if not (isinstance(self.head_refit_samples, int) and self.head_refit_samples >= 1):
             raise ValueError(f"head_refit_samples={self.head_refit_samples!r} must be an int >= 1")

@@ -89,7 +89,9 @@ class TrainCfg:
     amp: bool = True
     channels_last: bool = True
     pin_memory: bool = True
-    compile: bool = False
+    # true | false | auto: the mask path compiled once per worker (ksm_core.compiled); auto = on once the worker has
+    # trained, or is about to train, enough masked steps to repay the compile (ksm_core.compiled.BREAK_EVEN_STEPS)
+    compile: Any = "auto"
     head_refit: bool = True              # after the last epoch, fit the head alone to the final features (#22)
     chance_margin: float = 0.05          # a task ending within this of chance (1 / classes) is flagged
     retrain_at_chance: bool = False      # ... and trained once more with another seed, logged as such
@@ -213,7 +215,7 @@ class RunConfig:
         return dataclasses.asdict(getattr(self, name))
 
     def train_identity(self) -> dict[str, Any]:
-        """The train section as the identity keys hash it: ``backbone.workers`` (1) and ``compile`` (false) are
+        """The train section as the identity keys hash it: ``backbone.workers`` (1) and ``compile`` (false, auto) are
         left out at their defaults, so the backbones and results made before those settings existed keep their
         keys; ``pin_memory`` always, as it changes when a batch's copy runs, not a single number."""
         train = self.section("train")
@@ -224,8 +226,8 @@ class RunConfig:
             del train["head_refit"]
         if train["backbone"].get("workers") == 1:
             del train["backbone"]["workers"]
-        if train.get("compile") is False:
-            del train["compile"]
+        if train.get("compile") is False or train.get("compile") == "auto":  # auto: eager's results within float
+            del train["compile"]                                               # rounding, so eager's keys
         return train
 
     def data_identity(self) -> dict[str, Any]:
