@@ -1,5 +1,5 @@
 """How a batch of stored images becomes the network's input, in one place: the streaming loader
-(``pipeline.data.loader.BatchTransform``) and the served model (``pipeline.served``) both build on it, so a served
+(``pipeline.data.transforms.BatchTransform``) and the served model (``pipeline.served``) both build on it, so a served
 prediction sees the same bits the logged test accuracy was measured on.
 
 uint8 [B, H, W, C] -> float32 [B, channels, size, size]: scale to [0, 1], bilinear resize (antialiased when

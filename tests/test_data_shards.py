@@ -365,7 +365,7 @@ def test_pickle_entries_in_a_shard_are_never_unpickled(bench, tmp_path):
 @pytest.mark.parametrize("size", [32, 16, 28])
 def test_batch_transform_equals_resize_pad_crop_flip_step_by_step(tasks, size):
     """The fused matmul transform gives the pixels of interpolate -> pad -> crop -> flip done one by one."""
-    from pipeline.data.loader import BatchTransform
+    from pipeline.data.transforms import BatchTransform
 
     x = torch.from_numpy(tasks[1].test.x[:24])
     fused = BatchTransform([0.5], [0.25], image_size=size, channels=1, train=True, flip=True)
@@ -414,7 +414,7 @@ def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
 
 
 def _expanded(data: bytes, url: str = "mem.tar") -> list[tuple[str, bytes]]:
-    from pipeline.data.loader import tar_expander
+    from pipeline.data.tario import tar_expander
 
     out = list(tar_expander(iter([{"url": url, "stream": io.BytesIO(data)}])))
     assert out[-1] == {} and all(s["__url__"] == url for s in out[:-1])  # webdataset's end-of-shard marker
@@ -442,7 +442,7 @@ def test_fast_tar_reader_falls_back_to_tarfile_for_long_names(fmt):
 
 
 def test_fast_tar_reader_rejects_a_damaged_header(manifest):
-    from pipeline.data.loader import tar_expander
+    from pipeline.data.tario import tar_expander
 
     data = bytearray(Path(manifest.url(manifest.task("t1").shards["test"][0])).read_bytes())
     data[512 * 2 + 10] ^= 0x01  # a byte of the second member's name: its header checksum no longer matches

@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 import run_pipeline
 from data_helpers import build_model_dir
 from pipeline.data import Manifest, iter_samples, load_source
-from pipeline.data.loader import BatchTransform
+from pipeline.data.transforms import BatchTransform
 from pipeline.data.sources import DEBIAN_FASHION_MNIST
 from pipeline.jobs import split_digest
 from pipeline.served import BadRequest, MultiTaskModel, eval_transform

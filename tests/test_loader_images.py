@@ -21,7 +21,9 @@ from PIL import Image
 from ksm_core import KSMNet, create_model, save_task
 from ksm_core.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_geometry, imagenet_eval_transform, normalize
 from pipeline.data import make_loader
-from pipeline.data.loader import ImageNetTransform, _cuda_device, decode_on_device
+from pipeline.data.decode import decode_on_device
+from pipeline.data.loader import _cuda_device
+from pipeline.data.transforms import ImageNetTransform
 from pipeline.errors import PipelineError, ShardCorruptError, UnknownNameError
 
 REPO = Path(__file__).resolve().parents[1]

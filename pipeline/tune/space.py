@@ -15,7 +15,7 @@ from ksm_core import mask_spec
 
 from ..config import MethodCfg, RunConfig
 from ..data import Manifest, task_names
-from ..data.loader import part_size
+from ..data.holdout import part_size
 from ..errors import PipelineError
 
 __all__ = ["Dim", "TuneSettings", "check_tune", "tune_tasks", "SPACE_KEYS", "METRIC"]

@@ -44,7 +44,7 @@ def _mean(xs: list[float]) -> float:
 
 def _split_sizes(ctx: TrialContext) -> dict[str, int]:
     """Per tuning task: samples of the train split it trains on (fit) and validates on (the held-out part)."""
-    from ..data.loader import part_size
+    from ..data.holdout import part_size
 
     m = manifest(ctx.manifest)
     out = {}
