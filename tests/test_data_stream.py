@@ -18,7 +18,7 @@ from data_helpers import fashion_jpegs, write_jpeg_corpus, write_jpeg_folder
 from PIL import Image
 
 from pipeline.data import ConfigError, Manifest, TaskInfo, UnknownNameError, build_task, ensure_shards, task_specs
-from pipeline.data.benchmarks import _check_line
+from pipeline.data.catalogue import _check_line
 from pipeline.data.corpus import ensure_index
 from pipeline.data.members import MemberError
 from pipeline.data.sources import list_members

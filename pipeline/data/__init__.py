@@ -17,10 +17,12 @@ is indexed once (``ensure_index``) and read by offset.
 from .arrays import ArraySplit, TaskData, stratified_split, stratified_subset
 from .benchmarks import (BENCHMARK_KINDS, TaskSpec, list_benchmarks, load_benchmark_config, register_kind, task_names,
                          task_specs)
+from . import catalogue  # noqa: F401  (registers the catalogue stream kind)
 from .plan import TaskPlan, build_task, build_tasks, plan_task
 from .cifar100 import CPG_ORDER, FINE_NAMES, SUPERCLASSES, superclass_of
 from ..errors import ConfigError, DataError, ShardCorruptError, SourceNotFoundError, UnknownNameError
-from .loader import Loader, in_holdout, iter_samples, make_loader
+from .holdout import in_holdout
+from .loader import Loader, iter_samples, make_loader
 from .manifest import Manifest, TaskInfo, sha256_file
 from .shards import TASKS_DIR, ensure_shards, in_process, spec_hash, write_task
 from .sources import SOURCES, data_home, list_members, load_source, register_source

@@ -36,7 +36,7 @@ import numpy as np
 
 from .arrays import resolve_classes
 from .cifar100 import CPG_ORDER
-from ..errors import ConfigError, DataError, UnsafeInputError, unknown_name
+from ..errors import ConfigError, unknown_name
 from .images import DEFAULT_QUALITY, IMAGE_FORMATS
 from .manifest import TASK_NAME
 from .members import ON_CORRUPT
@@ -86,7 +86,8 @@ def spec_of(benchmark: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ streams
-#: stream kinds: benchmark -> (the same stream as a fixed benchmark of a built-in kind, problems found)
+#: stream kinds: benchmark -> (the same stream as a fixed benchmark of a built-in kind, problems found);
+#: ``class_subsets`` below, ``catalogue`` in :mod:`.catalogue` (registered as the package imports it)
 Expander = Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]]
 STREAM_KINDS: dict[str, Expander] = {}
 
@@ -99,153 +100,14 @@ def expand(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return STREAM_KINDS[kind](bench) if kind in STREAM_KINDS else (bench, [])
 
 
-#: what a catalogue line may hold
-LINE_KEYS = ("name", "source", "classes", "caps", "flip")
-CAP_KEYS = ("train", "test", "seed")
-#: the benchmark key that lets a catalogue line's source say ``download: true`` (default: refused)
-ALLOW_DOWNLOAD = "allow_download"
-EXAMPLE_LINE = '{"name": "t1", "source": {"name": "fashion_mnist"}, "classes": [0, 1]}'
-
-
-def _catalogue(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """``kind: catalogue``: ``path`` is a JSONL file, one task per line, the first the initial (backbone) task::
-
-        {"name": "shirts", "source": {"name": "fashion_mnist"}, "classes": ["Shirt", "Coat"], "caps": {"train": 500}}
-
-    Becomes a ``sequence`` benchmark; a line's ``caps`` become its ``task_caps`` entry.
-
-    Anyone who can append to the file writes these lines (``mode=follow`` trains them unattended), so every check
-    a line can fail runs here, per line (:func:`_check_line`): a bad line is named by its number, with what is
-    wrong and what to do, and left out; the other lines run. Only the first line is different: it trains the
-    backbone, so the stream cannot go on without it and it being bad is an error."""
-    _require(bench, "path")
-    path = Path(str(bench["path"])).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"catalogue {path} does not exist; set benchmark.path to a JSONL file with one task per "
-                          f"line, e.g. {EXAMPLE_LINE}")
-    allow_download = bench.get(ALLOW_DOWNLOAD) is True
-    entries: list[dict[str, Any]] = []
-    lines: dict[str, tuple[int, dict[str, Any]]] = {}
-    problems: list[str] = []
-    # bytes, split on \n / \r only: each line is decoded on its own, so one stray byte costs only its line
-    for no, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            entry = _check_line(raw, allow_download)
-        except Exception as exc:  # whatever a line holds, it costs that line only
-            said = isinstance(exc, (DataError, ValueError, LookupError, OSError))  # these name what is wrong
-            why = str(exc) if said else f"{type(exc).__name__}: {exc}"
-            if not entries:
-                raise ConfigError(f"catalogue {path} line {no} (the initial task: it trains the backbone) is "
-                                  f"malformed: {why}") from None
-            problems.append(f"catalogue {path} line {no} is malformed ({why}); left out, the other lines run. "
-                            "Fix the line (or delete it) and the next run, or a following driver, picks it up")
-            continue
-        name = entry["name"]
-        if name in lines:
-            first_no, first = lines[name]
-            if first != entry:
-                raise ConfigError(f"catalogue {path}: task {name!r} is on line {first_no} and line {no} with "
-                                  "different specs; give one of them another name")
-            problems.append(f"catalogue {path} line {no} repeats line {first_no} ({name!r}); left out")
-            continue
-        lines[name] = (no, entry)
-        entries.append(entry)
-    if not entries:
-        raise ConfigError(f"catalogue {path} has no task; add one JSON object per line, e.g. {EXAMPLE_LINE}")
-    fixed = {k: v for k, v in bench.items() if k not in ("kind", "path", ALLOW_DOWNLOAD)}
-    # the stream's manifest folder: one per catalogue file, so two catalogues left at the default name do not
-    # take turns rewriting one manifest (their tasks' shard folders are shared anyway, by content)
-    where = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:8]
-    fixed.update(name=f"{bench.get('name') or 'catalogue'}-{where}")
-    fixed.update(kind="sequence", catalogue=str(path.absolute()),
-                 tasks=[{k: e[k] for k in ("name", "source", "classes", "flip") if k in e} for e in entries],
-                 task_caps={e["name"]: e["caps"] for e in entries if e.get("caps")} or None)
-    return fixed, problems
-
-
-def _check_line(raw: bytes, allow_download: bool) -> dict[str, Any]:
-    """One catalogue line as a task entry, or an exception saying what is wrong with it and what to do: JSON
-    object, keys, a name that can name a folder, a known source (no download without the config's consent),
-    caps of whole positive numbers, a non-empty class list whose classes the source has."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"byte {raw[exc.start]:#04x} at column {exc.start + 1} is not UTF-8; save the file as "
-                         "UTF-8") from None
-    try:
-        entry = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"not JSON ({exc}); write one JSON object per line, e.g. {EXAMPLE_LINE}") from None
-    if not isinstance(entry, dict):
-        raise ValueError(f"not a JSON object; write one per line, e.g. {EXAMPLE_LINE}")
-    unknown = set(entry) - set(LINE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)}; valid: {', '.join(LINE_KEYS)}")
-    name = entry.get("name")
-    if not isinstance(name, str) or not TASK_NAME.match(name):
-        raise ValueError(f"`name` {name!r} must be a string matching {TASK_NAME.pattern} (it names the task's "
-                         "shard folder), e.g. \"shoes-2\"")
-    source = entry.get("source")
-    if not isinstance(source, dict):
-        raise ValueError("`source` must be a mapping such as {\"name\": \"fashion_mnist\"}")
-    for key, value in _strings(source, "source"):
-        # a source reads local files only; a command (webdataset's `pipe:`) may come from the config, never a line
-        if value.lstrip().startswith("pipe:"):
-            raise UnsafeInputError(f"`{key}` is a `pipe:` command; a catalogue line may name folders and "
-                                   "files, never commands")
-    if source.get("download") not in (None, False):
-        if source.get("download") is not True:
-            raise ValueError(f"`source.download` must be true or false, got {source['download']!r}")
-        if not allow_download:
-            raise ValueError("`source.download: true` would fetch data from the network on the driver, and a "
-                             "catalogue line may do that only with the config's consent: set "
-                             f"benchmark.{ALLOW_DOWNLOAD}=true, or put the files in place and drop `download`")
-    caps = entry.get("caps")
-    if caps is not None:
-        if not isinstance(caps, dict):
-            raise ValueError(f"`caps` must be a mapping such as {{\"train\": 500, \"test\": 200}}, got {caps!r}")
-        bad = set(caps) - set(CAP_KEYS)
-        if bad:
-            raise ValueError(f"unknown key(s) {sorted(bad)} in `caps`; valid: {', '.join(CAP_KEYS)}")
-        for split in ("train", "test"):
-            _check_cap(f"caps.{split}", caps.get(split))
-        if "seed" in caps and not _is_int(caps["seed"]):
-            raise ValueError(f"`caps.seed` must be a whole number, got {caps['seed']!r}")
-    if entry.get("flip") is not None and not isinstance(entry["flip"], bool):
-        raise ValueError(f"`flip` must be true, false or null, got {entry['flip']!r}")
-    classes = entry.get("classes")
-    if classes is not None and (not isinstance(classes, list) or not classes):
-        raise ValueError(f"`classes` must be a non-empty list of class names or labels (leave it out to keep every "
-                         f"class), got {classes!r}")
-    source_kind(source)
-    # the source's class names (read once per source and driver; CIFAR-100's pickles through a data-only reader):
-    # an unknown class, or a source that is not there, is this line's problem
-    names = _class_names(source)
-    if classes is not None:
-        resolve_classes(classes, names)
-    return entry
-
-
-def _strings(value: Any, where: str) -> list[tuple[str, str]]:
-    """Every string in a nested value, with where it is (``source.urls.train[0]``): a corpus's `urls` may be a
-    list or a mapping, and a command hidden one level down is still a command."""
-    if isinstance(value, str):
-        return [(where, value)]
-    if isinstance(value, dict):
-        return [hit for k, v in value.items() for hit in _strings(v, f"{where}.{k}")]
-    if isinstance(value, (list, tuple)):
-        return [hit for i, v in enumerate(value) for hit in _strings(v, f"{where}[{i}]")]
-    return []
-
-
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """A whole number, not a bool (JSON and YAML give both)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_cap(what: str, v: Any) -> None:
-    if v is not None and (not _is_int(v) or v <= 0):
+def check_cap(what: str, v: Any) -> None:
+    """A cap is a positive whole number or None (no cap); a ValueError naming ``what`` otherwise."""
+    if v is not None and (not is_int(v) or v <= 0):
         raise ValueError(f"`{what}` must be a positive whole number of samples or null (no cap), got {v!r}")
 
 
@@ -253,9 +115,9 @@ def _class_subsets(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """``kind: class_subsets``: ``num_tasks`` tasks of ``classes_per_task`` classes of ``source``, each drawn
     with its own seed (``seed`` + its index), so raising ``num_tasks`` appends tasks and leaves the earlier
     ones as they were. The initial task t0 has ``initial_classes`` (default: every class of the source)."""
-    _require(bench, "source", "num_tasks", "classes_per_task")
+    require(bench, "source", "num_tasks", "classes_per_task")
     n, k = int(bench["num_tasks"]), int(bench["classes_per_task"])
-    total = len(_class_names(bench["source"]))
+    total = len(class_names(bench["source"]))
     if not 1 <= k <= total:
         raise ConfigError(f"benchmark.classes_per_task={k} must be in [1, {total}] (source classes)")
     seed = int(bench.get("draw_seed", 0))
@@ -269,7 +131,7 @@ def _class_subsets(bench: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return fixed, []
 
 
-STREAM_KINDS.update(catalogue=_catalogue, class_subsets=_class_subsets)
+STREAM_KINDS.update(class_subsets=_class_subsets)
 
 
 # ------------------------------------------------------------------------------------------- task specs
@@ -348,7 +210,7 @@ def task_specs(benchmark: dict[str, Any]) -> list[TaskSpec]:
         caps = _caps_for(bench, i, e.name)
         for split in ("train", "test"):
             try:
-                _check_cap(f"caps.{split}", caps.get(split))
+                check_cap(f"caps.{split}", caps.get(split))
             except ValueError as exc:
                 raise ConfigError(f"task {e.name!r}: {exc}") from None
         source = _canonical_source({"on_corrupt": on_corrupt, **e.source})
@@ -373,7 +235,7 @@ def _shard_options(cfg: dict[str, Any]) -> dict[str, Any]:
     if shard["max_samples"] <= 0:
         raise ConfigError(f"shard.max_samples must be positive, got {shard['max_samples']}")
     quality = cfg.get("quality", DEFAULT_QUALITY)
-    if not _is_int(quality) or not 1 <= quality <= 100:
+    if not is_int(quality) or not 1 <= quality <= 100:
         raise ConfigError(f"shard.quality must be a whole number in 1..100 (JPEG/WebP quality), got {quality!r}")
     if fmt in ("jpeg", "webp"):  # only where it changes the bytes: other formats keep their old task keys
         shard["quality"] = quality
@@ -430,13 +292,14 @@ def _class_names_of(source_json: str) -> tuple[str, ...]:
     return tuple(source_kind(source).names(source) or list_members(source, "test").class_names)
 
 
-def _class_names(source: dict[str, Any]) -> list[str]:
+def class_names(source: dict[str, Any]) -> list[str]:
     """A source's class names: from its config when it says them, else from listing its test split (once per
     driver: folders listed, a corpus indexed, an array source loaded into its cache; no image decoded)."""
     return list(_class_names_of(json.dumps(source, sort_keys=True)))
 
 
-def _require(bench: dict[str, Any], *keys: str) -> None:
+def require(bench: dict[str, Any], *keys: str) -> None:
+    """A ConfigError naming the benchmark's ``keys`` that are unset."""
     missing = [k for k in keys if bench.get(k) is None]
     if missing:
         raise ConfigError(f"benchmark {bench.get('name')!r} (kind {bench.get('kind')!r}) needs {', '.join(missing)}")
@@ -450,13 +313,13 @@ def class_split(bench: dict[str, Any]) -> list[TaskEntry]:
     """One source cut into tasks of classes: ``num_tasks`` x ``classes_per_task`` in label order, or
     explicit ``class_lists`` (names or labels). Tasks are named t0, t1, ...; labels within a task follow
     the order of its class list."""
-    _require(bench, "source")
+    require(bench, "source")
     source = bench["source"]
     source_kind(source)
-    names = _class_names(source)
+    names = class_names(source)
     lists = bench.get("class_lists")
     if lists is None:
-        _require(bench, "num_tasks", "classes_per_task")
+        require(bench, "num_tasks", "classes_per_task")
         n, k = int(bench["num_tasks"]), int(bench["classes_per_task"])
         if n * k > len(names):
             raise ConfigError(f"{n} tasks x {k} classes needs {n * k} classes; source {source['name']!r} has "
@@ -492,14 +355,14 @@ def task_names(bench: dict[str, Any]) -> list[str] | None:
 def sequence(bench: dict[str, Any]) -> list[TaskEntry]:
     """Several sources one after the other: ``tasks`` is a list of ``{name, source, classes}`` where
     ``classes`` (optional) keeps a subset of the source's classes, relabelled in the order given."""
-    _require(bench, "tasks")
+    require(bench, "tasks")
     entries = []
     for entry in bench["tasks"]:
         if not isinstance(entry, dict) or "source" not in entry:
             raise ConfigError(f"each sequence entry needs a `source`, got {entry!r}")
         kind = source_kind(entry["source"])
         classes = entry.get("classes")
-        labels = None if classes is None else resolve_classes(classes, _class_names(entry["source"]))
+        labels = None if classes is None else resolve_classes(classes, class_names(entry["source"]))
         flip = None if entry.get("flip") is None else bool(entry["flip"])
         entries.append(TaskEntry(str(entry.get("name") or kind.name), entry["source"], labels, None, flip))
     return entries
