@@ -29,12 +29,12 @@ from .masks import _MaskedWeight
 __all__ = ["BREAK_EVEN_STEPS", "MaskedForward", "graph_key", "is_cached", "should_compile", "note_eager_steps",
            "cache_info", "clear_cache"]
 
-#: train.compile=auto compiles once a process will have trained this many masked steps of one graph
-#: (benchmarks/bench_compile.py, benchmarks/RESULTS.md "Compile once per worker"): the one-off compile of the
-#: mask graph (narrow VGG16, 1 torch thread, warm inductor disk cache) divided by what a compiled mask path saves
-#: per step. Measured on this 2-core CPU under load (~25 s to compile / ~9 ms saved per step = ~2800 steps); on
-#: an idle machine both shrink together. Rounded to the conservative side.
-BREAK_EVEN_STEPS = 3000
+#: train.compile=auto compiles once a process will have trained this many masked steps of one graph: the one-off
+#: compile of the mask graph divided by what the compiled mask path saves per step (benchmarks/bench_compile.py,
+#: RESULTS.md "Compile once per worker"). Measured on this 2-core CPU (narrow VGG16, 1 torch thread, batch 32, warm
+#: inductor disk cache, load ~12): 63.2 s to compile / 57.4 ms saved per step (609 -> 552 ms) = 1101 steps. Load
+#: stretches both alike; on a quiet machine (compile ~15-25 s, ~10 ms saved) it is ~2000, so this is a lower bound.
+BREAK_EVEN_STEPS = 1100
 
 _CACHE: dict[tuple, Callable[[list[Tensor], list[Tensor]], list[Tensor]]] = {}
 _EAGER_STEPS: dict[tuple, int] = {}
