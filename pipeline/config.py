@@ -181,11 +181,15 @@ class FollowCfg:
 
 @dataclass
 class CompareCfg:
-    """mode=compare: the methods and the task seeds, every pair on one backbone (checked by pipeline.compare)."""
+    """mode=compare: the methods, the task seeds and the backbone seeds; every method x task seed runs on every
+    backbone (checked by pipeline.compare)."""
 
     methods: List[str] = field(default_factory=lambda: ["ksm", "ksm_softmax", "ksm_elementwise", "piggyback",
                                                         "piggyback_kernelwise", "piggyback_soft", "finetune"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    # one backbone per seed (configs/config.yaml: [${seed}], the run's own: one backbone, as before this setting
+    # existed, and the same compare key); None means the same
+    backbone_seeds: Optional[List[int]] = None
 
 
 @dataclass
