@@ -647,6 +647,7 @@ def test_a_tracking_server_that_is_down_fails_within_seconds(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow  # its `shards` fixture (module scope) writes the tiny stream's shards with `mode=shards`: Ray
 @pytest.mark.parametrize("scheme", ["", "ray://"])
 def test_a_wrong_ray_address_fails_within_seconds(scheme, shards, tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
