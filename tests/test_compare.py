@@ -1,5 +1,6 @@
 """mode=compare on real Fashion-MNIST: 2 methods x 2 seeds on one backbone, one parent run with the per-method
-metrics, normal task runs as children; a second compare trains nothing. Plus its bad input."""
+metrics, normal task runs as children; a second compare trains nothing; 2 backbone seeds give 2 backbones and
+paired differences vs KSM that the task runs agree with. Plus its bad input and the paired statistics."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -224,8 +225,7 @@ def test_summarise_pairs_each_method_with_ksm_on_the_same_backbone_and_seed():
     assert pb["within_spread_vs_ksm"] == 0.0 and pb["above_ksm"] == 0 and pb["pairs"] == 4
     assert pb["std_test_acc"] > abs(pb["diff_vs_ksm"])
     # one backbone: the labels and figures a compare had before backbone seeds existed
-    old = {f"{m}/{s}/{t}": r for (m, s, t), r in
-           {(m, s, t): results[label(m, s, t, 0)] for m in ("ksm", "piggyback") for s in (0, 1) for t in ("t1", "t2")}.items()}
+    old = {label(m, s, t): results[label(m, s, t, 0)] for m in ("ksm", "piggyback") for s in (0, 1) for t in ("t1", "t2")}
     (k1, p1) = summarise(old, ["ksm", "piggyback"], [0, 1], ["t1", "t2"])
     assert k1["per_seed"] == pytest.approx([0.70, 0.70]) and k1["std_backbone_test_acc"] is None
     assert p1["diff_vs_ksm"] == pytest.approx(-0.019)
