@@ -81,9 +81,13 @@ class JobPool:
         finished = []
         deadline = time.monotonic() + grace_s
         if self.running and grace_s > 0:
-            log(f"[stop] waiting up to {grace_s:.0f}s for {len(self.running)} in-flight job(s)")
-        while self.running and time.monotonic() < deadline:
-            finished += self.collect(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+            log(f"[stop] waiting up to {grace_s:.0f}s for {len(self.running)} in-flight job(s); a second signal "
+                "stops them now")
+        try:
+            while self.running and time.monotonic() < deadline:
+                finished += self.collect(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+        except KeyboardInterrupt:  # the second signal, during the wait: no more grace, the same clean-up below
+            log(f"[stop] second signal: killing {len(self.running)} in-flight job(s) now")
         killed = list(self.running.values())
         refs = list(self.running)
         self.running.clear()
