@@ -34,9 +34,9 @@ TINY = [
 MAX_EPOCHS = 3
 GRACE = 2
 # ASHA's stop made certain. Trials run one at a time, in the order they were made: the three fixed points, then one
-# random sample (seeded). One at a time because a trial takes both of the session runtime's CPUs (tune.max_concurrent=1
-# cannot say it: Ray Tune ignores max_concurrent_trials beside the BasicVariantGenerator the driver passes, warning
-# "max_concurrent_trials will be ignored"). The first point is the authors' (a good one); with ASHA's one rung at
+# random sample (seeded). One at a time because tune.max_concurrent=1 (the driver gives the limit to its
+# BasicVariantGenerator: Ray Tune ignores max_concurrent_trials beside one, so the limit was not applied until the
+# #29 test found it; the trials' runs never overlapping below checks it). The first point is the authors' (a good one); with ASHA's one rung at
 # epoch GRACE (rf 2) it is the first there, so it always runs to the end and sets the rung's cutoff alone. The
 # second cannot learn: tau=0.1 is ten times every mask's start value (method.init=0.01) and GRACE epochs of Adam at
 # lr_mask=1e-3 (5 steps each) move a mask by ~0.01 at most, so every kernel stays off, the features are constant
@@ -50,7 +50,8 @@ SWEEP = [
     f"tune.max_epochs={MAX_EPOCHS}",
     f"tune.grace_period={GRACE}",
     "tune.reduction_factor=2",
-    "tune.cpus_per_trial=2",  # the session's runtime has 2: one trial at a time, in the order they were made
+    "tune.cpus_per_trial=1",  # two would fit on the session's 2-CPU runtime ...
+    "tune.max_concurrent=1",  # ... but one at a time, in the order they were made
     "tune.gpus_per_trial=0",
     "tune.seed=0",
     "tune.space.tau.high=0.1",
@@ -191,6 +192,12 @@ def test_sweep_tracks_trials_stops_bad_ones_and_its_best_yaml_drives_a_sequence(
         assert r.data.tags["ksm_early_stopped"] == "true" and 1 <= n < MAX_EPOCHS
         assert r.data.tags["ksm_epochs"] == str(n) and "val_acc_deployed" not in r.data.metrics  # never deployed
     assert parent.data.metrics["trials_early_stopped"] == len(stopped) == out["early_stopped"]
+    # tune.max_concurrent=1 held: no two trials trained at once (each one's epoch records, as the trial logged
+    # them, lie before the next trial's first; two trials at once would interleave them)
+    spans = sorted((min(ts), max(ts)) for ts in ([m.timestamp for m in client.get_metric_history(r.info.run_id,
+                                                                                               "val_acc")]
+                                                 for r in trials))
+    assert all(last < nxt for (_, last), (nxt, _) in zip(spans, spans[1:])), spans
     # ... and at least one was stopped: the point that cannot learn, at ASHA's rung, below the first point there
     first = min(trials, key=lambda r: r.info.start_time)
     dead = [r for r in trials if {k: float(r.data.params[k]) for k in CANNOT_LEARN} == CANNOT_LEARN]

@@ -152,9 +152,11 @@ def _sweep(rc: RunConfig, ts: TuneSettings, tr: Tracker, manifest: str, tasks: l
                     metric=METRIC, mode="max", num_samples=ts.num_samples,
                     scheduler=ASHAScheduler(time_attr="training_iteration", max_t=ts.max_epochs,
                                             grace_period=ts.grace_period, reduction_factor=ts.reduction_factor),
+                    # the limit goes to the generator itself: Tune ignores max_concurrent_trials (with a warning)
+                    # when the search_alg is a BasicVariantGenerator, a SearchGenerator rather than a Searcher
                     search_alg=BasicVariantGenerator(points_to_evaluate=[dict(x) for x in ts.points_to_evaluate],
-                                                     random_state=ts.seed),
-                    max_concurrent_trials=ts.max_concurrent, trial_dirname_creator=_trial_dirname),
+                                                     random_state=ts.seed, max_concurrent=ts.max_concurrent or 0),
+                    trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=f"sweep-{sweep_id}", storage_path=str(out_dir / "ray"),
                                           callbacks=[runs], verbose=1 if rc.progress else 0,
                                           failure_config=tune.FailureConfig(max_failures=0)),
