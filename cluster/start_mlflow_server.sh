@@ -187,5 +187,28 @@ echo "[mlflow] artifacts $(masked ARTIFACTS) (served through http://$HOST:$PORT)
 if [ "$AUTH" = basic ]; then
   echo "[mlflow] authentication: basic (users in $MLFLOW_AUTH_CONFIG_PATH's store); clients set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" >&2
 fi
+case "$BACKEND" in
+  postgresql*)
+    # open the store once before the workers do: a wrong host or password is one masked line here, not a SQLAlchemy
+    # traceback per worker that may print pieces of the password (a password holding '/' or '@' is cut there by the
+    # URL parser, and a piece can land in the "host" of the error)
+    KSM_STORE_URI=$BACKEND "$PY" -c 'import os, re, sys; sys.path.insert(0, sys.argv[1])
+from pipeline.redact import redact_text, redact_url, split_userinfo
+uri = os.environ["KSM_STORE_URI"]
+password = split_userinfo(uri)[2] or ""
+try:
+    import sqlalchemy
+    with sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}).connect():
+        pass
+except Exception as exc:
+    why = redact_text(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+    for piece in sorted({password, *re.split(r"[/@:]", password)}, key=len, reverse=True):
+        if len(piece) >= 3:
+            why = why.replace(piece, "***")
+    print(f"error: cannot open the PostgreSQL store {redact_url(uri)}: {why}. Check the host, port, database and login "
+          "(a password holding / @ : must be percent-encoded in the URI)", file=sys.stderr)
+    sys.exit(2)' "$ROOT" || exit 2
+    ;;
+esac
 echo "[mlflow] tracking.uri=http://$HOST:$PORT   (UI: the same address in a browser)" >&2
 exec "$MLFLOW_BIN" "${args[@]}" "$@"
