@@ -7,11 +7,16 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# `make test` runs two xdist workers beside Ray workers and drivers on 2 cores: OpenMP threads that spin while they
+# wait for work (GOMP's default) then burn the time slices the other processes need (a 2.4 s test took 45 s in the
+# suite). Passive waiting, for this process and every process it starts; set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one intra-op thread per xdist worker (two workers share the 2 cores), two in a plain serial run
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 # platform.uname() runs `uname -p` in a subprocess the first time its processor field is read, then caches it;
 # code that MLflow imports unpacks it. Read here, once, so that whichever fast test happens to import that first
 # does not trip the fast tier's no-process guard below (it did, for tests/test_tune.py run alone).
