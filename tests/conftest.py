@@ -74,8 +74,8 @@ def _fast_tests_start_nothing(self, args, *a, **kw):
 subprocess.Popen.__init__ = _fast_tests_start_nothing  # from conftest's import on: before any test or fixture runs
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_setup(item):
+def _guarding(item):
+    """While a test's setup or call runs: the guard above knows it, unless it is marked slow."""
     global _fast_item
     _fast_item = None if item.get_closest_marker("slow") else item
     try:
@@ -84,14 +84,8 @@ def pytest_runtest_setup(item):
         _fast_item = None
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
-    global _fast_item
-    _fast_item = None if item.get_closest_marker("slow") else item
-    try:
-        yield
-    finally:
-        _fast_item = None
+pytest_runtest_setup = pytest.hookimpl(hookwrapper=True)(_guarding)
+pytest_runtest_call = pytest.hookimpl(hookwrapper=True)(_guarding)
 
 
 # ------------------------------------------------------------------------------------ one Ray runtime a session
