@@ -76,6 +76,7 @@ def runs(root: Path) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.own_processes  # a real follow driver: nothing of Ray in this process
 def test_follow_trains_an_appended_line_and_stops_cleanly_on_sigterm(tmp_path):
     cat = write(tmp_path / "tasks.jsonl", LINES)
     proc, log = launch(tmp_path, "mode=follow", "benchmark=catalogue", f"benchmark.path={cat}", "follow.poll_s=0.5",
