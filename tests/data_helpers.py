@@ -250,3 +250,16 @@ def write_jpeg_corpus(root: Path, classes: list[int], per_class: int, shards: in
     for w in writers:
         w.close()
     return paths
+
+
+def fashion_subset(split, names: list[str], n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_per_class`` seeded images of each class ``names`` of a Fashion-MNIST split, as the network's input
+    (1x28x28 zero-padded to 32x32, repeated to 3 channels, normalised with Fashion-MNIST's mean/std) and labels
+    0..len(names)-1 in the order of ``names``."""
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(split.y == split.class_names.index(c)), n_per_class, replace=False)
+                          for c in names])
+    x = torch.from_numpy(split.x[idx]).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()  # 1x28x28 -> 3x32x32
+    y = torch.tensor([names.index(split.class_names[i]) for i in split.y[idx]])
+    return (x - 0.286) / 0.353, y

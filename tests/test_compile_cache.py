@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from data_helpers import fashion_subset
 from torch.utils.data import DataLoader, TensorDataset
 
 from ksm_core import KSMNet, TrainConfig, compiled, create_model, evaluate, fit_task, load_task, save_task
@@ -14,19 +15,10 @@ from pipeline.data import load_source
 CLASSES = [["Pullover", "Coat"], ["Shirt", "T-shirt/top", "Dress"]]  # two tasks, head widths 2 and 3
 
 
-def _subset(split, names, n_per_class, seed):
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.choice(np.flatnonzero(split.y == split.class_names.index(c)), n_per_class, replace=False)
-                          for c in names])
-    x = torch.from_numpy(split.x[idx]).permute(0, 3, 1, 2).float().div_(255.0)
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()  # 1x28x28 -> 3x32x32
-    y = torch.tensor([names.index(split.class_names[i]) for i in split.y[idx]])
-    return (x - 0.286) / 0.353, y
-
 
 def _loaders(train, test, names, seed):
-    x, y = _subset(train, names, 50, seed)      # 100 or 150 samples: 32-batches end in a short one (4 or 22)
-    xt, yt = _subset(test, names, 40, seed)
+    x, y = fashion_subset(train, names, 50, seed)      # 100 or 150 samples: 32-batches end in a short one (4 or 22)
+    xt, yt = fashion_subset(test, names, 40, seed)
     return (DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)),
             DataLoader(TensorDataset(xt, yt), batch_size=32))
 

@@ -1,8 +1,8 @@
 """KSM on real Fashion-MNIST (the Debian package): a backbone trained on some classes, a mask learned for two
 classes it never saw. The accuracy bound is well under what a correct implementation reaches (see comments)."""
-import numpy as np
 import pytest
 import torch
+from data_helpers import fashion_subset
 from torch.utils.data import DataLoader, TensorDataset
 
 from ksm_core import KSMNet, TrainConfig, create_model, fit_task, load_task, save_task, train_backbone, evaluate
@@ -11,16 +11,6 @@ from pipeline.data import load_source
 BACKBONE_CLASSES = ["T-shirt/top", "Trouser", "Dress", "Sandal", "Sneaker", "Bag", "Ankle boot"]
 NEW_TASK = ["Pullover", "Coat"]  # two classes the backbone never saw, and easily confused with each other
 
-
-def _subset(split, names, n_per_class, seed):
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.choice(np.flatnonzero(split.y == split.class_names.index(c)), n_per_class, replace=False)
-                          for c in names])
-    x = torch.from_numpy(split.x[idx]).permute(0, 3, 1, 2).float().div_(255.0)
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()  # 1x28x28 -> 3x32x32
-    x = (x - 0.286) / 0.353
-    y = torch.tensor([names.index(split.class_names[i]) for i in split.y[idx]])
-    return x, y
 
 
 def _loader(x, y, shuffle):
@@ -37,16 +27,16 @@ def test_ksm_learns_an_unseen_fashion_mnist_task(fmnist, tmp_path):
     train, test = fmnist
     torch.manual_seed(0)
     bb = create_model("vgg16_bn_cifar", num_classes=len(BACKBONE_CLASSES), width=0.125)
-    bx, by = _subset(train, BACKBONE_CLASSES, 300, seed=0)
-    tx, ty = _subset(test, BACKBONE_CLASSES, 100, seed=0)
+    bx, by = fashion_subset(train, BACKBONE_CLASSES, 300, seed=0)
+    tx, ty = fashion_subset(test, BACKBONE_CLASSES, 100, seed=0)
     bres = train_backbone(bb, _loader(bx, by, True), _loader(tx, ty, False), TrainConfig(epochs=2, lr_backbone=1e-3))
     assert bres.test_acc > 0.6  # 7-way; measured 0.78
 
     net = KSMNet.from_backbone(bb)
     fp = net.fingerprint()
     t = net.add_task(2, method="ksm")
-    x, y = _subset(train, NEW_TASK, 500, seed=1)
-    xt, yt = _subset(test, NEW_TASK, 300, seed=1)
+    x, y = fashion_subset(train, NEW_TASK, 500, seed=1)
+    xt, yt = fashion_subset(test, NEW_TASK, 300, seed=1)
     # a short schedule wants a larger step than the authors' 2e-4 (their runs are 10x longer)
     res = fit_task(net, t, _loader(x, y, True), _loader(xt, yt, False), TrainConfig(epochs=3, lr_mask=1e-3, lr_head=1e-3))
     # chance is 0.5; measured 0.848 for this pair (fine-tuning the whole net: 0.828, Piggyback: 0.848)
