@@ -47,6 +47,19 @@ def end_group(driver: subprocess.Popen) -> None:
     driver.wait()
 
 
+def wait_until_a_task_trains(client: MlflowClient, driver: subprocess.Popen, log: Path, poll_s: float = 0.5) -> None:
+    """Return once a task job is training (its run RUNNING): the moment to inject a fault. Fails with the driver's
+    log if the driver exits first or nothing trains within 300 s."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        exp = client.get_experiment_by_name("ksm")
+        if exp and client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task' and attributes.status = 'RUNNING'"):
+            return
+        time.sleep(poll_s)
+
+
 @pytest.mark.slow
 @pytest.mark.own_processes
 def test_a_tracking_server_restarted_mid_run_costs_a_pause_not_the_run(tmp_path):
@@ -66,14 +79,7 @@ def test_a_tracking_server_restarted_mid_run_costs_a_pause_not_the_run(tmp_path)
     driver = driver_process(argv, log, env)
     try:
         client = MlflowClient(uri)
-        deadline = time.monotonic() + 300
-        while True:  # a task job is training (its run RUNNING) when the server goes
-            assert driver.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            exp = client.get_experiment_by_name("ksm")
-            if exp and client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task' and attributes.status = 'RUNNING'"):
-                break
-            time.sleep(0.5)
+        wait_until_a_task_trains(client, driver, log)  # the server goes while a task trains
         down = time.monotonic()
         server.stop()
         time.sleep(8)

@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 from pg_helpers import postgres_fixture
 from test_cluster import CLUSTER_DIR, VENV_BIN, Proc, serve_on_a_free_port
+from test_faults import driver_process, end_group, wait_until_a_task_trains
 
 ROOT = Path(__file__).resolve().parents[1]
 FM = {"name": "fashion_mnist"}
@@ -107,19 +107,10 @@ def test_a_stream_on_postgres_survives_a_server_restart_mid_run(server, postgres
             "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1",
             "train.epochs=4", "run_name=pg-stream"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        driver = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    driver = driver_process(argv, log, env)
     try:
         client = MlflowClient(uri)
-        deadline = time.monotonic() + 300
-        while True:  # a task job is training (its run RUNNING) when the server goes
-            assert driver.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            exp = client.get_experiment_by_name("ksm")
-            if exp and client.search_runs([exp.experiment_id],
-                                          "tags.ksm_kind = 'task' and attributes.status = 'RUNNING'"):
-                break
-            time.sleep(0.3)
+        wait_until_a_task_trains(client, driver, log, poll_s=0.3)  # the server goes while a task trains
         for p in _server_pids(server):  # the password travels in the environment, never on a command line
             cmd = Path(f"/proc/{p}/cmdline").read_bytes()
             assert postgres.password.encode() not in cmd and b"postgresql://" not in cmd
@@ -132,9 +123,7 @@ def test_a_stream_on_postgres_survives_a_server_restart_mid_run(server, postgres
         assert f"[tracking] {uri} unreachable" in out  # somebody did wait it out
         assert postgres.password not in out
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
+        end_group(driver)  # the driver's group, Ray's agents included, by its own id
     exp = client.get_experiment_by_name("ksm")
     runs = client.search_runs([exp.experiment_id], "", max_results=1000)
     assert not [r for r in runs if r.info.status == "RUNNING"]
