@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from test_faults import end_group  # the driver's whole process group, by its id
 
 ROOT = Path(__file__).resolve().parents[1]
 FM = {"name": "fashion_mnist"}
@@ -72,15 +73,6 @@ def launch(root: Path, cat: Path, *args: str) -> tuple[subprocess.Popen, Path]:
                                  f"benchmark.path={cat}", *args],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
-
-
-def end_group(proc: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of the driver's process group (by its id) and reap the driver."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def runs(root: Path) -> list:
