@@ -109,12 +109,12 @@ def pytest_collection_modifyitems(session, config, items):
     (`@pytest.mark.mutates_tiny_sequence`), last, in collection order. Ray is started once, after group 0, and never
     shut down until the session ends; the sequence is read in the state its readers assert.
 
-    Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) every slow test that may run Ray in this process is
-    one xdist group, "in_process": one worker runs all of them, in the order above, exactly as a plain `pytest` does.
+    Under pytest-xdist (`make test`: `-n 3 --dist loadgroup`) the slow tests that may run Ray in this process form
+    two xdist groups, each run by one worker in the order above: RAY_DOWN (group 0's) and RAY_HERE (groups 1-3).
     The suite spends most of its time waiting on processes it started (drivers, servers, a `ray start` head): 8.7
     CPU-minutes in 13 wall minutes on 2 cores, measured. So the tests that only wait on their own processes
     (`@pytest.mark.own_processes`, one group per module so a module's fixtures start once) and the fast tests run on
-    the other worker meanwhile."""
+    the other workers meanwhile."""
     def group(item) -> int:
         if not _uses_shared_ray(item):
             return 0
@@ -127,7 +127,29 @@ def pytest_collection_modifyitems(session, config, items):
         if item.get_closest_marker("own_processes"):
             item.add_marker(pytest.mark.xdist_group(f"own:{item.module.__name__}"))
         elif item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("in_process"))
+            item.add_marker(pytest.mark.xdist_group(RAY_HERE if _uses_shared_ray(item) else RAY_DOWN))
+
+
+# The two xdist groups of slow tests that hold Ray in the pytest process. RAY_HERE's tests share the session's
+# runtime and tiny sequence, in the order above. RAY_DOWN's need this process's Ray down when they start (their
+# own multi-node `Cluster`, a `ray start` head beside an embedded run, "fails before Ray starts"): a worker of
+# their own runs them meanwhile, which halves the longest worker's queue (RESULTS.md, "Suite time").
+RAY_HERE, RAY_DOWN = "in_process", "ray_down"
+
+
+@pytest.fixture(autouse=True)
+def _ray_down_tests_start_with_ray_down(request):
+    """xdist hands a worker a new group when its current one has at most 2 tests left, so the worker that ran
+    RAY_HERE may run RAY_DOWN next, with the shared runtime still up: end it first (no RAY_HERE test follows
+    on that worker, and the session fixture's own shutdown then does nothing)."""
+    marker = request.node.get_closest_marker("xdist_group")
+    if marker is not None and marker.args and marker.args[0] == RAY_DOWN:
+        import sys
+
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    yield
 
 
 @pytest.fixture(autouse=True)
