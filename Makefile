@@ -5,11 +5,11 @@ VENV_PY := .venv/bin/python
 run: .install-stamp
 	$(VENV_PY) run_pipeline.py
 
-# three xdist workers on 2 cores (the suite mostly waits on processes): one runs the tests on the shared Ray runtime
+# two xdist workers: one runs the tests on the shared Ray runtime
 # in order, one the tests that need Ray down in the pytest process, and all share the tests that only wait on
 # processes of their own and the fast ones (tests/conftest.py, pytest_collection_modifyitems)
 test: .install-stamp
-	$(VENV_PY) -m pytest -q -n 3 --dist loadgroup
+	$(VENV_PY) -m pytest -q -n 2 --dist loadgroup
 
 # the tests that start nothing (no Ray, MLflow or subprocess): well under a minute, for the edit-test loop
 test-fast: .install-stamp

@@ -109,7 +109,7 @@ def pytest_collection_modifyitems(session, config, items):
     (`@pytest.mark.mutates_tiny_sequence`), last, in collection order. Ray is started once, after group 0, and never
     shut down until the session ends; the sequence is read in the state its readers assert.
 
-    Under pytest-xdist (`make test`: `-n 3 --dist loadgroup`) the slow tests that may run Ray in this process form
+    Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the slow tests that may run Ray in this process form
     two xdist groups, each run by one worker in the order above: RAY_DOWN (group 0's) and RAY_HERE (groups 1-3).
     The suite spends most of its time waiting on processes it started (drivers, servers, a `ray start` head): 8.7
     CPU-minutes in 13 wall minutes on 2 cores, measured. So the tests that only wait on their own processes
