@@ -66,7 +66,13 @@ __all__ = ["PackNet", "PackNetResult", "PackedConv2d", "PackedLinear", "FORMAT",
 FORMAT = "ksm-packnet/1"
 FREE = 0
 MAX_TASKS = 254          # owner ids 1..255 in a uint8
-PRUNE_DEFAULT = 0.5      # their scripts' value (the issue's default)
+PRUNE_DEFAULT = 0.5      # the issue's default, Mallya's for the ImageNet step; CPG's CIFAR-100 PackNet script: 0.6
+
+
+def check_epochs(name: str, n: int) -> int:
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        raise ValueError(f"{name}={n!r} must be an int >= 0")
+    return n
 
 
 def check_prune(prune: float) -> float:
@@ -138,6 +144,9 @@ class PackNet(nn.Module):
     """A backbone whose weights are packed task after task. Build with ``PackNet.from_backbone(model)``; then
     ``train_task(0, ...)`` (prune the backbone), and for each new task ``add_task`` + ``train_task``."""
 
+    FORMAT = FORMAT
+    CONV, LINEAR = PackedConv2d, PackedLinear   # a subclass (ksm_core.cpg) swaps in its own layers
+
     def __init__(self, body: nn.Module, head_name: str, backbone_fingerprint: str, prune: float):
         super().__init__()
         self.body = body
@@ -160,9 +169,9 @@ class PackNet(nn.Module):
             if name == head_name:
                 _set_module(body, name, TaskHeads(m))
             elif isinstance(m, nn.Conv2d):
-                _set_module(body, name, PackedConv2d(m))
+                _set_module(body, name, cls.CONV(m))
             elif isinstance(m, nn.Linear):
-                _set_module(body, name, PackedLinear(m))
+                _set_module(body, name, cls.LINEAR(m))
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 _set_module(body, name, TaskBatchNorm(m))
         for p in body.parameters():
@@ -243,18 +252,52 @@ class PackNet(nn.Module):
         """What task t adds, as the papers count PackNet: 1 bit per shared weight (does t own it) + BN + head
         (fp32). The weight values are in the shared tensor, whose size never grows."""
         self.check_task(task)
-        bits = math.ceil(self.total_weights() / 8)
+        bits = math.ceil(self.total_weights() / 8) * self._bits_per_weight(task)
         return bits + sum(v.numel() * 4 for mod in self._task_modules(task) for v in mod.state_dict().values()
                           if v.is_floating_point())
+
+    def _bits_per_weight(self, task: int) -> int:
+        return 1  # ownership
 
     # -- training -----------------------------------------------------------------------------------------
     def train_task(self, task: int, train_loader: Iterable, test_loader: Iterable | None = None,
                    cfg: TrainConfig | None = None, retrain_epochs: int | None = None,
                    on_epoch: EpochCallback | None = None) -> PackNetResult:
         """Train, prune, retrain and freeze task ``task`` (the last one added, not frozen yet). Task 0: prune
-        the backbone and retrain what it keeps. ``retrain_epochs``: default ceil(cfg.epochs / 2) (their scripts:
-        20 + 10 epochs); 0 = no retrain. ``on_epoch(epoch, record)`` sees both phases (record["phase"])."""
+        the backbone and retrain what it keeps. ``retrain_epochs``: default ceil(cfg.epochs / 2) (Mallya's scripts:
+        20 + 10 epochs; CPG's CIFAR-100 PackNet script: 100 + 30); 0 = no retrain. ``on_epoch(epoch, record)`` sees both phases (record["phase"])."""
         cfg = cfg or TrainConfig()
+        if retrain_epochs is None:
+            retrain_epochs = math.ceil(cfg.epochs / 2)
+        check_epochs("retrain_epochs", retrain_epochs)
+        dev = self._begin(task, cfg)
+        groups, trainable = self._groups(task, cfg)
+
+        def phase(name: str, c: TrainConfig) -> FitResult:
+            return self._phase(name, groups, train_loader, test_loader, c, dev, on_epoch)
+
+        try:
+            first = phase("train", cfg) if task > 0 else None
+            t_prune = time.perf_counter()
+            pruned = self._prune(task, self._keep(task, self.prune))
+            prune_s = time.perf_counter() - t_prune
+            again = phase("retrain", replace(cfg, epochs=retrain_epochs)) if retrain_epochs else None
+            refit_s = self._refit(task, train_loader, cfg)
+        finally:
+            for p in trainable:
+                p.requires_grad_(False)
+        self._freeze(task)
+        # the training cost as FitResult counts it (steps, prune, refit; not the per-epoch evaluations), so it
+        # compares with a KSM task's train_seconds
+        seconds = sum(r.train_seconds for r in (first, again) if r is not None) + prune_s + refit_s
+        res = PackNetResult(first, again, train_seconds=seconds, owned=self.owned(task), pruned=pruned,
+                            free_after=self.free(), total_weights=self.total_weights())
+        if test_loader is not None:
+            res.test_acc, res.test_loss = self.evaluate(task, test_loader, cfg)
+        return res
+
+    def _begin(self, task: int, cfg: TrainConfig) -> torch.device:
+        """Check that ``task`` is the chain's next, move to the device, hand it every free weight."""
         self.check_task(task)
         if self.frozen[task]:
             raise ValueError(f"task={task} ({self.task_names[task]}) is frozen: its weights serve it and every later "
@@ -264,10 +307,6 @@ class PackNet(nn.Module):
         if cfg.weight_decay:
             raise ValueError(f"weight_decay={cfg.weight_decay!r}: PackNet needs 0 (a decay would move the frozen "
                              "weights of earlier tasks, whose gradient is 0)")
-        if retrain_epochs is None:
-            retrain_epochs = math.ceil(cfg.epochs / 2)
-        if not (isinstance(retrain_epochs, int) and retrain_epochs >= 0):
-            raise ValueError(f"retrain_epochs={retrain_epochs!r} must be an int >= 0")
         torch.manual_seed(cfg.seed)
         dev = resolve_device(cfg.device)
         self.to(dev)
@@ -280,53 +319,54 @@ class PackNet(nn.Module):
                 for _, m in self.packed_layers():
                     m.owner[m.owner == FREE] = oid  # every free weight is task t's to train
             if self.owned(task) == 0:
-                raise ValueError(f"no free weight left for task={task}: every weight is owned by earlier tasks")
+                raise ValueError(f"no free weight left for task={task}: every weight is owned by earlier tasks (an "
+                                 "earlier task kept all it was given; CPG would grow the network here)")
+        return dev
+
+    def _groups(self, task: int, cfg: TrainConfig) -> tuple[list[dict], list[nn.Parameter]]:
+        """The optimizer's groups for task t (all shared weights: only t's get a gradient; its BN; its head),
+        made trainable; and the list to make frozen again."""
         weights = [m.weight for _, m in self.packed_layers()]
         bn = [p for mod in self._task_modules(task)[:-1] for p in mod.parameters()]
         head = list(self.heads.tasks[str(task)].parameters())
         for p in weights + bn + head:
             p.requires_grad_(True)
-        groups = [{"params": weights, "lr": cfg.lr_finetune}, {"params": bn, "lr": cfg.lr_mask},
-                  {"params": head, "lr": cfg.lr_head}]
+        return ([{"params": weights, "lr": cfg.lr_finetune}, {"params": bn, "lr": cfg.lr_mask},
+                 {"params": head, "lr": cfg.lr_head}], weights + bn + head)
 
-        def phase(name: str, c: TrainConfig) -> FitResult:
-            def tagged(ep: int, rec: dict) -> None:
-                rec["phase"] = name
-                if on_epoch is not None:
-                    on_epoch(ep, rec)
-            return drain_epochs(_fit_epochs(self, groups, train_loader, test_loader, c, dev), tagged)
+    def _phase(self, name: str, groups: list[dict], train_loader: Iterable, test_loader: Iterable | None,
+               cfg: TrainConfig, dev: torch.device, on_epoch: EpochCallback | None) -> FitResult:
+        """ksm_core.train's loop over the groups (a fresh Adam: a phase starts without the last one's moments)."""
+        def tagged(ep: int, rec: dict) -> None:
+            rec["phase"] = name
+            if on_epoch is not None:
+                on_epoch(ep, rec)
+        return drain_epochs(_fit_epochs(self, groups, train_loader, test_loader, cfg, dev), tagged)
 
-        try:
-            first = phase("train", cfg) if task > 0 else None
-            t_prune = time.perf_counter()
-            pruned = self._prune(task)
-            prune_s = time.perf_counter() - t_prune
-            again = phase("retrain", replace(cfg, epochs=retrain_epochs)) if retrain_epochs else None
-            t_refit = time.perf_counter()
-            if cfg.head_refit:
-                refit_head(self, task, train_loader, cfg)
-            refit_s = time.perf_counter() - t_refit
-        finally:
-            for p in weights + bn + head:
-                p.requires_grad_(False)
+    def _refit(self, task: int, train_loader: Iterable, cfg: TrainConfig) -> float:
+        t0 = time.perf_counter()
+        if cfg.head_refit:
+            refit_head(self, task, train_loader, cfg)
+        return time.perf_counter() - t0
+
+    def _freeze(self, task: int) -> None:
         self.frozen[task] = True
-        # the training cost as FitResult counts it (steps, prune, refit; not the per-epoch evaluations), so it
-        # compares with a KSM task's train_seconds
-        seconds = sum(r.train_seconds for r in (first, again) if r is not None) + prune_s + refit_s
-        res = PackNetResult(first, again, train_seconds=seconds, owned=self.owned(task), pruned=pruned,
-                            free_after=self.free(), total_weights=self.total_weights())
-        if test_loader is not None:
-            res.test_acc, res.test_loss = self.evaluate(task, test_loader, cfg)
-        return res
+
+    def _keep(self, task: int, sparsity: float, given: dict[str, int] | None = None) -> dict[str, int]:
+        """Per layer, how many of task t's weights to keep so that ``sparsity`` of what it was ``given`` (default:
+        what it owns now) is freed: n - round(sparsity * n)."""
+        given = given or {n: int((m.owner == task + 1).sum()) for n, m in self.packed_layers()}
+        return {n: c - int(round(sparsity * c)) for n, c in given.items()}
 
     @torch.no_grad()
-    def _prune(self, task: int) -> int:
-        """Free round(prune * n) of task t's n weights in each layer, smallest |w| first (ties: lowest index)."""
+    def _prune(self, task: int, keep: dict[str, int]) -> int:
+        """Keep the ``keep[layer]`` largest-magnitude weights of task t in each layer, free the rest (smallest
+        |w| first; ties: lowest index). Returns how many were freed."""
         oid, freed = task + 1, 0
-        for _, m in self.packed_layers():
+        for name, m in self.packed_layers():
             idx = torch.nonzero((m.owner == oid).reshape(-1)).squeeze(1)
-            k = int(round(self.prune * idx.numel()))
-            if k == 0:
+            k = idx.numel() - keep[name]
+            if k <= 0:
                 continue
             mags = m.weight.detach().reshape(-1)[idx].abs()
             drop = idx[torch.sort(mags, stable=True).indices[:k]]
@@ -368,12 +408,13 @@ class PackNet(nn.Module):
             own = (m.owner == oid).reshape(-1).cpu()
             tensors[f"own.{name}.bits"] = np.packbits(own.numpy())
             tensors[f"value.{name}"] = m.weight.detach().reshape(-1).cpu()[own].float().numpy()
+        tensors.update(self._extra_arrays(task))
         for name, m in self.batchnorms():
             for key, v in m.tasks[k].state_dict().items():
                 tensors[f"bn.{name}.{key}"] = v.detach().cpu().contiguous().numpy()
         for key, v in self.heads.tasks[k].state_dict().items():
             tensors[f"head.{key}"] = v.detach().cpu().contiguous().numpy()
-        meta = {"format": FORMAT, "task": task, "task_name": self.task_names[task], "prune": self.prune,
+        meta = {"format": self.FORMAT, "task": task, "task_name": self.task_names[task], "prune": self.prune,
                 "num_classes": self.num_classes(task), "backbone_fingerprint": self.backbone_fingerprint,
                 "parent_fingerprint": self.chain_fingerprint(task - 1) if task else self.backbone_fingerprint,
                 "fingerprint": self.chain_fingerprint(task), "task_bytes": self.task_bytes(task)}
@@ -387,7 +428,7 @@ class PackNet(nn.Module):
         backbone (BackboneMismatch) and an artifact trained on another chain (a changed earlier task)."""
         if not paths:
             raise ValueError("paths is empty: give the artifacts of tasks 0..n-1, task 0 (the pruned backbone) first")
-        metas = [_read_meta(p) for p in paths]
+        metas = [_read_meta(p, cls.FORMAT) for p in paths]
         net = cls.from_backbone(backbone, prune=metas[0]["prune"], head=head)
         with torch.no_grad():
             for _, m in net.packed_layers():  # nothing is owned until task 0's artifact says what the backbone kept
@@ -406,7 +447,7 @@ class PackNet(nn.Module):
             if i:
                 net.add_task(int(meta["num_classes"]), name=meta["task_name"])
             net._load_arrays(i, np_load_file(str(path)))
-            net.frozen[i] = True
+            net._freeze(i)
             net.task_names[i] = meta["task_name"]
             if net.chain_fingerprint(i) != meta["fingerprint"]:
                 raise ValueError(f"artifact {path} does not reproduce its own fingerprint: damaged; train task {i} again")
@@ -425,12 +466,19 @@ class PackNet(nn.Module):
             bn.load_state_dict({key: torch.from_numpy(arrays[f"bn.{name}.{key}"].copy()) for key in bn.state_dict()})
         head = self.heads.tasks[k]
         head.load_state_dict({key: torch.from_numpy(arrays[f"head.{key}"].copy()) for key in head.state_dict()})
+        self._load_extra(task, arrays)
+
+    def _extra_arrays(self, task: int) -> dict[str, np.ndarray]:
+        return {}
+
+    def _load_extra(self, task: int, arrays: dict[str, np.ndarray]) -> None:
+        pass
 
 
-def _read_meta(path: str | os.PathLike) -> dict[str, Any]:
+def _read_meta(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
     with safe_open(str(path), framework="numpy") as f:
         raw = (f.metadata() or {}).get("ksm")
     meta = json.loads(raw) if raw else {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a PackNet task artifact (format {meta.get('format')!r}, wanted {FORMAT!r})")
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a task artifact of this method (format {meta.get('format')!r}, wanted {fmt!r})")
     return meta
