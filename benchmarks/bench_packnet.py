@@ -14,6 +14,7 @@ methods warmed up first. Seconds are FitResult.train_seconds (steps + prune + he
 excluded), summed over a task's phases.
 
     nice -n 19 .venv/bin/python benchmarks/bench_packnet.py --seeds 0 1 2 --out /tmp/bench_packnet.json
+    ... --cpg        # also CPG-lite (ksm_core.cpg) as a chain on the same backbone, goal = each task's own accuracy
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ksm_core import KSMNet, TrainConfig, create_model, fit_task, save_task, train_backbone
 from ksm_core.cpu import tune_malloc
+from ksm_core.cpg import CPG
 from ksm_core.packnet import PackNet
 from pipeline.data import load_source
 
@@ -57,7 +59,8 @@ def loader(x, y, batch, shuffle, seed):
                       generator=torch.Generator().manual_seed(seed))
 
 
-def run_seed(seed: int, data, cfg: TrainConfig, bb_cfg: TrainConfig, width: float, out_dir: Path) -> dict:
+def run_seed(seed: int, data, cfg: TrainConfig, bb_cfg: TrainConfig, width: float, out_dir: Path,
+             methods: tuple[str, ...] = ("ksm", "packnet"), allow_loss: float = 0.0) -> dict:
     torch.manual_seed(seed)
     (bx, by), (btx, bty) = data[0]
     bb = create_model("vgg16_bn_cifar", num_classes=2, width=width)
@@ -87,7 +90,31 @@ def run_seed(seed: int, data, cfg: TrainConfig, bb_cfg: TrainConfig, width: floa
                                 "free_after": res.free_after})
     # no forgetting: every earlier task re-checked after the last one
     rows["packnet_recheck"] = [pn.evaluate(i, loader(*data[i][1], 256, False, 0))[0] for i in range(1, len(data))]
+    if "cpg" in methods:
+        rows["cpg"] = run_cpg(bb, data, tcfg, seed, allow_loss, out_dir)
     return rows
+
+
+def run_cpg(bb, data, tcfg: TrainConfig, seed: int, allow_loss: float, out_dir: Path) -> list[dict]:
+    """CPG-lite's chain on the same backbone: goal = each task's own unpruned accuracy (theirs: a separately
+    trained network's). A task that frees nothing leaves the next without capacity (theirs would grow): the
+    chain stops there, recorded."""
+    net = CPG.from_backbone(bb)
+    rows = []
+    for i, ((x, y), (xt, yt)) in enumerate(data):
+        if i:
+            net.add_task(2, name=f"t{i}")
+        try:
+            res = net.train_task(i, loader(x, y, 32, True, seed), loader(xt, yt, 256, False, 0), tcfg,
+                                 allow_loss=allow_loss)
+        except ValueError as e:
+            rows.append({"task": i, "error": str(e)})
+            break
+        size = net.save_task(i, out_dir / f"cpg-{seed}-{i}.safetensors")
+        rows.append({"task": i, "acc": res.test_acc, "train_s": res.train_seconds, "bytes": net.task_bytes(i),
+                     "artifact_bytes": size, "sparsity": res.sparsity, "goal_met": res.goal_met,
+                     "steps": len(res.prune_steps), "owned": res.owned})
+    return rows[1:] if rows and "error" not in rows[0] else rows
 
 
 def warm_up(data, width: float) -> None:
@@ -106,23 +133,32 @@ def summary(all_rows: list[dict]) -> str:
     def ms(vals):
         return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else f"{vals[0]:.4f}"
 
-    lines = ["| method | mean acc (3 seeds) | train s/task | bytes/task | notes |", "|---|---|---|---|---|"]
-    for m in ("ksm", "packnet"):
-        acc = [statistics.mean(r["acc"] for r in rows[m]) for rows in all_rows]
-        sec = [statistics.mean(r["train_s"] for r in rows[m]) for rows in all_rows]
-        byt = [statistics.mean(r["bytes"] for r in rows[m]) for rows in all_rows]
+    lines = [f"| method | mean acc ({len(all_rows)} seeds) | train s/task | bytes/task | notes |", "|---|---|---|---|---|"]
+    for m in ("ksm", "packnet", "cpg"):
+        if not all(m in rows and rows[m] and "acc" in rows[m][0] for rows in all_rows):
+            continue
+        done = [[r for r in rows[m] if "acc" in r] for rows in all_rows]
+        acc = [statistics.mean(r["acc"] for r in d) for d in done]
+        sec = [statistics.mean(r["train_s"] for r in d) for d in done]
+        byt = [statistics.mean(r["bytes"] for r in d) for d in done]
         note = ""
+        if m == "cpg":
+            note = f"tasks trained: {[len(d) for d in done]} (a chain stops where theirs would grow)"
         if m == "packnet":
             art = statistics.mean(r["artifact_bytes"] for rows in all_rows for r in rows[m])
             base = statistics.mean(rows["packnet_base"]["train_s"] for rows in all_rows)
             note = f"artifact {art:,.0f} B (owned values); + base prune/retrain {base:.1f} s once"
         lines.append(f"| {m} | {ms(acc)} | {statistics.mean(sec):.2f} | {statistics.mean(byt):,.0f} | {note} |")
-    per_task = ["", "| seed | task | ksm acc | packnet acc | ksm s | packnet s |", "|---|---|---|---|---|---|"]
+    return "\n".join(lines + per_task(all_rows))
+
+
+def per_task(all_rows: list[dict]) -> list[str]:
+    out = ["", "| seed | task | ksm acc | packnet acc | ksm s | packnet s |", "|---|---|---|---|---|---|"]
     for rows in all_rows:
         for k, p in zip(rows["ksm"], rows["packnet"]):
-            per_task.append(f"| {rows['seed']} | t{k['task']} | {k['acc']:.4f} | {p['acc']:.4f} | "
-                            f"{k['train_s']:.2f} | {p['train_s']:.2f} |")
-    return "\n".join(lines + per_task)
+            out.append(f"| {rows['seed']} | t{k['task']} | {k['acc']:.4f} | {p['acc']:.4f} | "
+                       f"{k['train_s']:.2f} | {p['train_s']:.2f} |")
+    return out
 
 
 def main() -> None:
@@ -133,6 +169,8 @@ def main() -> None:
     ap.add_argument("--backbone-epochs", type=int, default=4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="write every row as JSON here")
+    ap.add_argument("--cpg", action="store_true", help="also CPG-lite's chain on the same backbone (slow: 2-5x)")
+    ap.add_argument("--cpg-allow-loss", type=float, default=0.0, help="CPG's --allow_acc_loss (their script: 0)")
     a = ap.parse_args()
     tune_malloc()
     train, test = load_source({"name": "fashion_mnist"}, "train"), load_source({"name": "fashion_mnist"}, "test")
@@ -147,7 +185,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for s in a.seeds:
             t0 = time.perf_counter()
-            rows = run_seed(s, data, cfg, bb_cfg, a.width, Path(d))
+            rows = run_seed(s, data, cfg, bb_cfg, a.width, Path(d),
+                            ("ksm", "packnet", "cpg") if a.cpg else ("ksm", "packnet"), a.cpg_allow_loss)
             rows["wall_s"] = time.perf_counter() - t0
             all_rows.append(rows)
             print(json.dumps(rows), flush=True)
