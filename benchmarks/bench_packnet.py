@@ -67,7 +67,8 @@ def run_seed(seed: int, data, cfg: TrainConfig, bb_cfg: TrainConfig, width: floa
     t0 = time.perf_counter()
     bres = train_backbone(bb, loader(bx, by, 64, True, seed), loader(btx, bty, 256, False, 0),
                           TrainConfig(**{**bb_cfg.to_dict(), "seed": seed}))
-    rows = {"seed": seed, "backbone_acc": bres.test_acc, "backbone_s": time.perf_counter() - t0, "ksm": [], "packnet": []}
+    rows = {"seed": seed, "backbone_acc": bres.test_acc, "backbone_s": time.perf_counter() - t0, "ksm": [],
+            "packnet": []}
     tcfg = TrainConfig(**{**cfg.to_dict(), "seed": seed})
 
     net = KSMNet.from_backbone(bb)
@@ -133,7 +134,8 @@ def summary(all_rows: list[dict]) -> str:
     def ms(vals):
         return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else f"{vals[0]:.4f}"
 
-    lines = [f"| method | mean acc ({len(all_rows)} seeds) | train s/task | bytes/task | notes |", "|---|---|---|---|---|"]
+    lines = [f"| method | mean acc ({len(all_rows)} seeds) | train s/task | bytes/task | notes |",
+             "|---|---|---|---|---|"]
     for m in ("ksm", "packnet", "cpg"):
         if not all(m in rows and rows[m] and "acc" in rows[m][0] for rows in all_rows):
             continue

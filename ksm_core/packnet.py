@@ -59,7 +59,8 @@ from torch import Tensor, nn
 from .artifact import BackboneMismatch, write_atomic
 from .layers import TaskAware, TaskBatchNorm, TaskHeads
 from .network import _set_module, find_head, fingerprint
-from .train import EpochCallback, FitResult, TrainConfig, _fit_epochs, drain_epochs, evaluate, refit_head, resolve_device
+from .train import (EpochCallback, FitResult, TrainConfig, _fit_epochs, drain_epochs, evaluate, refit_head,
+                    resolve_device)
 
 __all__ = ["PackNet", "PackNetResult", "PackedConv2d", "PackedLinear", "FORMAT", "PRUNE_DEFAULT"]
 
@@ -265,7 +266,8 @@ class PackNet(nn.Module):
                    on_epoch: EpochCallback | None = None) -> PackNetResult:
         """Train, prune, retrain and freeze task ``task`` (the last one added, not frozen yet). Task 0: prune
         the backbone and retrain what it keeps. ``retrain_epochs``: default ceil(cfg.epochs / 2) (Mallya's scripts:
-        20 + 10 epochs; CPG's CIFAR-100 PackNet script: 100 + 30); 0 = no retrain. ``on_epoch(epoch, record)`` sees both phases (record["phase"])."""
+        20 + 10 epochs; CPG's CIFAR-100 PackNet script: 100 + 30); 0 = no retrain. ``on_epoch(epoch, record)``
+        sees both phases (record["phase"])."""
         cfg = cfg or TrainConfig()
         if retrain_epochs is None:
             retrain_epochs = math.ceil(cfg.epochs / 2)
@@ -450,7 +452,8 @@ class PackNet(nn.Module):
             net._freeze(i)
             net.task_names[i] = meta["task_name"]
             if net.chain_fingerprint(i) != meta["fingerprint"]:
-                raise ValueError(f"artifact {path} does not reproduce its own fingerprint: damaged; train task {i} again")
+                raise ValueError(f"artifact {path} does not reproduce its own fingerprint: damaged; "
+                                 f"train task {i} again")
         return net
 
     @torch.no_grad()
@@ -480,5 +483,6 @@ def _read_meta(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
         raw = (f.metadata() or {}).get("ksm")
     meta = json.loads(raw) if raw else {}
     if meta.get("format") != fmt:
-        raise ValueError(f"{path} is not a task artifact of this method (format {meta.get('format')!r}, wanted {fmt!r})")
+        raise ValueError(f"{path} is not a task artifact of this method (format {meta.get('format')!r}, "
+                         f"wanted {fmt!r})")
     return meta
