@@ -17,6 +17,12 @@
 #                             first time (it creates the admin in the auth store), ignored afterwards. Never on a
 #                             command line or in a file of ours. MLFLOW_AUTH_ADMIN_USERNAME: default admin.
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  (basic) signs the UI's CSRF tokens; default: a random one per start
+#   KSM_MLFLOW_AUTH_CACHE_S   (basic) seconds a worker keeps a checked login (MLflow's auth_cache_ttl_seconds)
+#                             default 30; 0 = check the password hash on every request. MLflow hashes passwords
+#                             with scrypt: 0.12 s of server CPU per request, measured (benchmarks/RESULTS.md,
+#                             "Suite time"), which a task stream pays on every metric batch and artifact upload.
+#                             The price: a password changed or a user deleted through another worker is still
+#                             accepted by this one for up to that long.
 #   KSM_MLFLOW_AUTH_CONFIG    (basic) your own auth config ini (MLflow's MLFLOW_AUTH_CONFIG_PATH); default: one
 #                             written to $KSM_MLFLOW_DIR/basic_auth.ini (users in $KSM_MLFLOW_DIR/basic_auth.db,
 #                             signed-in users without a grant may READ; KSM_MLFLOW_DEFAULT_PERMISSION changes it)
@@ -87,6 +93,10 @@ case "$ARTIFACTS" in
 esac
 case "$PORT" in
   ''|*[!0-9]*) echo "error: KSM_MLFLOW_PORT=$PORT is not a port number" >&2; exit 2 ;;
+esac
+AUTH_CACHE_S=${KSM_MLFLOW_AUTH_CACHE_S:-30}
+case "$AUTH_CACHE_S" in
+  ''|*[!0-9]*) echo "error: KSM_MLFLOW_AUTH_CACHE_S=$AUTH_CACHE_S is not a number of seconds (0 turns the login cache off)" >&2; exit 2 ;;
 esac
 
 case "$BACKEND" in
@@ -160,6 +170,7 @@ default_permission = ${KSM_MLFLOW_DEFAULT_PERMISSION:-READ}
 database_uri = sqlite:///$DIR/basic_auth.db
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = $AUTH_CACHE_S
 INI
       )
     fi

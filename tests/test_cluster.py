@@ -784,3 +784,7 @@ def test_start_script_defaults_to_loopback_sqlite_and_the_artifact_proxy(tmp_pat
                          env={**os.environ, "MLFLOW": str(VENV_BIN / "mlflow"), "KSM_MLFLOW_PORT": "50OO",
                               "KSM_MLFLOW_DIR": str(tmp_path)}, timeout=30)
     assert bad.returncode == 2 and "KSM_MLFLOW_PORT=50OO is not a port number" in bad.stderr
+    bad = subprocess.run(["bash", str(CLUSTER_DIR / "start_mlflow_server.sh")], capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW": str(VENV_BIN / "mlflow"), "KSM_MLFLOW_AUTH_CACHE_S": "30s",
+                              "KSM_MLFLOW_DIR": str(tmp_path)}, timeout=30)
+    assert bad.returncode == 2 and "KSM_MLFLOW_AUTH_CACHE_S=30s is not a number of seconds" in bad.stderr

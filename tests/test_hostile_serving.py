@@ -273,7 +273,7 @@ def _auth_server(store: Path, log: Path, port: int, **extra: str) -> Proc:
     env = {**os.environ, "KSM_MLFLOW_DIR": str(store), "KSM_MLFLOW_PORT": str(port), "KSM_MLFLOW_WORKERS": "1",
            "MLFLOW": str(VENV_BIN / "mlflow"), "KSM_MLFLOW_AUTH": "basic",
            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, **extra}
-    for k in ("KSM_MLFLOW_HOST", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    for k in ("KSM_MLFLOW_HOST", "KSM_MLFLOW_AUTH_CACHE_S", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
               "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         env.pop(k, None)
     return Proc(["bash", str(CLUSTER_DIR / "start_mlflow_server.sh")], log, env=env, cwd=store.parent)
@@ -316,6 +316,10 @@ def test_the_tracking_server_refuses_whoever_has_no_login(auth_server):
     assert _get(f"{u}/api/2.0/mlflow/registered-models/create", method="POST", data=b'{"name": "x"}') == 401
     assert _get(f"{u}/api/2.0/mlflow/experiments/search?max_results=1", ("admin", "wrong-password-123")) == 401
     assert _get(f"{u}/api/2.0/mlflow/experiments/search?max_results=1", ("admin", ADMIN_PASSWORD)) == 200
+    # a worker keeps a checked login for KSM_MLFLOW_AUTH_CACHE_S (30 s): the cache is keyed by the password, so a
+    # wrong one right after the right one is still checked, and refused
+    assert "auth_cache_ttl_seconds = 30" in (auth_server.store / "basic_auth.ini").read_text()
+    assert _get(f"{u}/api/2.0/mlflow/experiments/search?max_results=1", ("admin", "wrong-password-123")) == 401
     saved = {k: os.environ.pop(k, None) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         with pytest.raises(MlflowException):
