@@ -328,3 +328,24 @@ def test_read_only_folder_as_root_without_dac_override(tmp_path):
     assert code == "EACCES", r.stdout  # the errno itself, as a normal user gets it
     assert f"cannot create the MLflow store in folder {folder} (Permission denied)" in msg, msg
     assert list(folder.iterdir()) == []  # nothing half-made left behind
+
+
+def test_the_schema_head_read_from_the_revision_files_is_alembics(tmp_path):
+    """The check of an existing store compares its revision with the head read from MLflow's revision files'
+    text (no MLflow import); that head is alembic's own, and any file form the reader does not know sends the
+    check back to alembic (None), as do two heads."""
+    from pipeline.store import _schema_revisions, head_of_revision_files, migration_head_from_files
+
+    assert migration_head_from_files() == _schema_revisions()[0]
+
+    def revision(name: str, body: str) -> None:
+        (tmp_path / f"{name}.py").write_text(f'"""{name}"""\nfrom alembic import op\n\n{body}\n')
+
+    revision("a", 'revision = "aaaa"\ndown_revision = None')
+    revision("b", "revision = 'bbbb'\ndown_revision = 'aaaa'")
+    revision("c", 'revision: str = "cccc"\ndown_revision: Union[str, None] = "bbbb"')
+    assert head_of_revision_files(tmp_path) == "cccc"
+    revision("d", 'revision = "dddd"\ndown_revision = "bbbb"')  # a second head
+    assert head_of_revision_files(tmp_path) is None
+    revision("e", 'revision = "eeee"\ndown_revision = ("cccc", "dddd")')  # their merge: a form it leaves to alembic
+    assert head_of_revision_files(tmp_path) is None
