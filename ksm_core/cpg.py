@@ -32,7 +32,6 @@ shared weight. The network never grows here.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
