@@ -111,10 +111,10 @@ def pytest_collection_modifyitems(session, config, items):
 
     Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the slow tests that may run Ray in this process form
     two xdist groups, each run by one worker in the order above: RAY_DOWN (group 0's) and RAY_HERE (groups 1-3).
-    The suite spends most of its time waiting on processes it started (drivers, servers, a `ray start` head): 8.7
-    CPU-minutes in 13 wall minutes on 2 cores, measured. So the tests that only wait on their own processes
-    (`@pytest.mark.own_processes`, one group per module so a module's fixtures start once) and the fast tests run on
-    the other workers meanwhile."""
+    Neither waits for the other (the one queue of 590 s they made was the suite's critical path). The tests that only
+    wait on their own processes (`@pytest.mark.own_processes`, one group per module so a module's fixtures start
+    once) and the fast tests fill both workers around them. Two workers, not three: the suite is bound by CPU (the
+    processes it starts), and a third worker made it slower and timed Ray's start-up out (benchmarks/RESULTS.md)."""
     def group(item) -> int:
         if not _uses_shared_ray(item):
             return 0
