@@ -19,6 +19,10 @@ ALLOW = 0.05
 CFG = TrainConfig(epochs=2, lr_finetune=1e-3, lr_mask=1e-3, lr_head=1e-3, head_refit=True)
 
 
+# the module's chain trains a backbone and three tasks (~11 s): beyond the fast tier's budget (`make test-fast` < 60 s)
+pytestmark = pytest.mark.slow
+
+
 def _loader(x, y, shuffle):
     return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
 
