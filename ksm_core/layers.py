@@ -7,6 +7,8 @@ forward uses.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,16 @@ from torch import Tensor, nn
 
 from .masks import MaskSpec, effective_mask, mask_shape, masked_weight
 
-__all__ = ["TaskState", "MaskedConv2d", "MaskedLinear", "TaskBatchNorm", "TaskHeads", "TaskAware"]
+__all__ = ["TaskState", "MaskedConv2d", "MaskedLinear", "TaskBatchNorm", "TaskHeads", "TaskAware", "modules_of"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def modules_of(root: nn.Module, kind: type[M]) -> Iterator[tuple[str, M]]:
+    """(qualified name, module) of every submodule of ``root`` that is a ``kind``, in module order."""
+    for n, m in root.named_modules():
+        if isinstance(m, kind):
+            yield n, m
 
 
 class TaskState(nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layers import MaskedConv2d, MaskedLinear, TaskAware, TaskBatchNorm, TaskHeads, _MaskedLayer
+from .layers import MaskedConv2d, MaskedLinear, TaskAware, TaskBatchNorm, TaskHeads, _MaskedLayer, modules_of
 from .masks import MaskSpec, mask_spec
 
 __all__ = ["KSMNet", "fingerprint", "find_head"]
@@ -162,14 +162,10 @@ class KSMNet(nn.Module):
         return self.body.get_submodule(self.head_name)
 
     def masked_layers(self) -> Iterator[tuple[str, _MaskedLayer]]:
-        for n, m in self.body.named_modules():
-            if isinstance(m, _MaskedLayer):
-                yield n, m
+        return modules_of(self.body, _MaskedLayer)
 
     def batchnorms(self) -> Iterator[tuple[str, TaskBatchNorm]]:
-        for n, m in self.body.named_modules():
-            if isinstance(m, TaskBatchNorm):
-                yield n, m
+        return modules_of(self.body, TaskBatchNorm)
 
     def task_parameters(self, task: int) -> dict[str, list[nn.Parameter]]:
         """The trainable tensors of one task, grouped: masks (or fine-tune weights), BN affine, head."""

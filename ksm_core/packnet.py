@@ -57,7 +57,7 @@ from safetensors.numpy import save as np_save
 from torch import Tensor, nn
 
 from .artifact import BackboneMismatch, write_atomic
-from .layers import TaskAware, TaskBatchNorm, TaskHeads
+from .layers import TaskAware, TaskBatchNorm, TaskHeads, modules_of
 from .network import _set_module, find_head, fingerprint
 from .train import (EpochCallback, FitResult, TrainConfig, _fit_epochs, drain_epochs, evaluate, refit_head,
                     resolve_device)
@@ -189,14 +189,10 @@ class PackNet(nn.Module):
         return self.body.get_submodule(self.head_name)
 
     def packed_layers(self) -> Iterator[tuple[str, _PackedLayer]]:
-        for n, m in self.body.named_modules():
-            if isinstance(m, _PackedLayer):
-                yield n, m
+        return modules_of(self.body, _PackedLayer)
 
     def batchnorms(self) -> Iterator[tuple[str, TaskBatchNorm]]:
-        for n, m in self.body.named_modules():
-            if isinstance(m, TaskBatchNorm):
-                yield n, m
+        return modules_of(self.body, TaskBatchNorm)
 
     def check_task(self, task: int) -> int:
         if not isinstance(task, int) or isinstance(task, bool) or not 0 <= task < self.num_tasks:

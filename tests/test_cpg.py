@@ -5,16 +5,11 @@ import math
 
 import pytest
 import torch
-from data_helpers import fashion_subset
-from torch.utils.data import DataLoader, TensorDataset
+from data_helpers import fashion_chain
 
-from ksm_core import TrainConfig, create_model, train_backbone
+from ksm_core import TrainConfig
 from ksm_core.cpg import CPG
-from pipeline.data import load_source
-from pipeline.data.sources import DEBIAN_FASHION_MNIST
 
-BACKBONE = ["T-shirt/top", "Trouser"]
-TASKS = [["Pullover", "Dress"], ["Coat", "Sandal"]]
 ALLOW = 0.05
 CFG = TrainConfig(epochs=2, lr_finetune=1e-3, lr_mask=1e-3, lr_head=1e-3, head_refit=True)
 
@@ -23,23 +18,9 @@ CFG = TrainConfig(epochs=2, lr_finetune=1e-3, lr_mask=1e-3, lr_head=1e-3, head_r
 pytestmark = pytest.mark.slow
 
 
-def _loader(x, y, shuffle):
-    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
-
-
 @pytest.fixture(scope="module")
 def chain():
-    if not DEBIAN_FASHION_MNIST.is_dir():
-        pytest.skip("needs dataset-fashion-mnist")
-    train, test = load_source({"name": "fashion_mnist"}, "train"), load_source({"name": "fashion_mnist"}, "test")
-    torch.manual_seed(0)
-    bb = create_model("vgg16_bn_cifar", num_classes=2, width=0.0625)
-    data = [(_loader(*fashion_subset(train, BACKBONE, 150, seed=0), True),
-             _loader(*fashion_subset(test, BACKBONE, 100, seed=0), False))]
-    train_backbone(bb, data[0][0], data[0][1], TrainConfig(epochs=2))
-    for i, names in enumerate(TASKS, start=1):
-        data.append((_loader(*fashion_subset(train, names, 150, seed=i), True),
-                     _loader(*fashion_subset(test, names, 100, seed=i), False)))
+    bb, data = fashion_chain()
     net = CPG.from_backbone(bb, prune=0.5, step=0.25)  # two gradual steps (theirs: 0.1 .. 0.95)
     results, acc_then, given = [], [], []
     for t, (tr, te) in enumerate(data):

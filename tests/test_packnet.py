@@ -5,16 +5,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from data_helpers import fashion_subset
-from torch.utils.data import DataLoader, TensorDataset
+from data_helpers import fashion_chain
 
-from ksm_core import BackboneMismatch, TrainConfig, create_model, train_backbone
+from ksm_core import BackboneMismatch, TrainConfig, create_model
 from ksm_core.packnet import FREE, PackNet
-from pipeline.data import load_source
-from pipeline.data.sources import DEBIAN_FASHION_MNIST
 
-BACKBONE = ["T-shirt/top", "Trouser"]          # the initial task, as split_fashion_mnist's t0
-TASKS = [["Pullover", "Dress"], ["Coat", "Sandal"]]
 PRUNE = 0.5
 CFG = TrainConfig(epochs=2, lr_finetune=1e-3, lr_mask=1e-3, lr_head=1e-3, head_refit=True)
 
@@ -23,29 +18,15 @@ CFG = TrainConfig(epochs=2, lr_finetune=1e-3, lr_mask=1e-3, lr_head=1e-3, head_r
 pytestmark = pytest.mark.slow
 
 
-def _loader(x, y, shuffle):
-    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
-
-
 def _layer_counts(net, oid):
     return {n: int((m.owner == oid).sum()) for n, m in net.packed_layers()}
 
 
 @pytest.fixture(scope="module")
 def chain():
-    if not DEBIAN_FASHION_MNIST.is_dir():
-        pytest.skip("needs dataset-fashion-mnist")
-    train, test = load_source({"name": "fashion_mnist"}, "train"), load_source({"name": "fashion_mnist"}, "test")
-    torch.manual_seed(0)
-    bb = create_model("vgg16_bn_cifar", num_classes=2, width=0.0625)
-    bx, by = fashion_subset(train, BACKBONE, 150, seed=0)
-    data = [(_loader(bx, by, True), _loader(*fashion_subset(test, BACKBONE, 100, seed=0), False))]
-    train_backbone(bb, data[0][0], data[0][1], TrainConfig(epochs=2))
+    bb, data = fashion_chain()
     net = PackNet.from_backbone(bb, prune=PRUNE)
     results, acc_then, snap, free_before, owned_after = [], [], [], [], []
-    for i, names in enumerate(TASKS, start=1):
-        data.append((_loader(*fashion_subset(train, names, 150, seed=i), True),
-                     _loader(*fashion_subset(test, names, 100, seed=i), False)))
     for t, (tr, te) in enumerate(data):
         if t:
             assert net.add_task(2, name=f"t{t}") == t
