@@ -212,8 +212,9 @@ class Tracker:
     @contextlib.contextmanager
     def running(self, run_id: str, *, finish: bool = True) -> Iterator[None]:
         """Close ``run_id`` as the block ends, as MLflow's ``start_run`` closes its run: FINISHED when the block
-        returns, KILLED on :class:`Stopped` or KeyboardInterrupt, FAILED on any other exception, which is raised
-        again. ``finish=False``: the block closes the run itself when it succeeds (a task job, whose last log and
+        returns, KILLED on :class:`Stopped`, KeyboardInterrupt or SystemExit (the process was told to stop: a Ray
+        worker turns the SIGTERM its dying raylet sends into SystemExit; the task itself did not fail, and a rerun's
+        claim counts the run as an earlier attempt), FAILED on any other exception, which is raised again. ``finish=False``: the block closes the run itself when it succeeds (a task job, whose last log and
         finish are kept locally when the server is down); only an exception closes it here.
 
         A :class:`TrackingUnreachable` from the block leaves the run as it is (the server cannot take a status
@@ -225,7 +226,7 @@ class Tracker:
             raise
         except BaseException as e:
             with contextlib.suppress(TrackingUnreachable):
-                self.finish(run_id, "KILLED" if isinstance(e, (Stopped, KeyboardInterrupt)) else "FAILED")
+                self.finish(run_id, "KILLED" if isinstance(e, (Stopped, KeyboardInterrupt, SystemExit)) else "FAILED")
             raise
         if finish:
             self.finish(run_id)

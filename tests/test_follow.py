@@ -181,16 +181,19 @@ def descendants(pid: int) -> set[int]:
 
 @pytest.mark.slow
 def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path, ray_local):
-    """kill -9 on the driver while its second task trains: nothing can close its runs, and its embedded Ray goes
-    with it. The same command then closes the dead attempt KILLED (its pid is gone) and trains that task again,
-    reopens the parent run, and keeps the task that had finished (same run, same accuracy).
+    """kill -9 on the driver while its second task trains: the driver cannot close its runs, and its embedded Ray
+    goes with it. The cut attempt ends KILLED (by its worker on the raylet's SIGTERM, or by the rerun's claim once
+    its pid is gone); the same command trains that task again, reopens the parent run, and keeps the task that had
+    finished (same run, same accuracy).
 
     The second task is provably mid-training when the driver dies: it has 5x the first's images and is killed
     right after its first epoch is logged, so 9 of its 10 epochs (45 of the first task's) are left, against the
     moment its worker needs to notice its raylet is gone. (A kill near its end once let the dying worker finish
     and log it, and the rerun only reused it: the claim's take-over went unexercised.) The rerun's
-    `cluster.claim_timeout_s` is an hour, so the heartbeat (seconds old) cannot expire: only the gone pid can
-    close the attempt. tests/test_claims.py takes both take-overs apart against a store directly."""
+    `cluster.claim_timeout_s` is an hour, so the heartbeat (seconds old) cannot expire: only the gone pid lets the
+    claim close the attempt. tests/test_claims.py takes both take-overs apart against a store directly. (Before
+    SystemExit closed a run KILLED, the worker's close was FAILED, not counted as an attempt: the test failed one
+    suite run in three on 2026-12-02.)"""
     long_task = {**NEW, "caps": {"train": 600, "test": 40}}
     cat = write(tmp_path / "tasks.jsonl", [*LINES, long_task])
     args = ["benchmark=catalogue", f"benchmark.path={cat}", "cluster.num_cpus=1", "train.epochs=10"]
@@ -236,10 +239,14 @@ def test_a_sigkilled_driver_is_resumed_by_the_same_command(tmp_path, ray_local):
     assert sorted(finished) == ["boots", "shoes"]
     kept = finished[done.data.tags["ksm_task"]]
     assert kept.info.run_id == done.info.run_id and kept.data.metrics["test_acc"] == done.data.metrics["test_acc"]
-    # the rerun's claim found the cut attempt RUNNING with its pid gone, closed it KILLED and trained the task again
+    # the cut attempt ends KILLED, closed by one of two, whichever comes first (a race, measured: both happen): its
+    # own worker, when the dying raylet's SIGTERM reaches it as SystemExit mid-training (Tracker.running), or the
+    # rerun's claim, which finds it RUNNING with its pid gone (tag ksm_claim=expired). Either way the task is
+    # trained again as attempt 2. tests/test_claims.py takes the claim's take-over apart on its own.
     dead = next(r for r in final if r.info.run_id == cut.info.run_id)
-    assert (dead.data.tags["ksm_task"], dead.info.status, dead.data.tags.get("ksm_claim")) == (
-        "boots", "KILLED", "expired")
+    assert (dead.data.tags["ksm_task"], dead.info.status) == ("boots", "KILLED")
+    assert dead.data.tags.get("ksm_claim") in (None, "expired")
+    print(f"[fault] the cut attempt was closed by {'the rerun' if dead.data.tags.get('ksm_claim') else 'its worker'}")
     again = finished["boots"]
     assert again.info.run_id != cut.info.run_id and again.data.tags["ksm_attempt"] == "2"
     parents = [r for r in final if r.data.tags.get("ksm_kind") == "sequence"]

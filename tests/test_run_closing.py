@@ -35,7 +35,8 @@ def test_a_block_that_returns_closes_the_run_finished():
 
 
 @pytest.mark.parametrize("exc, status", [(PipelineError("bad"), "FAILED"), (ValueError("bad"), "FAILED"),
-                                         (Stopped(15, "stopped"), "KILLED"), (KeyboardInterrupt(), "KILLED")])
+                                         (Stopped(15, "stopped"), "KILLED"), (KeyboardInterrupt(), "KILLED"),
+                                         (SystemExit(1), "KILLED")])  # a Ray worker's SIGTERM
 def test_an_exception_closes_the_run_and_is_raised_again(exc, status):
     rec = Recorder()
     with pytest.raises(type(exc)) as got:
