@@ -5,9 +5,9 @@ VENV_PY := .venv/bin/python
 run: .install-stamp
 	$(VENV_PY) run_pipeline.py
 
-# two xdist workers: one runs the tests on the shared Ray runtime
-# in order, one the tests that need Ray down in the pytest process, and all share the tests that only wait on
-# processes of their own and the fast ones (tests/conftest.py, pytest_collection_modifyitems)
+# two xdist workers: one runs the tests on the shared Ray runtime in order, one the tests that need Ray down in the
+# pytest process; both share the tests that only wait on processes of their own and the fast ones
+# (tests/conftest.py, pytest_collection_modifyitems)
 test: .install-stamp
 	$(VENV_PY) -m pytest -q -n 2 --dist loadgroup
 
