@@ -22,7 +22,8 @@
 #                             with scrypt: 0.12 s of server CPU per request, measured (benchmarks/RESULTS.md,
 #                             "Suite time"), which a task stream pays on every metric batch and artifact upload.
 #                             The price: a password changed or a user deleted through another worker is still
-#                             accepted by this one for up to that long.
+#                             accepted by this one for up to that long. Written into the script's own ini only:
+#                             with KSM_MLFLOW_AUTH_CONFIG, set auth_cache_ttl_seconds in your ini.
 #   KSM_MLFLOW_AUTH_CONFIG    (basic) your own auth config ini (MLflow's MLFLOW_AUTH_CONFIG_PATH); default: one
 #                             written to $KSM_MLFLOW_DIR/basic_auth.ini (users in $KSM_MLFLOW_DIR/basic_auth.db,
 #                             signed-in users without a grant may READ; KSM_MLFLOW_DEFAULT_PERMISSION changes it)
