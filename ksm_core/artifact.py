@@ -118,11 +118,7 @@ def pack_task(net: KSMNet, task: int) -> tuple[dict[str, np.ndarray], dict[str, 
         if spec.soft:
             tensors[f"mask.{name}.soft"] = mk.reshape(-1)[~hard.reshape(-1)].astype(np.float16)
         layers[name] = list(mk.shape)
-    for name, m in net.batchnorms():
-        for key, v in m.tasks[k].state_dict().items():
-            tensors[f"bn.{name}.{key}"] = _np(v)
-    for key, v in net.heads.tasks[k].state_dict().items():
-        tensors[f"head.{key}"] = _np(v)
+    tensors.update(pack_bn_head(net, task))
     meta = {
         "format": FORMAT,
         "spec": spec.to_dict(),
@@ -132,6 +128,25 @@ def pack_task(net: KSMNet, task: int) -> tuple[dict[str, np.ndarray], dict[str, 
         "mask_shapes": layers,
     }
     return tensors, meta
+
+
+def pack_bn_head(net: Any, task: int) -> dict[str, np.ndarray]:
+    """A task's BatchNorm and head tensors as an artifact stores them (``bn.<layer>.<key>``, ``head.<key>``), for
+    any network with ``batchnorms()`` and ``heads`` (KSMNet, ksm_core.packnet's PackNet)."""
+    k = str(task)
+    out = {f"bn.{name}.{key}": _np(v) for name, m in net.batchnorms() for key, v in m.tasks[k].state_dict().items()}
+    out.update({f"head.{key}": _np(v) for key, v in net.heads.tasks[k].state_dict().items()})
+    return out
+
+
+def load_bn_head(net: Any, task: int, arrays: dict[str, np.ndarray]) -> None:
+    """The inverse of :func:`pack_bn_head`: load task ``task``'s BatchNorm and head from an artifact's arrays."""
+    k = str(task)
+    for name, m in net.batchnorms():
+        bn = m.tasks[k]
+        bn.load_state_dict({key: torch.from_numpy(arrays[f"bn.{name}.{key}"].copy()) for key in bn.state_dict()})
+    head = net.heads.tasks[k]
+    head.load_state_dict({key: torch.from_numpy(arrays[f"head.{key}"].copy()) for key in head.state_dict()})
 
 
 def save_task(net: KSMNet, task: int, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> int:
@@ -148,8 +163,9 @@ def save_task(net: KSMNet, task: int, path: str | os.PathLike, extra: dict[str, 
     return write_atomic(np_save(tensors, metadata={"ksm": json.dumps(meta)}), path)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON metadata of an artifact, without loading its tensors."""
+def read_metadata(path: str | os.PathLike, fmt: str = FORMAT) -> dict[str, Any]:
+    """The JSON metadata of an artifact of format ``fmt`` (KSM's; ksm_core.packnet and .cpg pass theirs), without
+    loading its tensors."""
     try:
         with safe_open(str(path), framework="numpy") as f:
             raw = (f.metadata() or {}).get("ksm")
@@ -160,8 +176,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if raw is None:
         raise ValueError(f"{path} is a safetensors file without ksm metadata; it is not a task artifact")
     meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} has artifact format {meta.get('format')!r}; this version reads {FORMAT!r}")
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} has artifact format {meta.get('format')!r}; this version reads {fmt!r}")
     return meta
 
 
@@ -196,9 +212,5 @@ def load_task(net: KSMNet, path: str | os.PathLike, name: str | None = None) -> 
             if spec.soft:
                 mk[~hard] = arrays[f"mask.{lname}.soft"].astype(np.float32)
             m.load_mask(t, torch.from_numpy(mk.reshape(shape)))
-        for bname, m in net.batchnorms():
-            bn = m.tasks[k]
-            bn.load_state_dict({key: torch.from_numpy(arrays[f"bn.{bname}.{key}"].copy()) for key in bn.state_dict()})
-        head = net.heads.tasks[k]
-        head.load_state_dict({key: torch.from_numpy(arrays[f"head.{key}"].copy()) for key in head.state_dict()})
+        load_bn_head(net, t, arrays)
     return t

@@ -231,7 +231,7 @@ class CPG(PackNet):
             acc = self.evaluate(task, test_loader, cfg)[0]
             res.goal = acc if goal is None else float(goal)
             res.goal_met = acc >= res.goal   # theirs would grow the network here when not
-            given = {n: int((m.owner == task + 1).sum()) for n, m in self.packed_layers()}
+            given = self.owned_per_layer(task)
             best, best_acc = self._snapshot(task), acc
             for s in sparsity_steps(self.step, self.prune):
                 t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -54,6 +54,24 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def swap_task_layers(body: nn.Module, head_name: str, conv: Callable[[nn.Conv2d], nn.Module],
+                     linear: Callable[[nn.Linear], nn.Module]) -> None:
+    """In place: the head becomes per-task heads, every BatchNorm per-task, every other Conv2d / Linear what
+    ``conv`` / ``linear`` make of it (KSM's masked layers, PackNet's packed ones); then every parameter is frozen
+    (anything not swapped, e.g. a PReLU, belongs to the frozen backbone; a method makes trainable what it trains)."""
+    for name, m in list(body.named_modules()):
+        if name == head_name:
+            _set_module(body, name, TaskHeads(m))
+        elif isinstance(m, nn.Conv2d):
+            _set_module(body, name, conv(m))
+        elif isinstance(m, nn.Linear):
+            _set_module(body, name, linear(m))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            _set_module(body, name, TaskBatchNorm(m))
+    for p in body.parameters():
+        p.requires_grad_(False)
+
+
 class KSMNet(nn.Module):
     """A frozen backbone serving many tasks; ``set_task(i)`` picks which task the next forward computes.
 
@@ -82,17 +100,7 @@ class KSMNet(nn.Module):
         head_name = find_head(backbone, head)
         fp = fingerprint(backbone.state_dict())
         body = copy.deepcopy(backbone) if copy_backbone else backbone
-        for name, m in list(body.named_modules()):
-            if name == head_name:
-                _set_module(body, name, TaskHeads(m))
-            elif isinstance(m, nn.Conv2d):
-                _set_module(body, name, MaskedConv2d(m))
-            elif isinstance(m, nn.Linear):
-                _set_module(body, name, MaskedLinear(m))
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                _set_module(body, name, TaskBatchNorm(m))
-        for p in body.parameters():
-            p.requires_grad_(False)  # anything not swapped (e.g. a PReLU) belongs to the frozen backbone too
+        swap_task_layers(body, head_name, MaskedConv2d, MaskedLinear)
         return cls(body, head_name, fp)
 
     # -- tasks --------------------------------------------------------------------------------------------

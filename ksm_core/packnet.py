@@ -51,14 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save as np_save
 from torch import Tensor, nn
 
-from .artifact import BackboneMismatch, write_atomic
+from .artifact import BackboneMismatch, load_bn_head, pack_bn_head, read_metadata, write_atomic
 from .layers import TaskAware, TaskBatchNorm, TaskHeads, modules_of
-from .network import _set_module, find_head, fingerprint
+from .network import find_head, fingerprint, swap_task_layers
 from .train import (EpochCallback, FitResult, TrainConfig, _fit_epochs, drain_epochs, evaluate, refit_head,
                     resolve_device)
 
@@ -166,17 +165,7 @@ class PackNet(nn.Module):
         head_name = find_head(backbone, head)
         fp = fingerprint(backbone.state_dict())
         body = copy.deepcopy(backbone)
-        for name, m in list(body.named_modules()):
-            if name == head_name:
-                _set_module(body, name, TaskHeads(m))
-            elif isinstance(m, nn.Conv2d):
-                _set_module(body, name, cls.CONV(m))
-            elif isinstance(m, nn.Linear):
-                _set_module(body, name, cls.LINEAR(m))
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                _set_module(body, name, TaskBatchNorm(m))
-        for p in body.parameters():
-            p.requires_grad_(False)  # made trainable only while their task trains
+        swap_task_layers(body, head_name, cls.CONV, cls.LINEAR)  # all frozen: made trainable while their task trains
         return cls(body, head_name, fp, prune)
 
     # -- tasks --------------------------------------------------------------------------------------------
@@ -235,8 +224,11 @@ class PackNet(nn.Module):
     def total_weights(self) -> int:
         return sum(m.weight.numel() for _, m in self.packed_layers())
 
+    def owned_per_layer(self, task: int) -> dict[str, int]:
+        return {n: int((m.owner == task + 1).sum()) for n, m in self.packed_layers()}
+
     def owned(self, task: int) -> int:
-        return sum(int((m.owner == task + 1).sum()) for _, m in self.packed_layers())
+        return sum(self.owned_per_layer(task).values())
 
     def free(self) -> int:
         return sum(int((m.owner == FREE).sum()) for _, m in self.packed_layers())
@@ -353,7 +345,7 @@ class PackNet(nn.Module):
     def _keep(self, task: int, sparsity: float, given: dict[str, int] | None = None) -> dict[str, int]:
         """Per layer, how many of task t's weights to keep so that ``sparsity`` of what it was ``given`` (default:
         what it owns now) is freed: n - round(sparsity * n)."""
-        given = given or {n: int((m.owner == task + 1).sum()) for n, m in self.packed_layers()}
+        given = given or self.owned_per_layer(task)
         return {n: c - int(round(sparsity * c)) for n, c in given.items()}
 
     @torch.no_grad()
@@ -400,18 +392,14 @@ class PackNet(nn.Module):
         self.check_task(task)
         if not self.frozen[task]:
             raise ValueError(f"task={task} is not trained (frozen) yet; nothing to save")
-        k, oid = str(task), task + 1
+        oid = task + 1
         tensors: dict[str, np.ndarray] = {}
         for name, m in self.packed_layers():
             own = (m.owner == oid).reshape(-1).cpu()
             tensors[f"own.{name}.bits"] = np.packbits(own.numpy())
             tensors[f"value.{name}"] = m.weight.detach().reshape(-1).cpu()[own].float().numpy()
         tensors.update(self._extra_arrays(task))
-        for name, m in self.batchnorms():
-            for key, v in m.tasks[k].state_dict().items():
-                tensors[f"bn.{name}.{key}"] = v.detach().cpu().contiguous().numpy()
-        for key, v in self.heads.tasks[k].state_dict().items():
-            tensors[f"head.{key}"] = v.detach().cpu().contiguous().numpy()
+        tensors.update(pack_bn_head(self, task))
         meta = {"format": self.FORMAT, "task": task, "task_name": self.task_names[task], "prune": self.prune,
                 "num_classes": self.num_classes(task), "backbone_fingerprint": self.backbone_fingerprint,
                 "parent_fingerprint": self.chain_fingerprint(task - 1) if task else self.backbone_fingerprint,
@@ -426,7 +414,7 @@ class PackNet(nn.Module):
         backbone (BackboneMismatch) and an artifact trained on another chain (a changed earlier task)."""
         if not paths:
             raise ValueError("paths is empty: give the artifacts of tasks 0..n-1, task 0 (the pruned backbone) first")
-        metas = [_read_meta(p, cls.FORMAT) for p in paths]
+        metas = [read_metadata(p, cls.FORMAT) for p in paths]
         net = cls.from_backbone(backbone, prune=metas[0]["prune"], head=head)
         with torch.no_grad():
             for _, m in net.packed_layers():  # nothing is owned until task 0's artifact says what the backbone kept
@@ -454,17 +442,13 @@ class PackNet(nn.Module):
 
     @torch.no_grad()
     def _load_arrays(self, task: int, arrays: dict[str, np.ndarray]) -> None:
-        k, oid = str(task), task + 1
+        oid = task + 1
         for name, m in self.packed_layers():
             own = torch.from_numpy(np.unpackbits(arrays[f"own.{name}.bits"], count=m.weight.numel()).astype(bool))
             own = own.to(m.owner.device)
             m.owner.view(-1)[own] = oid
             m.weight.data.view(-1)[own] = torch.from_numpy(arrays[f"value.{name}"]).to(m.weight)
-        for name, m in self.batchnorms():
-            bn = m.tasks[k]
-            bn.load_state_dict({key: torch.from_numpy(arrays[f"bn.{name}.{key}"].copy()) for key in bn.state_dict()})
-        head = self.heads.tasks[k]
-        head.load_state_dict({key: torch.from_numpy(arrays[f"head.{key}"].copy()) for key in head.state_dict()})
+        load_bn_head(self, task, arrays)
         self._load_extra(task, arrays)
 
     def _extra_arrays(self, task: int) -> dict[str, np.ndarray]:
@@ -473,12 +457,3 @@ class PackNet(nn.Module):
     def _load_extra(self, task: int, arrays: dict[str, np.ndarray]) -> None:
         pass
 
-
-def _read_meta(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
-    with safe_open(str(path), framework="numpy") as f:
-        raw = (f.metadata() or {}).get("ksm")
-    meta = json.loads(raw) if raw else {}
-    if meta.get("format") != fmt:
-        raise ValueError(f"{path} is not a task artifact of this method (format {meta.get('format')!r}, "
-                         f"wanted {fmt!r})")
-    return meta
