@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,23 +35,18 @@ from ksm_core.cpg import CPG
 from ksm_core.packnet import PackNet
 from pipeline.data import load_source
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from data_helpers import fashion_subset  # noqa: E402  (1x28x28 padded to 3x32x32, Fashion-MNIST's mean/std)
+
 TASKS = [["T-shirt/top", "Trouser"], ["Pullover", "Dress"], ["Coat", "Sandal"], ["Shirt", "Sneaker"],
          ["Bag", "Ankle boot"]]
 CAPS = {"train": 1000, "test": 400}
 INITIAL_CAPS = {"train": 4000, "test": 1000}
-MEAN, STD = 0.286, 0.353
 
 
 def subset(split, names: list[str], total: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``total`` images of ``names`` (stratified, seeded), as the network's input, labels 0..len(names)-1."""
-    rng = np.random.default_rng(seed)
-    per = total // len(names)
-    idx = np.concatenate([rng.choice(np.flatnonzero(split.y == split.class_names.index(c)), per, replace=False)
-                          for c in names])
-    x = torch.from_numpy(split.x[idx]).permute(0, 3, 1, 2).float().div_(255.0)
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
-    y = torch.tensor([names.index(split.class_names[i]) for i in split.y[idx]])
-    return (x - MEAN) / STD, y
+    """``total`` images of ``names`` (stratified, seeded), as the network's input: the tests' builder."""
+    return fashion_subset(split, names, total // len(names), seed)
 
 
 def loader(x, y, batch, shuffle, seed):
