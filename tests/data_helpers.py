@@ -265,6 +265,14 @@ def fashion_subset(split, names: list[str], n_per_class: int, seed: int) -> tupl
     return (x - 0.286) / 0.353, y
 
 
+def tensor_loader(x: torch.Tensor, y: torch.Tensor, shuffle: bool) -> "torch.utils.data.DataLoader":
+    """Batches of 32 over in-memory tensors; shuffled (seeded: the same order every run) or in order."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(0) if shuffle else None
+    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=shuffle, generator=gen)
+
+
 # the sequential baselines' tests (test_packnet, test_cpg): split_fashion_mnist's first three tasks, small
 CHAIN_BACKBONE = ["T-shirt/top", "Trouser"]  # the initial task, as split_fashion_mnist's t0
 CHAIN_TASKS = [["Pullover", "Dress"], ["Coat", "Sandal"]]
@@ -273,22 +281,15 @@ CHAIN_TASKS = [["Pullover", "Dress"], ["Coat", "Sandal"]]
 def fashion_chain(per_class: int = 150, test_per_class: int = 100, width: float = 0.0625):
     """A VGG16-BN backbone trained 2 epochs on CHAIN_BACKBONE's classes, and (train, test) loaders for it and each of
     CHAIN_TASKS (seeded subsets of real Fashion-MNIST, ``fashion_subset``). Skips without the Debian data."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     from ksm_core import TrainConfig, train_backbone
     from pipeline.data import load_source
     from pipeline.data.sources import DEBIAN_FASHION_MNIST
 
     if not DEBIAN_FASHION_MNIST.is_dir():
         pytest.skip("needs dataset-fashion-mnist")
-
-    def loader(x, y, shuffle):
-        return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=shuffle,
-                          generator=torch.Generator().manual_seed(0))
-
     train, test = load_source({"name": "fashion_mnist"}, "train"), load_source({"name": "fashion_mnist"}, "test")
-    data = [(loader(*fashion_subset(train, names, per_class, seed=i), True),
-             loader(*fashion_subset(test, names, test_per_class, seed=i), False))
+    data = [(tensor_loader(*fashion_subset(train, names, per_class, seed=i), True),
+             tensor_loader(*fashion_subset(test, names, test_per_class, seed=i), False))
             for i, names in enumerate([CHAIN_BACKBONE, *CHAIN_TASKS])]
     torch.manual_seed(0)
     bb = create_model("vgg16_bn_cifar", num_classes=len(CHAIN_BACKBONE), width=width)

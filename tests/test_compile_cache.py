@@ -6,8 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from data_helpers import fashion_subset
-from torch.utils.data import DataLoader, TensorDataset
+from data_helpers import fashion_subset, tensor_loader
 
 from ksm_core import KSMNet, TrainConfig, compiled, create_model, evaluate, fit_task, load_task, save_task
 from pipeline.data import load_source
@@ -19,8 +18,7 @@ CLASSES = [["Pullover", "Coat"], ["Shirt", "T-shirt/top", "Dress"]]  # two tasks
 def _loaders(train, test, names, seed):
     x, y = fashion_subset(train, names, 50, seed)      # 100 or 150 samples: 32-batches end in a short one (4 or 22)
     xt, yt = fashion_subset(test, names, 40, seed)
-    return (DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)),
-            DataLoader(TensorDataset(xt, yt), batch_size=32))
+    return tensor_loader(x, y, True), tensor_loader(xt, yt, False)
 
 
 @pytest.fixture(scope="module")
