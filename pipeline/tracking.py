@@ -214,8 +214,9 @@ class Tracker:
         """Close ``run_id`` as the block ends, as MLflow's ``start_run`` closes its run: FINISHED when the block
         returns, KILLED on :class:`Stopped`, KeyboardInterrupt or SystemExit (the process was told to stop: a Ray
         worker turns the SIGTERM its dying raylet sends into SystemExit; the task itself did not fail, and a rerun's
-        claim counts the run as an earlier attempt), FAILED on any other exception, which is raised again. ``finish=False``: the block closes the run itself when it succeeds (a task job, whose last log and
-        finish are kept locally when the server is down); only an exception closes it here.
+        claim counts the run as an earlier attempt), FAILED on any other exception, which is raised again.
+        ``finish=False``: the block closes the run itself when it succeeds (a task job, whose last log and finish
+        are kept locally when the server is down); only an exception closes it here.
 
         A :class:`TrackingUnreachable` from the block leaves the run as it is (the server cannot take a status
         either; a rerun's claim closes a dead task run KILLED, a stream's parent run is reopened), and one raised
