@@ -7,7 +7,7 @@ import pytest
 import torch
 from data_helpers import fashion_chain
 
-from ksm_core import BackboneMismatch, TrainConfig, create_model
+from ksm_core import BackboneMismatch, KSMNet, TrainConfig, create_model, save_task
 from ksm_core.packnet import FREE, PackNet
 
 PRUNE = 0.5
@@ -108,6 +108,21 @@ def test_artifacts_round_trip_and_refuse_another_chain(chain, tmp_path):
     other = create_model("vgg16_bn_cifar", num_classes=2, width=0.0625)
     with pytest.raises(BackboneMismatch):
         PackNet.load(other, paths)
+
+    # files that are not PackNet artifacts: refused by name, before anything is loaded (no pickle is ever read)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(paths[1].read_bytes()[:100])
+    pickled = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    for bad, says in ((truncated, "not a readable ksm task artifact"), (pickled, "not a readable ksm task artifact")):
+        with pytest.raises(ValueError, match=says) as e:
+            PackNet.load(bb, [paths[0], bad])
+        assert str(bad) in str(e.value)
+    ksm_net = KSMNet.from_backbone(bb)
+    ksm = tmp_path / "ksm.safetensors"
+    save_task(ksm_net, ksm_net.add_task(2), ksm)
+    with pytest.raises(ValueError, match="format 'ksm-task/1'; this version reads 'ksm-packnet/1'"):
+        PackNet.load(bb, [paths[0], ksm])
 
 
 def test_bad_arguments_raise_value_errors_naming_them(chain):
