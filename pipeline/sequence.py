@@ -4,6 +4,7 @@ run. Also ``mode=shards``, and the backbone stage every mode that trains tasks s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import resource
 import tempfile
@@ -35,13 +36,20 @@ __all__ = ["run_sequence", "run_shards", "shards_before_ray", "shard_writers", "
 
 def run_shards(rc: RunConfig, log: Log = print) -> Manifest:
     """mode=shards: write (or verify and reuse) the benchmark's shards and print where they are. With a cluster
-    address the tasks are written as Ray jobs, by the cluster's nodes, to the shared path."""
-    if rc.cluster.address:
-        task_specs(rc.benchmark)  # a config problem stops here, before connecting
-        with ray_session(rc.cluster, log):
-            m = ensure_shards(rc.benchmark, rc.paths.shards, log=log, verify="sha256", map_tasks=shard_writers(rc))
-    else:
+    address the missing tasks are written as Ray jobs, by the cluster's nodes, to the shared path. Ray is started
+    (or connected to) only when a task is missing: verifying shards that are all there, or published ones (a URL,
+    which is only ever read), costs no Ray start-up."""
+    if not rc.cluster.address:
         m = ensure_shards(rc.benchmark, rc.paths.shards, log=log, verify="sha256")
+    else:
+        task_specs(rc.benchmark)  # a config problem stops here, before connecting
+        with contextlib.ExitStack() as ray_up:
+            def map_tasks(fn: Any, items: list[tuple[Any, ...]]) -> Any:
+                if items:  # entered once: a second call finds Ray initialised and reuses it
+                    ray_up.enter_context(ray_session(rc.cluster, log))
+                return shard_writers(rc)(fn, items)
+
+            m = ensure_shards(rc.benchmark, rc.paths.shards, log=log, verify="sha256", map_tasks=map_tasks)
     names = m.new_tasks if len(m.new_tasks) <= 20 else [*m.new_tasks[:10], "...", *m.new_tasks[-3:]]
     log(f"[shards] {m.path}: initial task {m.initial_task}, {len(m.new_tasks)} new tasks: {', '.join(names)}")
     return m

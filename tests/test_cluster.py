@@ -576,9 +576,9 @@ def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray
 # ------------------------------------------------------------------------------------------- URL shards
 @pytest.mark.slow
 @needs_data
-def test_shards_from_a_url(shard_server, shards, tmp_path):
+def test_shards_from_a_url(shard_server, shards, tmp_path, capsys):
     """The manifest and every shard read over HTTP (or through a pipe: command) give the same samples as the
-    folder; a URL is only read, never written."""
+    folder; a URL is only read, never written, and verifying it starts no Ray."""
     import numpy as np
     from omegaconf import OmegaConf
 
@@ -608,13 +608,16 @@ def test_shards_from_a_url(shard_server, shards, tmp_path):
     with pytest.raises(ConfigError, match="cannot write the manifest"):
         m.save()
     # mode=shards with a URL verifies the published shards (sha256 over HTTP) instead of writing
+    capsys.readouterr()
     out = run(["mode=shards", f"paths.root={tmp_path}", f"paths.shards={shard_server}", *TINY])
     assert out == {"manifest": url + "/manifest.json"}
+    assert "[ray]" not in capsys.readouterr().out  # nothing to write: no Ray start-up (seconds) to verify
 
     # a `pipe:` command template (here `cat`; on a cluster e.g. `aws s3 cp s3://bucket/shards/{rel} -`), given
     # on the command line the way the README shows it (quoted: spaces and braces)
     out = run(["mode=shards", f"paths.root={tmp_path}", f"paths.shards='pipe:cat {shards}/{{rel}}'", *TINY])
     assert out == {"manifest": f"pipe:cat {shards}/{BENCH}/{{rel}}"}
+    assert "[ray]" not in capsys.readouterr().out
     piped = Manifest.load(out["manifest"])
     assert piped.url("t1/test-000000.tar") == f"pipe:cat {shards}/{BENCH}/t1/test-000000.tar"
     assert [s[2] for s in iter_samples(piped, "t4", "test")] == [s[2] for s in iter_samples(local, "t4", "test")]
