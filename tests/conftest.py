@@ -122,7 +122,11 @@ def pytest_collection_modifyitems(session, config, items):
             return 3
         return 2 if "tiny_sequence" in item.fixturenames else 1
 
-    items[:] = sorted(items, key=group)  # stable: collection order within a group
+    # stable: collection order within a group. In group 0 the slow tests come before the fast ones: xdist hands out
+    # its units (an xdist group, or one ungrouped test) biggest count first, ties in this order, so a one-test
+    # group of a minute (own:test_images_e2e) is not handed out last, behind 300 fast tests, with the other worker
+    # already idle; the fast tests then fill both workers' ends.
+    items[:] = sorted(items, key=lambda item: (group(item), item.get_closest_marker("slow") is None))
     for item in items:
         if item.get_closest_marker("own_processes"):
             item.add_marker(pytest.mark.xdist_group(f"own:{item.module.__name__}"))

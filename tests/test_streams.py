@@ -15,8 +15,9 @@ from pipeline.errors import ConfigError, PipelineError
 
 ROOT = Path(run_pipeline.__file__).resolve().parent
 # registry.export=false: registering the served model (~3.5 s a run; tests/test_export.py covers it) is not what
-# these tests are about
-TINY = ["train.epochs=1", "train.backbone.epochs=1", "model.width=0.0625", "progress=false", "cluster.num_cpus=2",
+# these tests are about. One CPU: a launch's own Ray boots one worker (each imports torch, MLflow and the pipeline,
+# ~4 CPU-s), and the race under test is between launches, not within one
+TINY = ["train.epochs=1", "train.backbone.epochs=1", "model.width=0.0625", "progress=false", "cluster.num_cpus=1",
         "registry.export=false"]
 FM = {"name": "fashion_mnist"}
 LINES = [
