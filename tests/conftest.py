@@ -102,6 +102,7 @@ def _uses_shared_ray(item) -> bool:
     return "ray_local" in getattr(item, "fixturenames", ())
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own (registered later, so called first): it reads the groups set here
 def pytest_collection_modifyitems(session, config, items):
     """Order, keeping each group in collection order: (0) tests that do not use the shared runtime (they start
     their own Ray, a multi-node Cluster or subprocesses, or assert that Ray is not running); (1) tests on the
@@ -132,6 +133,29 @@ def pytest_collection_modifyitems(session, config, items):
             item.add_marker(pytest.mark.xdist_group(f"own:{item.module.__name__}"))
         elif item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.xdist_group(RAY_HERE if _uses_shared_ray(item) else RAY_DOWN))
+
+
+_groups_lost: str | None = None  # why xdist's groups did not hold in this worker, when they did not
+
+
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup`, every grouped test's node id must carry its group: when it does not (pytest 9.2
+    with pytest-xdist 3.8, pytest-dev/pytest-xdist#1386) xdist schedules every test alone, silently; the shared
+    runtime and tiny sequence are then built once per worker and the order above is lost. Each grouped test then
+    fails at once with the reason (a worker's own error would be lost: the controller only says it has none)."""
+    global _groups_lost
+    if not getattr(session.config.option, "loadgroup", False):  # set by xdist in its workers only
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        _groups_lost = (f"pytest-xdist did not apply the xdist groups ({len(lost)} tests): this pytest/pytest-xdist "
+                        "pair ignores --dist loadgroup; install the versions pyproject.toml pins (make install)")
+
+
+@pytest.fixture(autouse=True)
+def _xdist_groups_held(request):
+    if _groups_lost and request.node.get_closest_marker("xdist_group"):
+        pytest.fail(_groups_lost, pytrace=False)
 
 
 # The two xdist groups of slow tests that hold Ray in the pytest process. RAY_HERE's tests share the session's
