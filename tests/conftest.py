@@ -167,11 +167,12 @@ RAY_HERE, RAY_DOWN = "in_process", "ray_down"
 
 @pytest.fixture(autouse=True)
 def _ray_down_tests_start_with_ray_down(request):
-    """xdist hands a worker a new group when its current one has at most 2 tests left, so the worker that ran
-    RAY_HERE may run RAY_DOWN next, with the shared runtime still up: end it first (no RAY_HERE test follows
-    on that worker, and the session fixture's own shutdown then does nothing)."""
-    marker = request.node.get_closest_marker("xdist_group")
-    if marker is not None and marker.args and marker.args[0] == RAY_DOWN:
+    """Under xdist the worker that ran RAY_HERE (handed out first: it is the biggest group) goes on with other
+    groups and fast tests, with the shared runtime still up; several of those assert that this process's Ray is
+    down (RAY_DOWN's, "fails before Ray starts"). A test that does not use the shared runtime ends it first: no
+    RAY_HERE test follows on that worker, and the session fixture's own shutdown then does nothing. (A serial run
+    orders every such test before RAY_HERE: this never fires there.)"""
+    if not _uses_shared_ray(request.node):
         import sys
 
         ray = sys.modules.get("ray")
