@@ -182,7 +182,7 @@ def _ray_down_tests_start_with_ray_down(request):
 
 
 @pytest.fixture(autouse=True)
-def _own_processes_start_no_ray_here(request):
+def _own_processes_start_no_ray_here(request, _ray_down_tests_start_with_ray_down):  # that one first: it may end Ray
     """An `own_processes` test may run on the worker that holds the shared runtime, or on one that runs the
     Ray-down tests next: it must leave this process's Ray as it found it (never start it here)."""
     if not request.node.get_closest_marker("own_processes"):
