@@ -107,8 +107,9 @@ def pytest_collection_modifyitems(session, config, items):
     """Order, keeping each group in collection order: (0) tests that do not use the shared runtime (they start
     their own Ray, a multi-node Cluster or subprocesses, or assert that Ray is not running); (1) tests on the
     shared runtime; (2) tests that only read the shared tiny sequence; (3) tests that add to it
-    (`@pytest.mark.mutates_tiny_sequence`), last, in collection order. Ray is started once, after group 0, and never
-    shut down until the session ends; the sequence is read in the state its readers assert.
+    (`@pytest.mark.mutates_tiny_sequence`), last, in collection order. Ray is started once, after group 0, and kept
+    until no test that uses it is left (the session's end; under xdist, its worker's first test of another group);
+    the sequence is read in the state its readers assert.
 
     Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the slow tests that may run Ray in this process form
     two xdist groups, each run by one worker in the order above: RAY_DOWN (group 0's) and RAY_HERE (groups 1-3).
