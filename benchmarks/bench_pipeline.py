@@ -44,7 +44,7 @@ import run_pipeline  # noqa: E402  (registers the ksm_root resolver)
 from ksm_core import KSMNet, fit_task  # noqa: E402
 from ksm_core.cpu import tune_malloc  # noqa: E402
 from pipeline.data import Manifest, make_loader  # noqa: E402
-from pipeline.jobs import build_backbone  # noqa: E402
+from pipeline.worker import build_backbone  # noqa: E402
 from pipeline.config import resolve  # noqa: E402
 
 

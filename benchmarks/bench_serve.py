@@ -153,7 +153,8 @@ def fixed_cost(tr, n: int) -> dict:
 
 def train_ab(rc, manifest_path: str, task: str, state, tr, reps: int) -> dict:
     """jobs.train_task with the monitor off / at 10 s / at 0.5 s, interleaved; each on its own RUNNING run."""
-    from pipeline.jobs import prepare_worker, train_task
+    from pipeline.jobs import train_task
+    from pipeline.worker import prepare_worker
 
     prepare_worker(1.0)
     secs: dict[str, list[float]] = {"off": [], "10 s": [], "0.5 s": []}

@@ -23,7 +23,7 @@ from ksm_core.train import train_backbone
 
 from .config import RunConfig
 from .data import make_loader
-from .jobs import BACKBONE_EVAL_BATCH, build_backbone, manifest, node_info, prepare_worker, state_to_numpy
+from .worker import BACKBONE_EVAL_BATCH, build_backbone, cached_manifest, node_info, prepare_worker, state_to_numpy
 from .records import BackboneResult
 
 __all__ = ["train_backbone_dp"]
@@ -43,7 +43,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
-    m = manifest(config["manifest"])
+    m = cached_manifest(config["manifest"])
     init = m.task(m.initial_task)
     bb = rc.train.backbone
     torch.manual_seed(rc.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
@@ -80,7 +80,7 @@ def train_backbone_dp(rc: RunConfig, manifest_path: str) -> BackboneResult:
     from safetensors.numpy import load_file
 
     cl = rc.cluster
-    m = manifest(manifest_path)
+    m = cached_manifest(manifest_path)
     init = m.task(m.initial_task)
     # a whole GPU per worker even when task jobs share GPUs (gpus_per_task < 1): NCCL wants one device per rank
     gpus = 1 if cl.gpus_per_task > 0 else 0

@@ -32,7 +32,7 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     from ksm_core.train import resolve_device
 
     from .data import make_loader
-    from .jobs import BACKBONE_EVAL_BATCH, build_backbone
+    from .worker import BACKBONE_EVAL_BATCH, build_backbone
 
     p = prepare(rc, log)
     tr, m = p.tracker, p.manifest

@@ -16,25 +16,21 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
-import warnings
-from collections.abc import Callable, Generator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ksm_core import (ArtifactWriteError, KSMNet, at_chance, create_model, drain_epochs, evaluate, fit_task_epochs,
-                      save_task, train_backbone, write_atomic)
-from ksm_core.cpu import tune_malloc
+from ksm_core import (ArtifactWriteError, KSMNet, at_chance, drain_epochs, evaluate, fit_task_epochs, save_task,
+                      train_backbone)
 from ksm_core.train import FitResult, TrainConfig, resolve_device
 
 from .claims import Heartbeat, acquire
-from .config import MethodCfg, ModelCfg, RunConfig, TrainCfg
+from .config import MethodCfg, RunConfig, TrainCfg
 from .data import Manifest, make_loader
 from .errors import PipelineError, TrackingUnreachable
 from .params import method_params
@@ -42,9 +38,10 @@ from .records import BackboneResult, TaskResult
 from .redact import redact_text
 from .report import CHANCE_LEVEL
 from .tracking import Tracker
+from .unlogged import RECORD_FILE, Unlogged, log_outcome, unlogged_dir
+from .worker import BACKBONE_EVAL_BATCH, build_backbone, cached_manifest, node_info, prepare_worker, state_to_numpy
 
-__all__ = ["JobContext", "TaskOutcome", "task_epochs", "train_task", "task_job", "backbone_job", "build_backbone",
-           "prepare_worker", "state_to_numpy", "warm_worker", "node_info", "manifest",
+__all__ = ["JobContext", "TaskOutcome", "task_epochs", "train_task", "task_job", "backbone_job", "warm_worker",
            "task_datasets", "split_digest"]
 
 
@@ -58,63 +55,6 @@ class JobContext:
     sequence_key: str = ""
     backbone_fingerprint: str = ""
     backbone_run_id: str = ""
-
-_MANIFESTS: dict[tuple[str, int], Manifest] = {}
-BACKBONE_EVAL_BATCH = 256  # the backbone's logged test accuracy is measured in batches of this size
-
-
-def prepare_worker(cpus: float, gpus: float = 0.0) -> None:
-    """Per-process set-up: torch threads matched to the CPUs Ray gave this job, allocator tuning, GPU share."""
-    torch.set_num_threads(max(1, int(cpus)))
-    tune_malloc()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # a reused worker: the previous job's tensors are garbage, give back their memory
-    if gpus and torch.cuda.is_available() and 0 < gpus < 1:
-        # fractional GPUs are bookkeeping only in Ray: cap this process's share of the memory ourselves
-        torch.cuda.set_per_process_memory_fraction(float(gpus))
-
-
-def manifest(path: str) -> Manifest:
-    """The shards' manifest, read once per worker while it is unchanged: a reused worker must see a stream's
-    manifest rewritten since (a task appended), so a local file is keyed by its modification time too."""
-    key = (path, os.stat(path).st_mtime_ns if os.path.isfile(path) else 0)
-    if key not in _MANIFESTS:
-        _MANIFESTS[key] = Manifest.load(path)
-    return _MANIFESTS[key]
-
-
-def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
-
-
-def _width(model_cfg: ModelCfg) -> dict[str, float]:
-    return {"width": model_cfg.width} if model_cfg.width is not None else {}
-
-
-def build_backbone(model_cfg: ModelCfg, num_classes: int, state: dict[str, np.ndarray] | None = None) -> nn.Module:
-    """The backbone network; with ``state`` (numpy, e.g. read zero-copy from Ray's object store) its tensors
-    are adopted without a copy (they are never written: the KSMNet keeps them frozen)."""
-    model = create_model(model_cfg.name, num_classes=num_classes, **_width(model_cfg))
-    if state is not None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, assign=True)
-    return model
-
-
-def node_info() -> dict[str, str]:
-    """Where this process runs, as run tags: host name, and inside Ray the node id and IP."""
-    info = {"ksm_host": socket.gethostname()}
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ctx = ray.get_runtime_context()
-            info["ksm_node_id"] = ctx.get_node_id()
-            info["ksm_node_ip"] = ray.util.get_node_ip_address()
-    except Exception:  # not inside Ray: host name only
-        pass
-    return info
 
 
 @dataclass
@@ -143,7 +83,7 @@ def task_epochs(rc: RunConfig, manifest_path: str, task_name: str, backbone_stat
     """
     method = method or rc.method
     train = train or rc.train
-    m = manifest(manifest_path)
+    m = cached_manifest(manifest_path)
     info = m.task(task_name)
     init = m.task(m.initial_task)
     bb = build_backbone(rc.model, init.num_classes, backbone_state)
@@ -209,74 +149,6 @@ def task_datasets(m: Manifest, task_name: str) -> list[tuple[Any, str]]:
     return out
 
 
-#: ``paths.output/unlogged/<task>-<result>/``: a task's artifact between its training and its upload, and, when the
-#: tracking server stayed down past ``tracking.outage_s``, its whole record (RECORD_FILE) until a rerun logs it
-UNLOGGED_DIR = "unlogged"
-RECORD_FILE = "run.json"
-
-
-def unlogged_dir(rc: RunConfig, task_name: str, result: str) -> Path:
-    return Path(rc.paths.output) / UNLOGGED_DIR / f"{task_name}-{result}"
-
-
-@dataclass
-class Unlogged:
-    """What a trained task's run logs at its end (its artifact file, params, final metrics at ``step``, tags, and
-    the epoch records the server did not take while it was down), kept as ``run.json`` beside the artifact when
-    the tracking server cannot be reached: the next run of the same result logs this instead of training."""
-
-    artifact: str
-    sha256: str
-    params: dict[str, Any]
-    metrics: dict[str, float]
-    tags: dict[str, str]
-    step: int
-    run_id: str                                   # the run that trained it
-    epochs: list[tuple[int, dict[str, float]]]
-
-    def keep(self) -> Path:
-        """Write ``run.json`` beside the artifact, atomically: from then on a rerun trusts the folder."""
-        path = Path(self.artifact).parent / RECORD_FILE
-        write_atomic(json.dumps(asdict(self), indent=1).encode(), path)
-        return path.parent
-
-    @classmethod
-    def load(cls, folder: Path) -> "Unlogged | None":
-        """A kept record whose artifact still has its sha256; None once the artifact is proven bad (its sha256 is
-        not the record's): the folder is then removed and the task trains again.
-
-        That proof is the only reason finished work is deleted. A record or artifact that cannot be read (EIO,
-        EACCES, a run.json that is partial or not a record, an artifact that is missing or not a file) may be
-        fine once the disk or the permissions are: it raises a PipelineError naming the folder, which is kept."""
-        try:
-            rec = cls(**json.loads((folder / RECORD_FILE).read_text()))
-            # the artifact is the .safetensors file of that name in this folder, wherever the record was written:
-            # a record cannot send a file from elsewhere to the tracking server (and paths.output may have moved)
-            name = Path(rec.artifact).name
-            if not name.endswith(".safetensors") or not isinstance(rec.sha256, str) or len(rec.sha256) != 64:
-                raise ValueError(f"{RECORD_FILE} does not name a .safetensors artifact and its sha256")
-            artifact = folder / name
-            digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
-            rec.artifact = str(artifact)
-            rec.epochs = [(int(e), m) for e, m in rec.epochs]
-        except OSError as e:
-            raise PipelineError(cls._unreadable(folder, f"[{errno.errorcode.get(e.errno or 0, e.errno)}] "
-                                                        f"{e.strerror or e} ({e.filename or folder})")) from e
-        except (ValueError, TypeError, AttributeError) as e:  # bad JSON, a partial read, not a record
-            raise PipelineError(cls._unreadable(folder, f"{RECORD_FILE} is not a whole record: {e}")) from e
-        if digest != rec.sha256:  # proof: the bytes are not the ones trained; nothing worth keeping
-            shutil.rmtree(folder, ignore_errors=True)
-            return None
-        return rec
-
-    @staticmethod
-    def _unreadable(folder: Path, why: str) -> str:
-        return (f"the trained task kept at {folder} cannot be read ({why}). It is kept, not deleted (only an "
-                "artifact that fails its recorded sha256 is), and this task's run ends FAILED. Fix: make the folder "
-                "readable (disk, permissions) and run the same command again to log it without training, or delete "
-                "the folder to train the task again")
-
-
 def save_task_artifact(rc: RunConfig, out: TaskOutcome, task_name: str, folder: Path) -> tuple[Path, int]:
     """Write the task's artifact into ``folder`` (under ``paths.output``), atomically (``ksm_core.write_atomic``);
     returns its path and size. A write that fails (disk full, read-only or forbidden folder) raises a
@@ -297,24 +169,6 @@ def save_task_artifact(rc: RunConfig, out: TaskOutcome, task_name: str, folder: 
                             f"[{errno.errorcode.get(e.errno or 0, e.errno)}] {e.strerror or e}"
                             f"{f' ({e.filename})' if e.filename else ''}; {fix}") from e
     return path, size
-
-
-def log_outcome(tr: Tracker, run: Any, rec: Unlogged, rc: RunConfig, tags: Mapping[str, str] | None = None) -> None:
-    """Everything a trained task's run still needs, then FINISHED: the artifact, then one batch of the epoch
-    records not logged yet, the params, the final metrics and the tags. Raises TrackingUnreachable when the
-    server stays down."""
-    run_id = run.info.run_id
-    try:
-        tr.artifact(run_id, rec.artifact, "task", artifact_uri=run.info.artifact_uri)
-    except OSError as e:  # a local artifact store: the copy into it failed (the run ends FAILED)
-        raise PipelineError(f"task {rec.params.get('task')}: cannot copy its artifact into the tracking store's "
-                            f"artifact location ({redact_text(rc.tracking.artifact_root or rc.tracking.uri)}): "
-                            f"[{errno.errorcode.get(e.errno or 0, e.errno)}] {e.strerror or e}"
-                            f"{f' ({e.filename})' if e.filename else ''}; free space there or set "
-                            "tracking.artifact_root to another folder") from e
-    tr.log(run_id, params=rec.params, metrics=rec.metrics, tags={**rec.tags, **(tags or {})}, step=rec.step,
-           history=rec.epochs)
-    tr.finish(run_id, "FINISHED")
 
 
 def retrain_seed(seed: int) -> int:
@@ -341,7 +195,7 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     tr = Tracker(rc.tracking.uri, ctx.experiment_id, rc.tracking.outage_s)
     keys = {"ksm_kind": "task", "ksm_result": result}
     tags = {"ksm_sequence": ctx.sequence_key, "ksm_task": task_name,
-            "ksm_task_id": manifest(ctx.manifest).task(task_name).identity, **node_info()}
+            "ksm_task_id": cached_manifest(ctx.manifest).task(task_name).identity, **node_info()}
     # a FINISHED run with this result (a retry after the run finished, another stream, another launch) is the
     # result; another live launch training it is waited for; a dead attempt's run is closed KILLED
     claim = acquire(tr, keys, task_name, tags, parent=ctx.parent_run_id, stale_s=rc.cluster.claim_timeout_s)
@@ -349,7 +203,7 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
         return TaskResult.from_run(claim.done, status="reused")
     run_id = claim.run_id
     assert run_id is not None
-    tr.inputs(run_id, task_datasets(manifest(ctx.manifest), task_name))
+    tr.inputs(run_id, task_datasets(cached_manifest(ctx.manifest), task_name))
     folder = unlogged_dir(rc, task_name, result)
     # lexists: a record that is there but not a readable file is kept and reported (the run FAILED), not trained over
     with tr.running(run_id, finish=False):
@@ -444,7 +298,7 @@ def warm_worker(cpus: float, gpus: float = 0.0) -> int:
 def backbone_job(rc: RunConfig, manifest_path: str) -> BackboneResult:
     """Train the backbone on the initial task (or load model.weights_path); returns its numpy state and fit."""
     prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
-    m = manifest(manifest_path)
+    m = cached_manifest(manifest_path)
     init = m.task(m.initial_task)
     bb = rc.train.backbone
     cfg = rc.backbone_train_config()
@@ -453,8 +307,7 @@ def backbone_job(rc: RunConfig, manifest_path: str) -> BackboneResult:
                        device=rc.device())
     torch.manual_seed(rc.seed)
     if rc.model.weights_path:
-        model = create_model(rc.model.name, num_classes=init.num_classes, weights_path=rc.model.weights_path,
-                             **_width(rc.model))
+        model = build_backbone(rc.model, init.num_classes, weights_path=rc.model.weights_path)
         dev = resolve_device(cfg.device)
         model.to(dev)
         acc, loss = evaluate(model, test, cfg)  # the loaded weights' accuracy on the initial task, for the record

@@ -506,7 +506,7 @@ def test_sequence_on_a_two_node_cluster_with_a_tracking_server(embedded_run, ray
 
     from ksm_core import KSMNet, evaluate, load_task
     from pipeline.data import Manifest, make_loader
-    from pipeline.jobs import build_backbone
+    from pipeline.worker import build_backbone
     from pipeline.config import resolve
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

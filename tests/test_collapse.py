@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 import run_pipeline
 from ksm_core import at_chance, evaluate, refit_head
 from pipeline import jobs
+from pipeline.worker import cached_manifest
 from pipeline.compare import method_settings
 from pipeline.config import resolve
 from pipeline.data import ensure_shards, make_loader
@@ -69,7 +70,7 @@ def test_a_short_schedule_collapse_is_reproduced_and_the_head_refit_removes_it(s
     net, t = out.net, out.task
     feats = {}
     hook = net.heads.register_forward_hook(lambda _m, inp, _o: feats.__setitem__("x", inp[0].detach()))
-    test = make_loader(jobs.manifest(manifest), "t2", "test", batch_size=400, seed=seed)
+    test = make_loader(cached_manifest(manifest), "t2", "test", batch_size=400, seed=seed)
     x, y = next(iter(test))
     net.set_task(t).eval()
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_a_short_schedule_collapse_is_reproduced_and_the_head_refit_removes_it(s
 
     # the same trained masks and BN, only the head fitted to them: the task is recovered
     before = evaluate(net, test)[0]
-    refit_head(net, t, make_loader(jobs.manifest(manifest), "t2", "train", batch_size=32, seed=seed))
+    refit_head(net, t, make_loader(cached_manifest(manifest), "t2", "train", batch_size=32, seed=seed))
     after = evaluate(net, test)[0]
     assert before <= 0.55 and after >= 0.9, (before, after)
 

@@ -21,7 +21,7 @@ from pipeline.data.benchmarks import expand, load_benchmark_config
 from pipeline.data.cifar100 import FINE_NAMES, FINE_TO_COARSE, read_cifar100
 from pipeline.data.manifest import FORMAT_VERSION, Manifest, join_url
 from pipeline.errors import ConfigError, DataError, PipelineError, UnsafeInputError
-from pipeline.jobs import RECORD_FILE, Unlogged  # imported here: importing it runs `uname -p` (platform), once
+from pipeline.unlogged import RECORD_FILE, Unlogged  # imported here: importing it runs `uname -p` (platform), once
 
 FM = {"name": "fashion_mnist"}
 BASE = {"name": "base", "source": FM, "classes": [0, 1, 2, 3], "caps": {"train": 40, "test": 20}}

@@ -21,7 +21,7 @@ import run_pipeline
 from ksm_core import KSMNet, load_task, read_metadata
 from ksm_core.train import TrainConfig, evaluate
 from pipeline.data import Manifest, make_loader
-from pipeline.jobs import build_backbone
+from pipeline.worker import build_backbone
 from pipeline.config import ModelCfg
 from pipeline.errors import PipelineError
 

@@ -16,7 +16,8 @@ from typing import Any
 from ksm_core import at_chance
 
 from ..config import RunConfig
-from ..jobs import manifest, node_info, prepare_worker, task_epochs
+from ..jobs import task_epochs
+from ..worker import cached_manifest, node_info, prepare_worker
 from ..params import method_params
 from ..report import CHANCE_LEVEL
 from ..tracking import Tracker
@@ -46,7 +47,7 @@ def _split_sizes(ctx: TrialContext) -> dict[str, int]:
     """Per tuning task: samples of the train split it trains on (fit) and validates on (the held-out part)."""
     from ..data.holdout import part_size
 
-    m = manifest(ctx.manifest)
+    m = cached_manifest(ctx.manifest)
     out = {}
     for name in ctx.tasks:
         info = m.task(name)
@@ -86,7 +87,7 @@ def run_trial(config: dict[str, Any], rc: RunConfig, ctx: TrialContext, refs: di
     tr.params(run_id, {**method_params(method, train), "epochs": ctx.max_epochs, "batch_size": train.batch_size,
                        "tasks": ",".join(ctx.tasks), "holdout": ctx.holdout, "seed": rc.seed,
                        "sampled": ",".join(sorted(config)), "trial_id": trial_id, **_split_sizes(ctx)})
-    classes = {n: manifest(ctx.manifest).task(n).num_classes for n in ctx.tasks}
+    classes = {n: cached_manifest(ctx.manifest).task(n).num_classes for n in ctx.tasks}
     t0 = time.perf_counter()
     steppers = [task_epochs(rc, ctx.manifest, name, state, method=method, train=train, holdout=ctx.holdout,
                             evaluate_on="holdout") for name in ctx.tasks]
