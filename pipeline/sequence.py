@@ -1,6 +1,8 @@
-"""mode=sequence, the driver: shards -> backbone (trained once, put once in Ray's object store) -> one Ray job per new
-task (:mod:`.fanout`) -> report -> export. Re-running the same sequence trains only the tasks without a FINISHED
-run. Also ``mode=shards``, and the backbone stage every mode that trains tasks shares.
+"""The stream driver. Its skeleton, which every mode that trains a stream's tasks runs through: :func:`driving`
+(resources, inputs, Ray, warm workers, shards, the experiment) and :func:`stream_run` (the stream's parent run
+and its backbone, trained once and put once in Ray's object store), yielding a :class:`StreamRun`. On it,
+``mode=sequence``: one Ray job per new task (:mod:`.fanout`) -> report -> export; re-running the same sequence
+trains only the tasks without a FINISHED run. Also ``mode=shards``.
 """
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import contextlib
 import functools
 import resource
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +32,12 @@ from .jobs import JobContext, backbone_job, warm_worker
 from .lineage import Prepared, open_stream_run, prepare, supersede
 from .probes import check_tracking_uri
 from .report import write_report
+from .tracking import Tracker
 from .runtime import (check_cluster, check_fits_before_ray, job_remote, job_resources, ray_map, ray_session,
                       warm_workers)
 
-__all__ = ["run_sequence", "run_shards", "shards_before_ray", "shard_writers", "backbone_stage"]
+__all__ = ["run_sequence", "run_shards", "shards_before_ray", "shard_writers", "backbone_stage", "driving", "stream_run",
+           "StreamRun"]
 
 
 def run_shards(rc: RunConfig, log: Log = print) -> Manifest:
@@ -128,38 +134,82 @@ def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray]
     return state, fp, run_id
 
 
-def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
-    """mode=sequence: the whole task sequence; returns {"parent_run_id", "results": [TaskResult per task], ...}."""
+# ------------------------------------------------------------------------------------------ the driver skeleton
+@dataclass(frozen=True)
+class StreamRun:
+    """A stream ready for its tasks: what every mode that trains them works with, set up by :func:`stream_run`."""
+
+    rc: RunConfig
+    manifest: Manifest
+    tracker: Tracker
+    key: str                                  # the stream's sequence key (identity.sequence_key)
+    parent_id: str                            # the stream's parent run, RUNNING while the block runs
+    state: dict[str, np.ndarray]              # the backbone's numpy state
+    fingerprint: str
+    backbone_run: str
+
+    def job_context(self, manifest: Manifest | None = None) -> JobContext:
+        """What each task job is told: where the shards are, where to log, which backbone it adapts."""
+        return JobContext(manifest=str((manifest or self.manifest).path), experiment_id=self.tracker.experiment_id,
+                          parent_run_id=self.parent_id, sequence_key=self.key,
+                          backbone_fingerprint=self.fingerprint, backbone_run_id=self.backbone_run)
+
+    def wanted(self, manifest: Manifest | None = None) -> dict[str, str]:
+        """Each new task's result key (backbone, task content, method, training, seed)."""
+        m = manifest or self.manifest
+        return {t: result_key(self.rc, self.fingerprint, m.task(t).identity) for t in m.new_tasks}
+
+
+@contextlib.contextmanager
+def driving(rc: RunConfig, log: Log = print, *, warm: Callable[[int], int] = lambda n: n - 1) -> Iterator[Prepared]:
+    """The steps every driver that runs task jobs starts with, in this order: the job resources fit (before Ray);
+    what can fail in seconds does (:func:`shards_before_ray`); Ray starts or is joined and checked; ``warm(number
+    of tasks)`` workers start importing (overlapping what follows); the shards are written or reused; the
+    experiment is set up. Yields the :class:`Prepared` inputs; Ray ends with the block (if this call started it)."""
     check_fits_before_ray(rc.cluster, *job_resources(rc))
     published, n_tasks = shards_before_ray(rc, log)
     with ray_session(rc.cluster, log):
         check_cluster(rc)
         # a fresh worker spends ~3 s importing torch, MLflow and torch._dynamo before its first job: start that
         # now, so it overlaps the shard writes, the MLflow set-up, the run lookups and the backbone stage
-        warm_workers(warm_worker, rc.cluster, n_tasks - 1)
+        warm_workers(warm_worker, rc.cluster, warm(n_tasks))
         m = published or ensure_shards(rc.benchmark, rc.paths.shards, log=log, map_tasks=shard_writers(rc))
-        p = prepare(rc, log, manifest=m)
-        tr = p.tracker
-        key, parent_id = open_stream_run(tr, rc, m, log)
-        with tr.running(parent_id):  # FINISHED; KILLED when stopped; FAILED when a task or anything else failed
-            state, fp, bb_run = backbone_stage(p, log)
-            tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp})
-            wanted = {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
-            supersede(tr, key, wanted)
-            ctx = JobContext(manifest=str(m.path), experiment_id=tr.experiment_id, parent_run_id=parent_id,
-                             sequence_key=key, backbone_fingerprint=fp, backbone_run_id=bb_run)
-            results, failures, wall = fan_out([Job(t, t, rc, wanted[t]) for t in m.new_tasks], ctx, state, tr,
-                                              rc.progress, log)
-            ordered = [results[t] for t in m.new_tasks if t in results]
-            report = write_report(tr, parent_id, ordered, rc, log=log, wall_seconds=wall, failures=failures)
-            export_after_sequence(rc, tr, m, parent_id, bb_run, ordered, log)  # every FINISHED task, one model
-            # what the driver itself cost, all of it: it must not grow with the stream beyond small per-task records
-            tr.metrics(parent_id, {"driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                   "fanout_wall_seconds": wall, "tasks_trained": sum(
-                                       r.status == "trained" for r in ordered)})
-            if failures:
-                lines = "\n".join(f"  {t}: {msg.splitlines()[0][:300]}" for t, msg in failures.items())
-                raise PipelineError(f"{len(failures)} task(s) failed (the others are saved; re-run the same "
-                                    f"command to retry only these):\n{lines}")
-    return {"parent_run_id": parent_id, "results": ordered, "backbone_run_id": bb_run, "fingerprint": fp,
-            "sequence_key": key, "report": report, "experiment_id": tr.experiment_id}
+        yield prepare(rc, log, manifest=m)
+
+
+@contextlib.contextmanager
+def stream_run(p: Prepared, log: Log = print, *, tags: Mapping[str, str] | None = None,
+               finish: bool = True) -> Iterator[StreamRun]:
+    """The stream's parent run, reopened or started, and its backbone (reused or trained): the block runs with
+    the parent RUNNING and closes it as ``Tracker.running`` does (FINISHED; KILLED when stopped; FAILED on an
+    error; ``finish=False``: the block closes it itself when it succeeds)."""
+    tr = p.tracker
+    key, parent_id = open_stream_run(tr, p.rc, p.manifest, log)
+    with tr.running(parent_id, finish=finish):
+        state, fp, bb_run = backbone_stage(p, log)
+        tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp, **(tags or {})})
+        yield StreamRun(p.rc, p.manifest, tr, key, parent_id, state, fp, bb_run)
+
+
+# ---------------------------------------------------------------------------------------------- mode=sequence
+def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
+    """mode=sequence: the whole task sequence; returns {"parent_run_id", "results": [TaskResult per task], ...}."""
+    with driving(rc, log) as p, stream_run(p, log) as s:
+        m, tr = s.manifest, s.tracker
+        wanted = s.wanted()
+        supersede(tr, s.key, wanted)
+        results, failures, wall = fan_out([Job(t, t, rc, wanted[t]) for t in m.new_tasks], s.job_context(), s.state,
+                                          tr, rc.progress, log)
+        ordered = [results[t] for t in m.new_tasks if t in results]
+        report = write_report(tr, s.parent_id, ordered, rc, log=log, wall_seconds=wall, failures=failures)
+        export_after_sequence(rc, tr, m, s.parent_id, s.backbone_run, ordered, log)  # every FINISHED task, one model
+        # what the driver itself cost, all of it: it must not grow with the stream beyond small per-task records
+        tr.metrics(s.parent_id, {"driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                 "fanout_wall_seconds": wall,
+                                 "tasks_trained": sum(r.status == "trained" for r in ordered)})
+        if failures:
+            lines = "\n".join(f"  {t}: {msg.splitlines()[0][:300]}" for t, msg in failures.items())
+            raise PipelineError(f"{len(failures)} task(s) failed (the others are saved; re-run the same "
+                                f"command to retry only these):\n{lines}")
+    return {"parent_run_id": s.parent_id, "results": ordered, "backbone_run_id": s.backbone_run,
+            "fingerprint": s.fingerprint, "sequence_key": s.key, "report": report, "experiment_id": tr.experiment_id}
