@@ -16,7 +16,8 @@ import numpy as np
 from .config import RunConfig
 from .errors import Log, Stopped
 from .jobs import JobContext, task_job
-from .lineage import trained_runs
+from .ledger import LedgerBook
+from .lineage import stream_book, trained_results
 from .records import TaskResult
 from .redact import redact_text
 from .runtime import StopSignals, in_flight_limit, job_remote
@@ -108,35 +109,56 @@ class JobPool:
 
 
 def fan_out(jobs: list[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: Tracker, progress: bool,
-            log: Log = print) -> tuple[dict[str, TaskResult], dict[str, str], float]:
+            log: Log = print, book: LedgerBook | None = None) -> tuple[dict[str, TaskResult], dict[str, str], float]:
     """Every job whose result has no FINISHED run yet, as Ray tasks (at most ``cluster.max_in_flight`` handed
     to Ray at once), in the given order, with a progress bar; a failed job does not stop the others. Returns
     the results and the failures by label, and the wall seconds of the fan-out.
 
+    A long fan-out (more than ``lineage.ONE_BY_ONE`` jobs) finds what is trained from the stream's ledger
+    (``book``, else :func:`.lineage.stream_book` reads it) and keeps the ledger current: rewritten at most every
+    ``ledger.WRITE_EVERY_S`` seconds while results come in, and once as the fan-out ends, however it ends (a
+    driver killed outright leaves the last one; the next launch's checks find what it lacks).
+
     SIGINT/SIGTERM stop it: no new job starts, in-flight ones get ``cluster.stop_grace_s`` to finish, the rest
     are killed and their runs closed KILLED; then :class:`Stopped` says what finished (a second signal skips
     the grace period)."""
+    wanted = {j.label: j.result for j in jobs}
+    if book is None:
+        book = stream_book(tr, ctx.sequence_key, ctx.parent_run_id, len(wanted), log)
+    results = trained_results(tr, wanted, book=book, stream=ctx.sequence_key,
+                              backbone_fingerprint=ctx.backbone_fingerprint)
+    todo = deque(j for j in jobs if j.label not in results)
+    if results:
+        log(f"[fan-out] {len(results)} job(s) already trained: {', '.join(sorted(results))[:300]}; "
+            f"training {len(todo)}: {', '.join(j.label for j in todo)[:300] or '-'}")
+    failures: dict[str, str] = {}
+    try:
+        if not todo:
+            return results, failures, 0.0
+        return _run(jobs, todo, ctx, state, tr, progress, log, book, results, failures)
+    finally:
+        if book is not None:
+            book.write(force=True)  # never raises: a ledger is a cache
+
+
+def _run(jobs: list[Job], todo: deque[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: Tracker,
+         progress: bool, log: Log, book: LedgerBook | None, results: dict[str, TaskResult],
+         failures: dict[str, str]) -> tuple[dict[str, TaskResult], dict[str, str], float]:
+    """fan_out's jobs that are not trained yet (``todo``), through a :class:`JobPool`."""
     import ray
     from tqdm import tqdm
 
-    done = trained_runs(tr, {j.label: j.result for j in jobs}, stream=ctx.sequence_key,
-                        backbone_fingerprint=ctx.backbone_fingerprint)
-    todo = deque(j for j in jobs if j.label not in done)
-    if done:
-        log(f"[fan-out] {len(done)} job(s) already trained: {', '.join(sorted(done))[:300]}; "
-            f"training {len(todo)}: {', '.join(j.label for j in todo)[:300] or '-'}")
-    results = {label: TaskResult.from_run(r, "reused") for label, r in done.items()}
-    failures: dict[str, str] = {}
-    if not todo:
-        return results, failures, 0.0
+    done = len(results)
     cl = todo[0].rc.cluster
     pool = JobPool(ctx, ray.put(state), tr, in_flight_limit(cl))  # the backbone once: every job maps it zero-copy
     t0 = time.perf_counter()
-    with StopSignals() as stop, tqdm(total=len(jobs), initial=len(done), desc="tasks", unit="task",
+    with StopSignals() as stop, tqdm(total=len(jobs), initial=done, desc="tasks", unit="task",
                                      disable=not progress) as bar:
         def record(job: Job, res: TaskResult | None, err: str | None) -> None:
             if res is not None:
                 results[job.label] = res
+                if book is not None:
+                    book.add(res, job.result)
                 bar.set_postfix_str(f"{job.label}: acc {res.test_acc:.3f}")
             else:
                 failures[job.label] = err or "?"
@@ -153,6 +175,8 @@ def fan_out(jobs: list[Job], ctx: JobContext, state: dict[str, np.ndarray], tr: 
                     pool.submit(todo.popleft())
                 for outcome in pool.collect(timeout=1.0):
                     record(*outcome)
+                if book is not None:
+                    book.write()  # when due: at most every ledger.WRITE_EVERY_S seconds
         except KeyboardInterrupt:  # the second signal: no grace
             grace = 0.0
         if stop.signum is not None:

@@ -1,6 +1,7 @@
 """A stream's record in MLflow: the set-up every mode starts with (inputs checked, the experiment), the stream's
 parent run (opened, or reopened by its key; refused when its initial task changed), the FINISHED runs that hold
-its tasks' results, and the tag that marks a task run superseded. The keys themselves are :mod:`.identity`'s.
+its tasks' results (for a long stream, from its ledger when the store confirms it: :mod:`.ledger`), and the tag
+that marks a task run superseded. The keys themselves are :mod:`.identity`'s.
 """
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ from .config import RunConfig
 from .data import Manifest, ensure_shards, in_process
 from .errors import Log, PipelineError
 from .identity import backbone_key, result_key, sequence_key
+from .ledger import LedgerBook, entry_from_run, prove, read
 from .params import method_params
 from .probes import check_tracking_uri
+from .records import TaskResult
 from .redact import redact_text
 from .tracking import Tracker
 
 __all__ = ["Prepared", "check_inputs", "prepare", "open_stream_run", "trained_sequence", "trained_runs",
-           "supersede"]
+           "trained_results", "stream_book", "supersede", "ONE_BY_ONE"]
+
+#: up to this many result keys are looked up one by one (any stream's newest FINISHED run), with no scan or ledger
+ONE_BY_ONE = 20
 
 
 @dataclass(frozen=True)
@@ -98,34 +104,88 @@ def trained_runs(tr: Tracker, wanted: dict[str, str], *, stream: str | None = No
     with the experiment (an experiment of 21 streams x 1000 tasks holds 21,000 task runs): first the ``stream``'s
     own FINISHED task runs (its key, ``ksm_sequence``), which is every result when a stream resumes; the keys still
     missing (results another stream trained on the same backbone), one by one when few, else the FINISHED task runs
-    trained on ``backbone_fingerprint`` (a result key includes it). Without either: every FINISHED task run."""
-    if len(wanted) <= 20:
+    trained on ``backbone_fingerprint`` (a result key includes it). Without either: every FINISHED task run.
+    :func:`trained_results` answers the same from the stream's ledger."""
+    if len(wanted) <= ONE_BY_ONE:
         found = {t: tr.find_one("FINISHED", ksm_kind="task", ksm_result=k) for t, k in wanted.items()}
         return {t: r for t, r in found.items() if r is not None}
-    by_key: dict[str, list[str]] = {}
-    for t, k in wanted.items():
-        by_key.setdefault(k, []).append(t)
     out: dict[str, Any] = {}
-
-    def take(runs: Any) -> None:
-        for r in runs:  # newest first is not needed: one FINISHED run per result
-            for t in by_key.get(r.data.tags.get("ksm_result", ""), []):
-                out.setdefault(t, r)
-
     if stream:
-        take(tr.scan("FINISHED", ksm_kind="task", ksm_sequence=stream))
+        _take(out, wanted, tr.scan("FINISHED", ksm_kind="task", ksm_sequence=stream))
     missing = {t: k for t, k in wanted.items() if t not in out}
-    if stream and 0 < len(missing) <= 20:
-        out.update(trained_runs(tr, missing))
-    elif missing:
-        take(tr.scan("FINISHED", params={"backbone_fingerprint": backbone_fingerprint} if backbone_fingerprint
-                     else None, ksm_kind="task"))
+    out.update(_other_streams(tr, missing, stream, backbone_fingerprint))
     return out
 
 
-def supersede(tr: Tracker, key: str, wanted: dict[str, str]) -> None:
+def _take(out: dict[str, Any], wanted: dict[str, str], runs: Any) -> None:
+    """Each run, in the order given, to the tasks that want its result key and have none yet (the first wins)."""
+    by_key: dict[str, list[str]] = {}
+    for t, k in wanted.items():
+        by_key.setdefault(k, []).append(t)
+    for r in runs:
+        for t in by_key.get(r.data.tags.get("ksm_result", ""), []):
+            out.setdefault(t, r)
+
+
+def _other_streams(tr: Tracker, missing: dict[str, str], stream: str | None,
+                   backbone_fingerprint: str | None) -> dict[str, Any]:
+    """The ``missing`` keys (not in ``stream``'s own runs) from any stream: one by one when few, else the FINISHED
+    task runs trained on the backbone (every FINISHED task run without its fingerprint)."""
+    out: dict[str, Any] = {}
+    if stream and 0 < len(missing) <= ONE_BY_ONE:
+        out.update(trained_runs(tr, missing))
+    elif missing:
+        _take(out, missing, tr.scan("FINISHED", params={"backbone_fingerprint": backbone_fingerprint}
+                                    if backbone_fingerprint else None, ksm_kind="task"))
+    return out
+
+
+def stream_book(tr: Tracker, stream: str, parent_run_id: str, n_wanted: int, log: Log = print,
+                book: LedgerBook | None = None) -> LedgerBook | None:
+    """Every FINISHED task run of a long stream (more than :data:`ONE_BY_ONE` results wanted; None for a short one,
+    whose results are looked up one by one), as the driver's :class:`~.ledger.LedgerBook`: its ledger (``book``'s
+    entries when given: a driver that stays up), once the store confirms it (:func:`.ledger.prove`: a download and
+    three searches that return only what changed), else a scan of the stream's runs, which the driver's next write
+    makes its ledger."""
+    if n_wanted <= ONE_BY_ONE:
+        return None
+    led = book.ledger() if book is not None else read(tr, parent_run_id, stream, log)
+    proof = prove(tr, led, log) if led is not None else None
+    if proof is not None:
+        log(f"[resume] ledger: {proof.kept} FINISHED task run(s) confirmed, {proof.new} finished since, "
+            f"{proof.deleted} deleted")
+        return LedgerBook(tr, stream, parent_run_id, proof.entries, source="ledger", log=log,
+                          dirty=bool(proof.new or proof.deleted) or book is not None and book.dirty)
+    entries = [entry_from_run(r) for r in tr.scan("FINISHED", ksm_kind="task", ksm_sequence=stream)]
+    return LedgerBook(tr, stream, parent_run_id, entries, dirty=True, source="scan", log=log)
+
+
+def trained_results(tr: Tracker, wanted: dict[str, str], *, book: LedgerBook | None, stream: str | None = None,
+                    backbone_fingerprint: str | None = None) -> dict[str, TaskResult]:
+    """:func:`trained_runs` as the driver's results (status "reused"), the stream's own runs from ``book``
+    (:func:`stream_book`) when there is one: the same runs, the same results, without reading each run."""
+    if book is None or len(wanted) <= ONE_BY_ONE:
+        return {t: TaskResult.from_run(r, "reused") for t, r in trained_runs(
+            tr, wanted, stream=stream, backbone_fingerprint=backbone_fingerprint).items()}
+    mine = book.first_by_result()
+    out = {t: mine[k].result for t, k in wanted.items() if k in mine}
+    missing = {t: k for t, k in wanted.items() if t not in out}
+    out.update({t: TaskResult.from_run(r, "reused")
+                for t, r in _other_streams(tr, missing, book.stream, backbone_fingerprint).items()})
+    return out
+
+
+def supersede(tr: Tracker, key: str, wanted: dict[str, str], book: LedgerBook | None = None) -> None:
     """Tag this stream's FINISHED task runs whose task has since changed (same name, other result key) as
-    superseded: they stay in MLflow, but no report or evaluation takes them for the task's current result."""
+    superseded: they stay in MLflow, but no report or evaluation takes them for the task's current result. The
+    runs are ``book``'s (:func:`stream_book`: every FINISHED task run of the stream) when given, else scanned."""
+    if book is not None:
+        for e in list(book.entries.values()):
+            name = e.result.task
+            if name in wanted and e.result_key != wanted[name] and not e.superseded:
+                tr.tags(e.run_id, {"ksm_superseded": "true", "ksm_superseded_by_result": wanted[name]})
+                book.mark_superseded(e.run_id)
+        return
     for r in tr.scan("FINISHED", ksm_kind="task", ksm_sequence=key):
         name = r.data.tags.get("ksm_task")
         if name in wanted and r.data.tags.get("ksm_result") != wanted[name] and r.data.tags.get("ksm_superseded") != "true":

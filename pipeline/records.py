@@ -47,6 +47,8 @@ class TaskResult:
     warning: str = ""
     retrained: bool = False
     start_time: int | None = None             # the run's start, ms since the epoch (MLflow's)
+    sequence: str = ""                        # the key of the stream whose run it is (tag ksm_sequence): the
+                                              # stream's own run, or a result another stream trained
 
     @property
     def artifact_kb(self) -> float:
@@ -74,7 +76,7 @@ class TaskResult:
             layers=layers, node=tags.get("ksm_node_ip") or tags.get("ksm_host"), device=tags.get("ksm_device", ""),
             skipped_samples=int(m.get("skipped_samples") or 0), skipped_shards=tags.get("ksm_skipped_shards", ""),
             warning=tags.get("ksm_warning", ""), retrained=bool(tags.get("ksm_retrained")),
-            start_time=info.start_time)
+            start_time=info.start_time, sequence=tags.get("ksm_sequence", ""))
 
 
 @dataclass(frozen=True)

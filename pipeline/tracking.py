@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType
 
 from .config import ROOT
 from .errors import Stopped, TrackingUnreachable
@@ -176,9 +176,16 @@ class Tracker:
         clauses = [f"tags.{k} = {filter_value(v)}" for k, v in tags.items()] + [
             f"params.{k} = {filter_value(v)}" for k, v in (params or {}).items()] + (
             [f"attributes.status = '{status}'"] if status else [])
+        return self.scan_where(" and ".join(clauses), page=page, order_by=order_by)
+
+    def scan_where(self, where: str, *, deleted: bool = False, page: int = 1000,
+                   order_by: list[str] | None = None) -> Iterator[Any]:
+        """Every run of this experiment that matches an MLflow search filter, a page at a time: the active runs, or
+        with ``deleted`` only the deleted ones (still in the store until ``mlflow gc``)."""
+        view = ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY
         token = None
         while True:
-            runs = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=page,
+            runs = self.client.search_runs([self.experiment_id], where, run_view_type=view, max_results=page,
                                            order_by=order_by, page_token=token)
             yield from runs
             token = runs.token
