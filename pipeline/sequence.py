@@ -29,7 +29,7 @@ from .export import export_after_sequence
 from .fanout import Job, fan_out
 from .identity import backbone_key, result_key
 from .jobs import JobContext, backbone_job, warm_worker
-from .lineage import Prepared, open_stream_run, prepare, supersede
+from .lineage import Prepared, open_stream_run, prepare, stream_book, supersede
 from .probes import check_tracking_uri
 from .report import write_report
 from .tracking import Tracker
@@ -197,9 +197,10 @@ def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     with driving(rc, log) as p, stream_run(p, log) as s:
         m, tr = s.manifest, s.tracker
         wanted = s.wanted()
-        supersede(tr, s.key, wanted)
+        book = stream_book(tr, s.key, s.parent_id, len(wanted), log)  # a long stream's ledger (None: a short one)
+        supersede(tr, s.key, wanted, book)
         results, failures, wall = fan_out([Job(t, t, rc, wanted[t]) for t in m.new_tasks], s.job_context(), s.state,
-                                          tr, rc.progress, log)
+                                          tr, rc.progress, log, book=book)
         ordered = [results[t] for t in m.new_tasks if t in results]
         report = write_report(tr, s.parent_id, ordered, rc, log=log, wall_seconds=wall, failures=failures)
         export_after_sequence(rc, tr, m, s.parent_id, s.backbone_run, ordered, log)  # every FINISHED task, one model
