@@ -128,6 +128,7 @@ class CPG(PackNet):
     pruning tries, ``step`` the increment. Then as PackNet: ``train_task(0, ...)`` and add_task/train_task."""
 
     FORMAT = "ksm-cpg/1"
+    CHAIN_FORMAT = "ksm-cpg-chain/1"
     CONV, LINEAR = CPGConv2d, CPGLinear
 
     @classmethod
@@ -137,6 +138,13 @@ class CPG(PackNet):
             raise ValueError(f"step={step!r} must be a number in (0, prune={prune}]")
         net.step = float(step)
         return net
+
+    def _chain_settings(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    @classmethod
+    def _settings_from(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        return {"step": float(meta["step"])}
 
     def add_task(self, num_classes: int, name: str | None = None) -> int:
         t = super().add_task(num_classes, name)

@@ -61,9 +61,10 @@ from .network import find_head, fingerprint, swap_task_layers
 from .train import (EpochCallback, FitResult, TrainConfig, _fit_epochs, drain_epochs, evaluate, refit_head,
                     resolve_device)
 
-__all__ = ["PackNet", "PackNetResult", "PackedConv2d", "PackedLinear", "FORMAT", "PRUNE_DEFAULT"]
+__all__ = ["PackNet", "PackNetResult", "PackedConv2d", "PackedLinear", "FORMAT", "CHAIN_FORMAT", "PRUNE_DEFAULT"]
 
 FORMAT = "ksm-packnet/1"
+CHAIN_FORMAT = "ksm-packnet-chain/1"   # the whole chain after its last task, in one file (save_chain)
 FREE = 0
 MAX_TASKS = 254          # owner ids 1..255 in a uint8
 PRUNE_DEFAULT = 0.5      # the issue's default, Mallya's for the ImageNet step; CPG's CIFAR-100 PackNet script: 0.6
@@ -145,6 +146,7 @@ class PackNet(nn.Module):
     ``train_task(0, ...)`` (prune the backbone), and for each new task ``add_task`` + ``train_task``."""
 
     FORMAT = FORMAT
+    CHAIN_FORMAT = CHAIN_FORMAT
     CONV, LINEAR = PackedConv2d, PackedLinear   # a subclass (ksm_core.cpg) swaps in its own layers
 
     def __init__(self, body: nn.Module, head_name: str, backbone_fingerprint: str, prune: float):
@@ -450,6 +452,75 @@ class PackNet(nn.Module):
             m.weight.data.view(-1)[own] = torch.from_numpy(arrays[f"value.{name}"]).to(m.weight)
         load_bn_head(self, task, arrays)
         self._load_extra(task, arrays)
+
+    # -- the whole chain in one file: what the next task of a chain and its evaluation load ----------------
+    def save_chain(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> int:
+        """Write the chain after its last task, every task frozen, as ONE safetensors file: each task's arrays as
+        ``save_task`` stores them (prefixed ``t<i>.``), and JSON metadata (the tasks' names, classes and bytes, the
+        backbone's fingerprint, ``parent_fingerprint`` = the chain the last task was trained on, ``fingerprint`` =
+        the chain after it). ``load_chain`` rebuilds exactly this network from it and the backbone. Atomic;
+        returns the size in bytes. Its size is about the backbone's (each shared weight's value is stored by the
+        one task that owns it) plus one or two bits a weight per task, plus every task's BN and head."""
+        if not all(self.frozen):
+            raise ValueError(f"task {self.frozen.index(False)} is not trained (frozen) yet: save_chain stores a chain "
+                             "whose every task is trained")
+        last = self.num_tasks - 1
+        tensors: dict[str, np.ndarray] = {}
+        tasks = []
+        for t in range(self.num_tasks):
+            oid = t + 1
+            for name, m in self.packed_layers():
+                own = (m.owner == oid).reshape(-1).cpu()
+                tensors[f"t{t}.own.{name}.bits"] = np.packbits(own.numpy())
+                tensors[f"t{t}.value.{name}"] = m.weight.detach().reshape(-1).cpu()[own].float().numpy()
+            tensors.update({f"t{t}.{k}": v for k, v in {**self._extra_arrays(t), **pack_bn_head(self, t)}.items()})
+            tasks.append({"task_name": self.task_names[t], "num_classes": self.num_classes(t),
+                          "task_bytes": self.task_bytes(t)})
+        meta = {"format": self.CHAIN_FORMAT, "tasks": tasks, "prune": self.prune, **self._chain_settings(),
+                "backbone_fingerprint": self.backbone_fingerprint,
+                "parent_fingerprint": self.chain_fingerprint(last - 1) if last else self.backbone_fingerprint,
+                "fingerprint": self.chain_fingerprint(last)}
+        if extra:
+            meta["extra"] = extra
+        return write_atomic(np_save(tensors, metadata={"ksm": json.dumps(meta)}), path)
+
+    @classmethod
+    def load_chain(cls, backbone: nn.Module, path: str | os.PathLike, head: str = "auto") -> "PackNet":
+        """The chain ``save_chain`` wrote, rebuilt on the backbone it started from (every task frozen, ready for
+        ``evaluate`` or the next ``add_task``). Refuses another backbone (BackboneMismatch) and a file whose
+        content does not reproduce its fingerprint (damaged). Reads no pickle: safetensors + JSON only."""
+        meta = read_metadata(path, cls.CHAIN_FORMAT)
+        net = cls.from_backbone(backbone, prune=meta["prune"], head=head, **cls._settings_from(meta))
+        if meta["backbone_fingerprint"] != net.backbone_fingerprint:
+            raise BackboneMismatch(f"chain {path} was made on backbone {meta['backbone_fingerprint'][:12]}..., "
+                                   f"not this one ({net.backbone_fingerprint[:12]}...)")
+        arrays = np_load_file(str(path))
+        with torch.no_grad():
+            for _, m in net.packed_layers():  # nothing is owned until task 0's arrays say what the backbone kept
+                m.owner.zero_()
+                m.weight.zero_()
+        for t, info in enumerate(meta["tasks"]):
+            if t:
+                net.add_task(int(info["num_classes"]), name=info["task_name"])
+            prefix = f"t{t}."
+            net._load_arrays(t, {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            net._freeze(t)
+            net.task_names[t] = info["task_name"]
+        if net.chain_fingerprint(net.num_tasks - 1) != meta["fingerprint"]:
+            raise ValueError(f"chain {path} does not reproduce its own fingerprint: damaged; train its last task again")
+        return net
+
+    @classmethod
+    def read_chain_metadata(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """A chain file's JSON metadata, without loading its tensors."""
+        return read_metadata(path, cls.CHAIN_FORMAT)
+
+    def _chain_settings(self) -> dict[str, Any]:
+        return {}  # what from_backbone needs beyond prune (CPG: step)
+
+    @classmethod
+    def _settings_from(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
     def _extra_arrays(self, task: int) -> dict[str, np.ndarray]:
         return {}
