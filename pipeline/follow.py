@@ -23,16 +23,14 @@ from typing import Any
 from .config import RunConfig
 from .data import Manifest, ensure_shards
 from .errors import Log, PipelineError, Stopped
-from .jobs import JobContext, warm_worker
 from .fanout import Job, JobPool
 from .identity import backbone_key, result_key
-from .lineage import open_stream_run, prepare, supersede, trained_runs
+from .lineage import supersede, trained_runs
 from .records import TaskResult
 from .redact import redact_text
 from .report import write_report
-from .runtime import (StopSignals, check_cluster, check_fits_before_ray, in_flight_limit, job_resources, ray_session,
-                      warm_workers)
-from .sequence import backbone_stage, shard_writers, shards_before_ray
+from .runtime import StopSignals, in_flight_limit
+from .sequence import driving, shard_writers, stream_run
 
 __all__ = ["run_follow", "catalogue_stamp"]
 
@@ -55,66 +53,55 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     end (nothing left RUNNING), after the report of what the stream holds."""
     import ray
 
-    check_fits_before_ray(rc.cluster, *job_resources(rc))
-    published, _ = shards_before_ray(rc, log)
-    with ray_session(rc.cluster, log), StopSignals() as stop:
-        check_cluster(rc)
-        warm_workers(warm_worker, rc.cluster, 1 << 30)
-        m = published or ensure_shards(rc.benchmark, rc.paths.shards, log=log, map_tasks=shard_writers(rc))
-        p = prepare(rc, log, manifest=m)
-        tr = p.tracker
-        key, parent_id = open_stream_run(tr, rc, m, log)
+    # the stream's parent run: closed FAILED (KILLED when interrupted) on an error; the end below closes it itself:
+    # KILLED when a job was killed or failed, since the stream's record is then not whole
+    with driving(rc, log, warm=lambda n: 1 << 30) as p, StopSignals() as stop, \
+            stream_run(p, log, tags={"ksm_mode": "follow"}, finish=False) as s:
+        m, tr, key, parent_id, fp = s.manifest, s.tracker, s.key, s.parent_id, s.fingerprint
         bb_key = backbone_key(rc, m)
-        # closed FAILED (KILLED when interrupted) on an error; the end below closes it itself: KILLED when a job
-        # was killed or failed, since the stream's record is then not whole
-        with tr.running(parent_id, finish=False):
-            state, fp, bb_run = backbone_stage(p, log)
-            tr.tags(parent_id, {"ksm_backbone_run": bb_run, "ksm_fingerprint": fp, "ksm_mode": "follow"})
-            ctx = JobContext(manifest=str(m.path), experiment_id=tr.experiment_id, parent_run_id=parent_id,
-                             sequence_key=key, backbone_fingerprint=fp, backbone_run_id=bb_run)
-            pool = JobPool(ctx, ray.put(state), tr, in_flight_limit(rc.cluster))
-            results: dict[str, TaskResult] = {}       # result key -> its result (small records only)
-            failures: dict[str, str] = {}             # result key -> what went wrong
-            queued: deque[Job] = deque()
-            handled: set[str] = set()                 # result keys queued, running or done
-            stamp: Any = object()                     # never equal: the first look always plans
-            log(f"[follow] following {rc.benchmark.get('path') or rc.benchmark['name']}; Ctrl-C (or SIGTERM) stops")
-            try:
-                while stop.signum is None:
-                    now = catalogue_stamp(rc)
-                    if now != stamp:
-                        stamp = now
-                        m = _replan(rc, m, bb_key, log)
-                        wanted = {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks}
-                        supersede(tr, key, wanted)
-                        new = {t: k for t, k in wanted.items() if k not in handled}
-                        for t, run in trained_runs(tr, new, stream=key, backbone_fingerprint=fp).items():
-                            results[new[t]] = TaskResult.from_run(run, "reused")
-                        todo = [Job(t, t, rc, k) for t, k in new.items() if k not in results]
-                        queued.extend(todo)
-                        handled.update(new.values())
-                        if new:
-                            log(f"[follow] {len(new)} new task(s): {len(todo)} to train, {len(new) - len(todo)} "
-                                f"reused; {len(queued) + len(pool)} queued or running")
-                    while queued and pool.has_room():
-                        pool.submit(queued.popleft())
-                    for job, res, err in pool.collect(timeout=rc.follow.poll_s if pool else 0.0):
-                        _record(job, res, err, results, failures, log)
-                    if not pool:
-                        _sleep_until(stop, rc.follow.poll_s)
-                grace = rc.cluster.stop_grace_s
-            except KeyboardInterrupt:  # the second signal: no grace
-                grace = 0.0
-            finished, killed = pool.stop(grace, log)
-            for outcome in finished:
-                _record(*outcome, results, failures, log)
-            order = {t: i for i, t in enumerate(m.new_tasks)}
-            tasks_of = {result_key(rc, fp, m.task(t).identity): t for t in m.new_tasks}  # the stream as it is now
-            ordered = sorted((r for k, r in results.items() if k in tasks_of), key=lambda r: order.get(r.task, 0))
-            write_report(tr, parent_id, ordered, rc, log=log,
-                         failures={tasks_of[k]: msg for k, msg in failures.items() if k in tasks_of})
-            tr.finish(parent_id, "KILLED" if killed or failures else "FINISHED")
-            signum = stop.signum or 2
+        pool = JobPool(s.job_context(), ray.put(s.state), tr, in_flight_limit(rc.cluster))
+        results: dict[str, TaskResult] = {}       # result key -> its result (small records only)
+        failures: dict[str, str] = {}             # result key -> what went wrong
+        queued: deque[Job] = deque()
+        handled: set[str] = set()                 # result keys queued, running or done
+        stamp: Any = object()                     # never equal: the first look always plans
+        log(f"[follow] following {rc.benchmark.get('path') or rc.benchmark['name']}; Ctrl-C (or SIGTERM) stops")
+        try:
+            while stop.signum is None:
+                now = catalogue_stamp(rc)
+                if now != stamp:
+                    stamp = now
+                    m = _replan(rc, m, bb_key, log)
+                    wanted = s.wanted(m)
+                    supersede(tr, key, wanted)
+                    new = {t: k for t, k in wanted.items() if k not in handled}
+                    for t, run in trained_runs(tr, new, stream=key, backbone_fingerprint=fp).items():
+                        results[new[t]] = TaskResult.from_run(run, "reused")
+                    todo = [Job(t, t, rc, k) for t, k in new.items() if k not in results]
+                    queued.extend(todo)
+                    handled.update(new.values())
+                    if new:
+                        log(f"[follow] {len(new)} new task(s): {len(todo)} to train, {len(new) - len(todo)} "
+                            f"reused; {len(queued) + len(pool)} queued or running")
+                while queued and pool.has_room():
+                    pool.submit(queued.popleft())
+                for job, res, err in pool.collect(timeout=rc.follow.poll_s if pool else 0.0):
+                    _record(job, res, err, results, failures, log)
+                if not pool:
+                    _sleep_until(stop, rc.follow.poll_s)
+            grace = rc.cluster.stop_grace_s
+        except KeyboardInterrupt:  # the second signal: no grace
+            grace = 0.0
+        finished, killed = pool.stop(grace, log)
+        for outcome in finished:
+            _record(*outcome, results, failures, log)
+        order = {t: i for i, t in enumerate(m.new_tasks)}
+        tasks_of = {result_key(rc, fp, m.task(t).identity): t for t in m.new_tasks}  # the stream as it is now
+        ordered = sorted((r for k, r in results.items() if k in tasks_of), key=lambda r: order.get(r.task, 0))
+        write_report(tr, parent_id, ordered, rc, log=log,
+                     failures={tasks_of[k]: msg for k, msg in failures.items() if k in tasks_of})
+        tr.finish(parent_id, "KILLED" if killed or failures else "FINISHED")
+        signum = stop.signum or 2
     trained = sum(1 for r in results.values() if r.status == "trained")
     raise Stopped(signum, f"follow stopped: {len(ordered)} of {len(m.new_tasks)} task(s) of the stream have their "
                           f"result ({trained} trained by this run), {len(failures)} failed, {len(killed)} in-flight "
