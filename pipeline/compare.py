@@ -27,15 +27,13 @@ from ksm_core import METHODS, mask_spec
 
 from .config import MethodCfg, RunConfig, stable_hash
 from .errors import Log, PipelineError
-from .jobs import JobContext, warm_worker
+from .jobs import JobContext
 from .fanout import Job, fan_out
 from .identity import backbone_key, result_key
-from .lineage import check_inputs, prepare
 from .present import pyplot, text_table
 from .records import TaskResult
 from .report import at_chance_tasks
-from .runtime import check_cluster, check_fits_before_ray, job_resources, ray_session, warm_workers
-from .sequence import backbone_stage
+from .sequence import backbone_stage, driving
 
 __all__ = ["check_compare", "run_compare", "summarise", "method_settings", "backbone_seeds", "paired", "label"]
 
@@ -111,13 +109,9 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """mode=compare (checked by :func:`check_compare`); returns {"parent_run_id", "rows", "results", ...}."""
     methods, seeds, bseeds = list(rc.compare.methods), list(rc.compare.seeds), backbone_seeds(rc)
     one = bseeds == [rc.seed]  # today's comparison on the run's own backbone: its key and labels as before
-    check_fits_before_ray(rc.cluster, *job_resources(rc))
-    m = check_inputs(rc, log)
-    with ray_session(rc.cluster, log):
-        check_cluster(rc)
-        warm_workers(warm_worker, rc.cluster, len(m.new_tasks) * len(methods) * len(seeds) * len(bseeds))
-        p = prepare(rc, log, manifest=m)
-        tr = p.tracker
+    # one job per new task (the stream's tasks but its initial one) x method x seed x backbone
+    with driving(rc, log, warm=lambda n: (n - 1) * len(methods) * len(seeds) * len(bseeds)) as p:
+        m, tr = p.manifest, p.tracker
         bb_rcs = {b: dataclasses.replace(rc, seed=b) for b in bseeds}
         backbones: dict[str, Any] = {"backbone": backbone_key(rc, m)} if one else \
             {"backbones": [backbone_key(bb_rcs[b], m) for b in bseeds]}
