@@ -30,18 +30,28 @@ from ksm_core.transforms import TRANSFORMS
 from .errors import PipelineError
 
 __all__ = ["RunConfig", "ModelCfg", "MethodCfg", "TrainCfg", "BackboneCfg", "ClusterCfg", "TrackingCfg", "DataCfg",
-           "PathsCfg", "TuneCfg", "CompareCfg", "RegistryCfg", "MODES", "ROOT", "register", "resolve", "validate",
+           "PathsCfg", "TuneCfg", "CompareCfg", "RegistryCfg", "MODES", "ROOT", "SEQUENTIAL_METHODS", "register",
+           "resolve", "validate",
            "stable_hash",
            "absolute_tracking_uri"]
 
 #: the project folder (where run_pipeline.py and configs/ live)
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("sequence", "tune", "shards", "evaluate", "compare", "follow", "export")
+#: the sequential baselines (ksm_core.packnet, ksm_core.cpg): task t needs tasks < t, so a stream runs as one chain of
+#: jobs (pipeline.chain), not a fan-out; beside the mask methods of ksm_core.METHODS
+SEQUENTIAL_METHODS = ("packnet", "cpg")
+#: their settings (MethodCfg), and which method uses which; None = the method's default (ksm_core's)
+SEQUENTIAL_KEYS = {"packnet": ("prune", "retrain_epochs"),
+                   "cpg": ("prune", "step", "allow_loss", "prune_epochs", "retrain_epochs")}
+#: the modes a sequential method runs in (tune, follow and export build KSMNet tasks; compare: not yet, #28)
+SEQUENTIAL_MODES = ("sequence", "evaluate", "shards")
 #: the sections an ``overrides_file`` may hold (what a Tune sweep's best.yaml sets)
 OVERRIDABLE = ("method", "train")
 #: a run name or a registered model's name: it names folders (``outputs/tune/<run_name>``), runs and the model in
 #: MLflow (``models:/<name>/<version>``, the registry's filters). No '/', '\\', quote or control character, not
 #: starting with '.', '-' or a blank (``..`` climbed out of ``outputs/``; a quote broke the registry's filter).
+_ALL_SEQUENTIAL_KEYS = ("prune", "step", "allow_loss", "prune_epochs", "retrain_epochs")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=@ -]{0,127}\Z")
 SAFE_NAME_SHAPE = ("1-128 letters, digits and _ . + = @ - or blanks, starting with a letter or digit and not "
                    "ending with a blank or '.'")
@@ -62,10 +72,25 @@ class MethodCfg:
     k: Optional[float] = None
     T: Optional[float] = None
     init: Optional[float] = None
+    # the sequential methods' (configs/method/packnet.yaml, cpg.yaml; null for the mask methods, and then left out
+    # of every identity key, so results made before these settings existed keep their keys: RunConfig.section)
+    prune: Optional[float] = None        # packnet: fraction of a task's weights freed; cpg: the sparsest gradual step
+    step: Optional[float] = None         # cpg: the gradual pruning's increment
+    allow_loss: Optional[float] = None   # cpg: a pruning step is kept while its accuracy + this >= the goal
+    prune_epochs: Optional[int] = None   # cpg: epochs after each pruning step (null: ksm_core's default)
+    retrain_epochs: Optional[int] = None  # both: epochs after the prune (null: ksm_core's default)
 
     def hparams(self) -> dict[str, float]:
         """The mask hyperparameters that are set, as ksm_core.mask_spec takes them."""
         return {k: getattr(self, k) for k in ("tau", "k", "T", "init") if getattr(self, k) is not None}
+
+    def sequential(self) -> bool:
+        """A sequential baseline (PackNet, CPG): the stream runs as a chain (pipeline.chain)."""
+        return self.name in SEQUENTIAL_METHODS
+
+    def chain_settings(self) -> dict[str, Any]:
+        """The sequential method's settings that are set, by name (what pipeline.chain hands ksm_core)."""
+        return {k: getattr(self, k) for k in SEQUENTIAL_KEYS.get(self.name, ()) if getattr(self, k) is not None}
 
 
 @dataclass
@@ -215,8 +240,14 @@ class RunConfig:
     registry: RegistryCfg = field(default_factory=RegistryCfg)
 
     def section(self, name: str) -> dict[str, Any]:
-        """A section as plain data (for hashing and for MLflow params)."""
-        return dataclasses.asdict(getattr(self, name))
+        """A section as plain data (for hashing and for MLflow params). The method's sequential settings are left
+        out while null (every mask method): the keys hashed before they existed stay the same."""
+        out = dataclasses.asdict(getattr(self, name))
+        if name == "method":
+            for k in _ALL_SEQUENTIAL_KEYS:
+                if out.get(k) is None:
+                    out.pop(k, None)
+        return out
 
     def train_identity(self) -> dict[str, Any]:
         """The train section as the identity keys hash it: ``backbone.workers`` (1) and ``compile`` (false, auto) are
@@ -370,10 +401,19 @@ def validate(rc: RunConfig) -> None:
     if rc.model.weights_path and not os.path.isfile(rc.model.weights_path):
         raise PipelineError(f"model.weights_path={rc.model.weights_path!r} does not exist; give a local state_dict "
                             "file or set model.weights_path=null to train the backbone on the initial task")
-    if rc.method.name not in METHODS:
-        raise PipelineError(f"method.name={rc.method.name!r} is unknown; valid methods: {', '.join(METHODS)}")
+    if rc.method.name not in METHODS + SEQUENTIAL_METHODS:
+        raise PipelineError(f"method.name={rc.method.name!r} is unknown; valid methods: "
+                            f"{', '.join(METHODS + SEQUENTIAL_METHODS)} (e.g. method=ksm)")
     try:
-        mask_spec(rc.method.name, **rc.method.hparams())
+        if rc.method.sequential():
+            _check_sequential(rc)
+        else:
+            set_ = [k for k in _ALL_SEQUENTIAL_KEYS if getattr(rc.method, k) is not None]
+            if set_:
+                raise PipelineError(f"method.{set_[0]}={getattr(rc.method, set_[0])!r} is a setting of the "
+                                    f"sequential methods ({', '.join(SEQUENTIAL_METHODS)}); method={rc.method.name} "
+                                    f"does not use it: remove it (method.{set_[0]}=null)")
+            mask_spec(rc.method.name, **rc.method.hparams())
         rc.train.to_core()
     except ValueError as e:
         raise PipelineError(f"invalid method/train setting: {e}") from None
@@ -422,3 +462,33 @@ def validate(rc: RunConfig) -> None:
                             "only: use model=resnet18 or model=resnet50, or data.transform=cifar")
     if not rc.tracking.uri:
         raise PipelineError("tracking.uri is empty; use tracking=local (sqlite file) or tracking.uri=http://host:port")
+
+
+def _check_sequential(rc: RunConfig) -> None:
+    """method=packnet / cpg: only their own settings, in range; modes that can run a chain; no weight decay."""
+    me, name = rc.method, rc.method.name
+    if rc.mode not in SEQUENTIAL_MODES:
+        raise PipelineError(f"mode={rc.mode} does not take method={name} yet: a sequential method runs as one chain "
+                            f"of jobs (modes {', '.join(SEQUENTIAL_MODES)}); use mode=sequence, or a mask method "
+                            "(e.g. method=ksm)")
+    unused = [k for k in ("tau", "k", "T", "init") if me.hparams().get(k) is not None] + [
+        k for k in _ALL_SEQUENTIAL_KEYS if k not in SEQUENTIAL_KEYS[name] and getattr(me, k) is not None]
+    if unused:
+        raise PipelineError(f"method.{unused[0]}={getattr(me, unused[0])!r}: method={name} does not use it (its "
+                            f"settings: {', '.join(SEQUENTIAL_KEYS[name])}); remove it (method.{unused[0]}=null)")
+    if me.prune is not None and not (math.isfinite(me.prune) and 0 < me.prune < 1):
+        raise PipelineError(f"method.prune={me.prune!r} must be a number in (0, 1): "
+                            + ("the fraction of a task's weights freed for the next tasks (their scripts: 0.5)"
+                               if name == "packnet" else "the sparsest gradual pruning step (theirs: 0.95)"))
+    if me.step is not None and not (math.isfinite(me.step) and 0 < me.step <= (me.prune or 0.95)):
+        raise PipelineError(f"method.step={me.step!r} must be a number in (0, method.prune={me.prune or 0.95}] "
+                            "(the gradual pruning's increment; theirs: 0.1)")
+    if me.allow_loss is not None and not (math.isfinite(me.allow_loss) and 0 <= me.allow_loss <= 1):
+        raise PipelineError(f"method.allow_loss={me.allow_loss!r} must be a number in [0, 1] (their --allow_acc_loss: 0)")
+    for k in ("prune_epochs", "retrain_epochs"):
+        v = getattr(me, k)
+        if v is not None and v < 0:
+            raise PipelineError(f"method.{k}={v!r} must be an int >= 0, or null for ksm_core's default")
+    if rc.train.weight_decay:
+        raise PipelineError(f"train.weight_decay={rc.train.weight_decay!r}: method={name} needs 0 (a decay would "
+                            "move the frozen weights of earlier tasks); set train.weight_decay=0")

@@ -20,6 +20,7 @@ FLOORS: dict[str, int] = {
     "pipeline.identity": 1, "pipeline.worker": 1, "pipeline.unlogged": 1, "pipeline.ledger": 1,
     "pipeline.jobs": 2, "pipeline.backbone_dp": 2, "pipeline.lineage": 2,
     "pipeline.fanout": 3, "pipeline.export": 3, "pipeline.sequence": 3, "pipeline.evaluate": 3, "pipeline.compare": 3,
+    "pipeline.chain": 3,
     "pipeline.follow": 3,
     "pipeline.tune": 4,
 }

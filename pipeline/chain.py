@@ -1,0 +1,320 @@
+"""mode=sequence for the sequential baselines (``method=packnet``, ``method=cpg``): the stream as ONE chain of Ray jobs.
+
+Task t of PackNet or CPG trains on what tasks < t left (``ksm_core.packnet``, ``ksm_core.cpg``), so there is no
+fan-out: :func:`run_chain` starts one job per link, each after the one before it finished, on the same job resources
+as the mask methods' tasks (``runtime.job_remote``). The chain's links are the stream's initial task first (link 0:
+the backbone pruned, or compacted, and retrained on the data it was trained on, as their scripts do), then each
+new task in order. Each link is one FINISHED task run under the stream's parent run, tagged as a mask task run is
+(``ksm_kind=task``, ``ksm_task``, ``ksm_result``, ``ksm_sequence``, ...), and holds:
+
+- ``chain/chain.safetensors``: the whole chain after the link (``PackNet.save_chain``: each task's weights it owns,
+  its ownership bits, CPG's pick bits, BN and head; safetensors + JSON, no pickle): what the next link and
+  ``mode=evaluate`` load;
+- metrics ``test_acc``, ``train_seconds``, ``artifact_bytes`` (that file), ``task_bytes`` (what the task adds, as the
+  papers count it: ``PackNet.task_bytes``), and CPG's ``model_growth`` (0: CPG-lite does not grow).
+
+Identity. A link's result key is the mask methods' (backbone, task content, method, training, data options, seed)
+hashed with the previous link's key, so a changed early task changes every later key. A link's run also carries
+the fingerprint of the chain it was trained on (``ksm_chain_parent``) and of the chain after it
+(``ksm_chain_fingerprint``): a run is reused only when its parent is exactly the state the previous link left, so
+a link trained again (its run deleted) is never followed by a later link trained on its old weights.
+
+Resume: a rerun reuses the FINISHED runs of the chain's prefix and trains from the first link without one, in
+order; appending a task to the stream adds a link. Two launches of one chain do not train a link twice: each job
+claims its link (``claims.acquire``, as ``jobs.task_job`` does) and a second launch waits for the first's run.
+Not done here (a mask task's extras): the unlogged-record recovery when the tracking server stays down (a link
+that cannot log fails and is trained again), the retry at chance, the served-model export (a chain is not a
+``KSMNet``; ``mode=export`` refuses it).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ksm_core import ArtifactWriteError
+from ksm_core.cpg import CPG
+from ksm_core.packnet import PackNet
+
+from .claims import Heartbeat, acquire
+from .config import RunConfig, stable_hash
+from .data import Manifest, make_loader
+from .errors import Log, PipelineError
+from .identity import result_key
+from .jobs import JobContext, task_datasets
+from .params import method_params
+from .records import TaskResult
+from .report import write_report
+from .runtime import job_remote
+from .tracking import Tracker
+from .worker import build_backbone, cached_manifest, node_info, prepare_worker
+
+__all__ = ["run_chain", "chain_job", "chain_keys", "chain_links", "chain_class", "chain_loader", "Link",
+           "CHAIN_ARTIFACT"]
+
+#: where a link's run keeps the chain after it
+CHAIN_ARTIFACT = "chain/chain.safetensors"
+_CLASSES = {"packnet": PackNet, "cpg": CPG}
+
+
+def chain_class(method: str) -> type[PackNet]:
+    return _CLASSES[method]
+
+
+def chain_tasks(m: Manifest) -> list[str]:
+    """The chain's links in order: the initial task (the backbone's prune), then every new task."""
+    return [m.initial_task, *m.new_tasks]
+
+
+def chain_keys(rc: RunConfig, fingerprint: str, m: Manifest) -> dict[str, str]:
+    """Each link's result key: the task's own (``identity.result_key``) hashed with the previous link's key, so a
+    changed task changes its key and every later one."""
+    out: dict[str, str] = {}
+    prev = ""
+    for t in chain_tasks(m):
+        prev = stable_hash({"chain_parent": prev, "link": result_key(rc, fingerprint, m.task(t).identity)})
+        out[t] = prev
+    return out
+
+
+def chain_loader(rc: RunConfig, m: Manifest, task: str, split: str) -> Any:
+    """A link's train or test loader, alike in its job and in ``mode=evaluate`` (the test batches the logged
+    accuracy was measured on)."""
+    return make_loader(m, task, split, batch_size=rc.train.batch_size, seed=rc.seed, on_corrupt=rc.data.on_corrupt,
+                       shuffle_buffer=rc.data.shuffle_buffer, transform=rc.data.transform,
+                       decode_workers=max(1, int(rc.cluster.cpus_per_task)), device=rc.device())
+
+
+@dataclass(frozen=True)
+class Link:
+    """One link of the chain as the store holds it: its task, result key, and its FINISHED run when it has one
+    trained on the chain the link before it left (``run`` None: this link and every later one must train)."""
+
+    task: str
+    key: str
+    run: Any | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.run.data.tags.get("ksm_chain_fingerprint", "") if self.run is not None else ""
+
+
+def chain_links(tr: Tracker, rc: RunConfig, m: Manifest, fingerprint: str, stream: str,
+                stream_runs: list[Any] | None = None) -> list[Link]:
+    """Every link of this config's chain, in order, with its reusable FINISHED run while the prefix has one (the
+    stream's own runs first, then one search per link for a run another stream trained on the same chain); from
+    the first link without one, no run. ``stream_runs``: the stream's FINISHED task runs when already read."""
+    keys = chain_keys(rc, fingerprint, m)
+    if stream_runs is None:
+        stream_runs = list(tr.scan("FINISHED", ksm_kind="task", ksm_sequence=stream))
+    mine = {}
+    for r in stream_runs:  # newest first is not needed: one run per (result, parent chain) unless raced
+        tags = r.data.tags
+        if tags.get("ksm_superseded") != "true":
+            mine.setdefault((tags.get("ksm_result"), tags.get("ksm_chain_parent")), r)
+    out: list[Link] = []
+    parent = fingerprint  # link 0 is trained on the backbone itself
+    for t in chain_tasks(m):
+        run = None
+        if parent:
+            run = mine.get((keys[t], parent)) or tr.find_one("FINISHED", ksm_kind="task", ksm_result=keys[t],
+                                                             ksm_chain_parent=parent)
+        out.append(Link(t, keys[t], run))
+        parent = out[-1].fingerprint  # "" once a link has no run: every later one trains
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def run_chain(s: Any, log: Log = print) -> dict[str, Any]:
+    """The chain of a sequential method on a stream set up by ``sequence.stream_run`` (``s``: its ``StreamRun``,
+    the parent run RUNNING, the backbone in hand): reuse the FINISHED prefix, train the rest one Ray job at a time,
+    report. Returns what ``run_sequence`` returns (``results``: one TaskResult per link, the initial task first)."""
+    import ray
+
+    rc, m, tr = s.rc, s.manifest, s.tracker
+    t_start = time.perf_counter()
+    stream_runs = list(tr.scan("FINISHED", ksm_kind="task", ksm_sequence=s.key))
+    links = chain_links(tr, rc, m, s.fingerprint, s.key, stream_runs)
+    first = next((i for i, ln in enumerate(links) if ln.run is None), len(links))
+    _say_what_trains(links, first, stream_runs, log)
+    ctx: JobContext = s.job_context()
+    state_ref = ray.put(s.state)  # once: every link's job maps the same arrays
+    job = job_remote(chain_job, rc.cluster)
+    results: list[TaskResult] = []
+    failures: dict[str, str] = {}
+    parent_run, parent_fp = "", s.fingerprint
+    for i, ln in enumerate(links):
+        if ln.run is not None:
+            res = TaskResult.from_run(ln.run, "reused")
+            fp = ln.fingerprint
+        else:
+            try:
+                res, fp = _get(job.remote(rc, ctx, i, ln.task, ln.key, parent_run, parent_fp, state_ref))
+            except PipelineError as e:  # the later links need this one: the chain stops here
+                failures[ln.task] = str(e)
+                log(f"[chain] {ln.task} failed: {str(e).splitlines()[0]}")
+                break
+            log(f"[chain] {i + 1}/{len(links)} {ln.task}: test acc {res.test_acc:.3f} ({res.status})")
+            if res.status == "trained":
+                _supersede_stale_runs(tr, stream_runs, links[i:], res.run_id)
+        results.append(res)
+        parent_run, parent_fp = res.run_id, fp
+    wall = time.perf_counter() - t_start
+    report = write_report(tr, s.parent_id, results, rc, log=log, wall_seconds=wall, failures=failures)
+    tr.metrics(s.parent_id, {"chain_wall_seconds": wall, "tasks_trained": sum(r.status == "trained" for r in results)})
+    if failures:
+        t, msg = next(iter(failures.items()))
+        raise PipelineError(f"chain link {t} failed, so the {len(links) - len(results) - 1} link(s) after it did not "
+                            f"train (the links before it are saved; re-run the same command to go on from {t}):\n"
+                            f"  {t}: {msg.splitlines()[0][:500]}")
+    return {"parent_run_id": s.parent_id, "results": results, "backbone_run_id": s.backbone_run,
+            "fingerprint": s.fingerprint, "sequence_key": s.key, "report": report,
+            "experiment_id": tr.experiment_id, "chain_wall_seconds": wall}
+
+
+def _get(ref: Any) -> tuple[TaskResult, str]:
+    """A link job's result; the job's own error raised as itself (its message names the fix)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, (PipelineError, ValueError)):
+            raise PipelineError(str(cause)) from None
+        raise
+
+
+def _say_what_trains(links: list[Link], first: int, stream_runs: list[Any], log: Log) -> None:
+    """One line: how much of the chain is reused, and which later links trained before are invalidated."""
+    n = len(links)
+    if first == n:
+        log(f"[chain] all {n} link(s) reused: nothing to train")
+        return
+    had = {r.data.tags.get("ksm_task") for r in stream_runs if r.data.tags.get("ksm_superseded") != "true"}
+    later = [ln.task for ln in links[first + 1:] if ln.task in had]
+    why = "changed since its last run" if links[first].task in had else "new, or never trained in this chain"
+    log(f"[chain] {first} of {n} link(s) reused; {links[first].task} ({why}) and the {n - first - 1} after it "
+        f"train in order" + (f"; this invalidates {len(later)} later task(s) trained before: {', '.join(later)}"
+                             if later else ""))
+
+
+def _supersede_stale_runs(tr: Tracker, stream_runs: list[Any], links: list[Link], new_run: str) -> None:
+    """Link ``links[0]`` trained anew (``new_run``): the stream's earlier runs of it and of every link after it
+    belong to another chain (a changed task, or a link trained again, which keeps its key); tag them superseded,
+    so that no report or evaluation takes them for this chain's."""
+    names = {ln.task for ln in links}
+    for r in stream_runs:
+        tags = r.data.tags
+        if tags.get("ksm_task") in names and tags.get("ksm_superseded") != "true":
+            tr.tags(r.info.run_id, {"ksm_superseded": "true", "ksm_superseded_by_chain": new_run})
+            tags["ksm_superseded"] = "true"  # this launch's copy: tagged once
+
+
+# -------------------------------------------------------------------------------------------------- the job
+def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result: str, parent_run: str,
+              parent_fp: str, backbone_state: dict[str, Any]) -> tuple[TaskResult, str]:
+    """One link, end to end, as a child run of the stream: claim it, load the chain the previous link left (its
+    run's ``chain/chain.safetensors``; the backbone for link 0), train the task with ksm_core's PackNet / CPG, log
+    the chain after it and the task's numbers, FINISHED. Returns the task's result and the chain's fingerprint.
+    Safe to run more than once: a FINISHED run of this link on this parent chain is the result."""
+    prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
+    tr = Tracker(rc.tracking.uri, ctx.experiment_id, rc.tracking.outage_s)
+    m = cached_manifest(ctx.manifest)
+    keys = {"ksm_kind": "task", "ksm_result": result, "ksm_chain_parent": parent_fp}
+    tags = {"ksm_sequence": ctx.sequence_key, "ksm_task": task_name, "ksm_task_id": m.task(task_name).identity,
+            "ksm_chain_link": str(link), **node_info()}
+    claim = acquire(tr, keys, task_name, tags, parent=ctx.parent_run_id, stale_s=rc.cluster.claim_timeout_s)
+    if claim.done is not None:
+        return TaskResult.from_run(claim.done, status="reused"), claim.done.data.tags["ksm_chain_fingerprint"]
+    run_id = claim.run_id
+    assert run_id is not None
+    t0 = time.perf_counter()
+    folder = Path(rc.paths.output) / "chain" / f"{task_name}-{result}"
+    with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6), tr.running(run_id):
+        tr.inputs(run_id, task_datasets(m, task_name))
+        net = _chain_before(rc, tr, m, link, task_name, parent_run, parent_fp, backbone_state)
+        cfg = rc.train.to_core(device=rc.device(), seed=rc.seed)
+        train, test = chain_loader(rc, m, task_name, "train"), chain_loader(rc, m, task_name, "test")
+        history: list[tuple[int, dict[str, float]]] = []
+
+        def on_epoch(_: int, rec: dict[str, Any]) -> None:  # every phase's epochs, one step after another
+            history.append((len(history), {f"{k}": float(v) for k, v in rec.items()
+                                           if k != "epoch" and isinstance(v, (int, float))}))
+
+        settings = rc.method.chain_settings()
+        kw: dict[str, Any] = {"retrain_epochs": settings.get("retrain_epochs")}
+        if rc.method.name == "cpg":
+            kw.update(allow_loss=settings.get("allow_loss", 0.0), prune_epochs=settings.get("prune_epochs"))
+        try:
+            res = net.train_task(link, train, test, cfg, on_epoch=on_epoch, **kw)
+        except ValueError as e:  # e.g. no free weight left: an earlier task kept all it was given
+            hint = (" (CPG-lite does not grow: a higher method.allow_loss lets a task prune and leave weights free)"
+                    if rc.method.name == "cpg" else " (a higher method.prune leaves more weights free)")
+            raise PipelineError(f"task {task_name} (link {link} of the chain): {e}{hint}") from None
+        fp = net.chain_fingerprint(link)
+        try:
+            size = net.save_chain(folder / "chain.safetensors", extra={"task": task_name, "run_name": rc.run_name})
+        except ArtifactWriteError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise PipelineError(f"task {task_name}: {e}; free space there, or point paths.output at another "
+                                "folder; a rerun trains the link again") from e
+        classes = list(m.task(task_name).class_names)
+        params = {**method_params(rc.method, rc.train), "epochs": rc.train.epochs,
+                  "batch_size": rc.train.batch_size, "model": rc.model.name, "model_width": rc.model.width,
+                  "backbone_fingerprint": ctx.backbone_fingerprint, "backbone_run_id": ctx.backbone_run_id,
+                  "task": task_name, "classes": ", ".join(classes), "num_classes": len(classes),
+                  "train_samples": train.num_samples, "test_samples": test.num_samples, "seed": rc.seed,
+                  "device": str(next(net.parameters()).device), "transform": rc.data.transform,
+                  "chain_link": link, "chain_parent_run_id": parent_run or "-"}
+        final = {"test_acc": res.test_acc, "test_loss": res.test_loss, "train_seconds": res.train_seconds,
+                 "job_seconds": time.perf_counter() - t0, "artifact_bytes": size, "task_bytes": net.task_bytes(link),
+                 "owned_weights": res.owned, "free_weights": res.free_after, "total_weights": res.total_weights,
+                 "owned_fraction": res.owned / res.total_weights if res.total_weights else None,
+                 "skipped_samples": train.skipped + test.skipped}
+        if isinstance(net, CPG):
+            final.update(model_growth=res.grown, sparsity=res.sparsity, goal=res.goal, goal_met=float(res.goal_met),
+                         retrain_kept=float(res.retrain_kept), prune_steps=len(res.prune_steps))
+        else:
+            final.update(pruned_weights=res.pruned)
+        final = {k: v for k, v in final.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        end_tags = {"ksm_chain_fingerprint": fp, "ksm_device": params["device"], "ksm_method": rc.method.name}
+        path = folder / "chain.safetensors"
+        end_tags["ksm_chain_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        tr.artifact(run_id, path, "chain", artifact_uri=claim.run.info.artifact_uri)
+        tr.log(run_id, params=params, metrics=final, tags=end_tags, step=len(history), history=history)
+    shutil.rmtree(folder, ignore_errors=True)
+    return TaskResult.from_logged(claim.run.info, "trained", {k: str(v) for k, v in params.items()}, final,
+                                  {**claim.run.data.tags, **end_tags}), fp
+
+
+def _chain_before(rc: RunConfig, tr: Tracker, m: Manifest, link: int, task_name: str, parent_run: str,
+                  parent_fp: str, backbone_state: dict[str, Any]) -> PackNet:
+    """The chain this link trains on, with the link's task added: the backbone wrapped (link 0), else the chain
+    the previous link's run logged, checked against the fingerprint that run was tagged with."""
+    cls = chain_class(rc.method.name)
+    init = m.task(m.initial_task)
+    bb = build_backbone(rc.model, init.num_classes, backbone_state)
+    if link == 0:
+        s = rc.method.chain_settings()
+        kw = {"step": s["step"]} if cls is CPG and "step" in s else {}
+        return cls.from_backbone(bb, **({"prune": s["prune"]} if "prune" in s else {}), **kw)
+    with tempfile.TemporaryDirectory(prefix="ksm-chain-") as tmp:
+        path = tr.download(parent_run, CHAIN_ARTIFACT, tmp)
+        try:
+            net = cls.load_chain(bb, path)
+        except ValueError as e:
+            raise PipelineError(f"task {task_name}: the chain of run {parent_run} (the link before) cannot be loaded "
+                                f"({e}); delete that run and re-run the command to train it again") from None
+    if net.num_tasks != link or net.chain_fingerprint(link - 1) != parent_fp:
+        raise PipelineError(f"task {task_name}: the chain logged by run {parent_run} is not the one its run was "
+                            f"tagged with (fingerprint {parent_fp[:12]}, {link} task(s)); delete that run and re-run")
+    t = net.add_task(m.task(task_name).num_classes, name=task_name)
+    assert t == link
+    return net
+
