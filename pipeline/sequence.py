@@ -20,6 +20,7 @@ import numpy as np
 from ksm_core import fingerprint
 
 from .backbone_dp import train_backbone_dp
+from .chain import run_chain
 from .claims import Heartbeat, acquire
 from .config import RunConfig
 from .data import Manifest, ensure_shards, task_specs
@@ -195,6 +196,8 @@ def stream_run(p: Prepared, log: Log = print, *, tags: Mapping[str, str] | None 
 def run_sequence(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """mode=sequence: the whole task sequence; returns {"parent_run_id", "results": [TaskResult per task], ...}."""
     with driving(rc, log) as p, stream_run(p, log) as s:
+        if rc.method.sequential():  # PackNet, CPG: one job per task, each after the one before (pipeline/chain.py)
+            return run_chain(s, log)
         m, tr = s.manifest, s.tracker
         wanted = s.wanted()
         book = stream_book(tr, s.key, s.parent_id, len(wanted), log)  # a long stream's ledger (None: a short one)
