@@ -17,7 +17,7 @@ from .params import method_params
 from .probes import check_tracking_uri
 from .records import TaskResult
 from .redact import redact_text
-from .tracking import Tracker
+from .tracking import Tracker, filter_value
 
 __all__ = ["Prepared", "check_inputs", "prepare", "open_stream_run", "trained_sequence", "trained_runs",
            "trained_results", "stream_book", "supersede", "ONE_BY_ONE"]
@@ -129,14 +129,25 @@ def _take(out: dict[str, Any], wanted: dict[str, str], runs: Any) -> None:
 
 def _other_streams(tr: Tracker, missing: dict[str, str], stream: str | None,
                    backbone_fingerprint: str | None) -> dict[str, Any]:
-    """The ``missing`` keys (not in ``stream``'s own runs) from any stream: one by one when few, else the FINISHED
-    task runs trained on the backbone (every FINISHED task run without its fingerprint)."""
+    """The ``missing`` keys (not in ``stream``'s own runs) from the other streams: none when no other stream has a
+    FINISHED task run on this backbone (one search that returns at most one run: a result key includes the backbone's
+    fingerprint, and a task job logs it as a param); else one by one when few, else the other streams' FINISHED task
+    runs trained on the backbone (every FINISHED task run without its fingerprint)."""
     out: dict[str, Any] = {}
-    if stream and 0 < len(missing) <= ONE_BY_ONE:
+    if not missing:
+        return out
+    clauses = ["attributes.status = 'FINISHED'", "tags.ksm_kind = 'task'"]
+    if backbone_fingerprint:
+        clauses.append(f"params.backbone_fingerprint = {filter_value(backbone_fingerprint)}")
+    if stream:  # its own runs were taken already
+        clauses.append(f"tags.ksm_sequence != {filter_value(stream)}")
+    where = " and ".join(clauses)
+    if stream and backbone_fingerprint and not tr.client.search_runs([tr.experiment_id], where, max_results=1):
+        return out
+    if stream and len(missing) <= ONE_BY_ONE:
         out.update(trained_runs(tr, missing))
-    elif missing:
-        _take(out, missing, tr.scan("FINISHED", params={"backbone_fingerprint": backbone_fingerprint}
-                                    if backbone_fingerprint else None, ksm_kind="task"))
+    else:
+        _take(out, missing, tr.scan_where(where))
     return out
 
 
