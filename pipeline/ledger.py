@@ -168,7 +168,7 @@ class Ledger:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise LedgerError(f"not a {FORMAT} file")
         if d.get("version") != VERSION:
-            raise LedgerError(f"version {str(d.get('version'))[:20]!r}, this code reads {VERSION}")
+            raise LedgerError(f"version {json.dumps(d.get('version'))[:20]}, this code reads {VERSION}")
         if set(d) != {"format", "version", "stream", "parent_run_id", "written_at", "entries"}:
             raise LedgerError(f"unexpected keys {sorted(d)[:20]}")
         if d["stream"] != stream or d["parent_run_id"] != parent_run_id:
