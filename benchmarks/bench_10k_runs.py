@@ -13,27 +13,39 @@ How the experiment is filled (same rows as the pipeline makes, most of them copi
    start time; 2% of the copies KILLED (dead claim attempts). A copy read back through the server equals its
    template run but for those values (checked). The copied runs have no artifact files (nothing here reads one).
 
+3. each stream's ledger (`pipeline/ledger.py`), written as the driver writes it: every task run's result as a job
+   hands it back (`TaskResult`: the template run's, read through the server, with the copy's run id, task, stream
+   and start time), added to a `LedgerBook` and written to the stream's parent run (`LedgerBook.write`).
+
 Then, through the server, timed (median of ``--repeat``, claim look-up p50/p95 over 50 result keys):
-- resume scan: `lineage.trained_runs` for one 1000-task stream, as the driver and `mode=follow` call it (the
-  stream's own runs first) and as it scanned before (every FINISHED task run of the experiment);
-- claim look-up: the search `claims.acquire` makes after announcing (`Tracker.find(None, ksm_kind, ksm_result)`);
+- resume: the driver's, from the stream's ledger (`lineage.stream_book` -> `trained_results` -> `supersede`: one
+  ledger download, one search for the stream's FINISHED runs not in it, one probe that all its runs still are),
+  once with the ledger current and once with it lacking the stream's last 10 runs (a driver killed before its last
+  write); its answer is checked equal, run for run and field for field, to the scan's;
+- resume scan: `lineage.trained_runs` for one 1000-task stream as it reads without a ledger (the stream's own runs
+  first; `supersede` read them all again) and, unless ``--skip-before``, as it scanned before that (every FINISHED
+  task run of the experiment);
+- claim look-up: the search `claims.acquire` makes after announcing (`Tracker.find(None, ksm_kind, ksm_result)`),
+  beside the same search for a key nothing has (no run to return) and a bare round trip (`get_experiment`);
 - `mode=evaluate`'s listing: `lineage.trained_sequence`'s calls (parent by stream key, backbone run, the stream's
   FINISHED task runs);
 - `mode=export`'s lookup: the same, plus the registered model's newest version (`export._latest_version`);
 - the report: `report.write_report` on the stream's 1000 results (the summary, plots and report.csv, uploaded to
   the parent run through the proxy).
 
-  .venv/bin/python benchmarks/bench_10k_runs.py                            # both stores, 10 streams x 1000 tasks
+  .venv/bin/python benchmarks/bench_10k_runs.py --skip-before             # both stores, 10 streams x 1000 tasks
   .venv/bin/python benchmarks/bench_10k_runs.py --stores sqlite --streams 2 --tasks 100   # a quick look
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
 import statistics
 import sys
+from collections import defaultdict
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +60,9 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 from bench_tracking_load import load_line, log_task, start_server  # noqa: E402
 
 from pipeline.claims import acquire  # noqa: E402
-from pipeline.lineage import trained_runs  # noqa: E402
+from pipeline.ledger import LedgerBook  # noqa: E402
+from pipeline.lineage import stream_book, supersede, trained_results, trained_runs  # noqa: E402
+from pipeline.records import TaskResult  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 
 EXPERIMENT = "ksm-10k"
@@ -90,14 +104,49 @@ def fill(uri: str, db_uri: str, streams: int, tasks: int, template: int) -> dict
         templates.append(claim.run_id)
     meta["template_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    meta["copied"] = copy_runs(db_uri, tr.experiment_id, templates, meta["streams"], tasks, template)
+    meta["copied"], copies = copy_runs(db_uri, tr.experiment_id, templates, meta["streams"], tasks, template)
     meta["copy_s"] = time.perf_counter() - t0
+    meta["templates"], meta["copies"] = templates, copies
     return meta
 
 
+def stream_results(tr: Tracker, meta: dict[str, Any], s: int) -> list[tuple[TaskResult, str]]:
+    """Stream ``s``'s FINISHED task runs as its jobs would have handed them to the driver, with their result keys:
+    a template run's result read back, each copy's with its own run id, task, stream and start time."""
+    if "template_results" not in meta:
+        meta["template_results"] = [TaskResult.from_run(tr.client.get_run(t), "trained") for t in meta["templates"]]
+    tpl, key = meta["template_results"], meta["streams"][s]["key"]
+    out = [(r, result_key(0, t)) for t, r in enumerate(tpl)] if s == 0 else []
+    for t, rid, src, start, killed in meta["copies"][s]:
+        if not killed:
+            out.append((dataclasses.replace(tpl[src], run_id=rid, task=f"task{t:05d}", start_time=start,
+                                            sequence=key), result_key(s, t)))
+    return out
+
+
+def write_ledger(tr: Tracker, meta: dict[str, Any], s: int, lacking: int = 0) -> tuple[float, int]:
+    """Stream ``s``'s ledger as the driver writes it (each result added to its LedgerBook, then written), less its
+    last ``lacking`` runs. Returns the seconds the write took and the ledger's size in bytes."""
+    info = meta["streams"][s]
+    book = LedgerBook(tr, info["key"], info["parent"], [], dirty=False, source="bench", log=print)
+    res = stream_results(tr, meta, s)
+    for r, k in res[:len(res) - lacking]:
+        book.add(r, k)
+    t0 = time.perf_counter()
+    book.write(force=True)
+    assert not book.dirty, "the ledger was not written"
+    return time.perf_counter() - t0, len(book.ledger().to_json())
+
+
+def write_ledgers(tr: Tracker, meta: dict[str, Any]) -> None:
+    ts, sizes = zip(*(write_ledger(tr, meta, s) for s in meta["streams"]))
+    meta["ledger_write_s"], meta["ledger_bytes"] = statistics.median(ts), statistics.median(sizes)
+
+
 def copy_runs(db_uri: str, exp_id: str, templates: list[str], streams: dict[int, dict], tasks: int,
-              template: int) -> int:
-    """Copy the template task runs' rows until every stream has ``tasks`` task runs (see the module doc)."""
+              template: int) -> tuple[int, dict[int, list[tuple[int, str, int, int, bool]]]]:
+    """Copy the template task runs' rows until every stream has ``tasks`` task runs (see the module doc). Returns
+    how many, and per stream each copy's (task number, run id, template index, start time, KILLED)."""
     import sqlalchemy as sa
 
     engine = sa.create_engine(db_uri)
@@ -128,6 +177,7 @@ def copy_runs(db_uri: str, exp_id: str, templates: list[str], streams: dict[int,
     rng = random.Random(1)
     base_time = by_run["runs"][templates[0]][0]["start_time"]
     n_copied = 0
+    copies: dict[int, list[tuple[int, str, int, int, bool]]] = {s: [] for s in streams}
     batch: dict[str, list] = {n: [] for n in names}
 
     def flush(con) -> None:
@@ -149,6 +199,7 @@ def copy_runs(db_uri: str, exp_id: str, templates: list[str], streams: dict[int,
                 subst_params = {"task": task, "backbone_run_id": info["backbone_run"],
                                 "backbone_fingerprint": info["fingerprint"]}
                 killed = rng.random() < 0.02
+                copies[s].append((t, rid, t % template, base_time + 1000 * (s * tasks + t), killed))
                 for r in by_run["runs"][src]:
                     batch["runs"].append({**r, "run_uuid": rid, "name": task,
                                           "status": "KILLED" if killed else r["status"],
@@ -176,7 +227,20 @@ def copy_runs(db_uri: str, exp_id: str, templates: list[str], streams: dict[int,
                     flush(con)
         flush(con)
     engine.dispose()
-    return n_copied
+    return n_copied, copies
+
+
+def count_task_runs(db_uri: str, exp_id: str) -> int:
+    """The experiment's task runs, counted in the database (through the server it is a 10,000-run scan)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_uri)
+    with engine.connect() as con:
+        n = con.execute(sa.text("SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE "
+                                "r.experiment_id = :e AND t.key = 'ksm_kind' AND t.value = 'task'"),
+                        {"e": int(exp_id)}).scalar()
+    engine.dispose()
+    return int(n)
 
 
 def check_copy(tr: Tracker, template_id: str, copy_task: str, stream: int) -> None:
@@ -208,19 +272,48 @@ def listing(tr: Tracker, key: str, wanted: dict[str, str], fp: str) -> tuple[Any
                                         backbone_fingerprint=bb_run.data.tags.get("ksm_fingerprint"))
 
 
+def resume(tr: Tracker, info: dict[str, Any], wanted: dict[str, str], log: Any = print) -> dict[str, TaskResult]:
+    """The driver's resume of a long stream (sequence.run_sequence, then fan_out): the stream's ledger, proven,
+    then supersede and the trained results from it."""
+    book = stream_book(tr, info["key"], info["parent"], len(wanted), log)
+    supersede(tr, info["key"], wanted, book)
+    return trained_results(tr, wanted, book=book, stream=info["key"], backbone_fingerprint=info["fingerprint"])
+
+
+def quantiles_ms(ts: list[float]) -> tuple[float, float]:
+    return 1000 * statistics.median(ts), 1000 * statistics.quantiles(ts, n=20)[-1]
+
+
 def measure(uri: str, meta: dict[str, Any], tasks: int, repeat: int, before: bool = True) -> dict[str, Any]:
+    from bench_tracking_load import Timed
+
     from pipeline.export import _latest_version
-    from pipeline.records import TaskResult
     from pipeline.report import write_report
 
     tr = Tracker(uri, meta["experiment_id"])
     s = len(meta["streams"]) // 2  # a stream in the middle: neither the first nor the last written
     info = meta["streams"][s]
     wanted = {f"task{t:05d}": result_key(s, t) for t in range(tasks)}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"ledger_write_s": meta["ledger_write_s"], "ledger_bytes": meta["ledger_bytes"]}
     out["resume_scan_s"], found = timed(lambda: trained_runs(tr, wanted, stream=info["key"],
                                                              backbone_fingerprint=info["fingerprint"]), repeat)
     out["resume_found"] = len(found)
+    scanned = {t: TaskResult.from_run(r, "reused") for t, r in found.items()}
+    lines: list[str] = []
+    out["resume_ledger_s"], got = timed(lambda: resume(tr, info, wanted, lines.append), max(repeat, 5))
+    assert got == scanned, "the resume from the ledger differs from the scan"
+    out["resume_ledger_log"] = lines[-1]
+    times: dict[str, list[float]] = defaultdict(list)  # the resume's store calls, once more, each timed
+    timed_tr = Tracker(uri, meta["experiment_id"])
+    timed_tr.client = Timed(timed_tr.client, times)
+    resume(timed_tr, info, wanted, lambda _: None)
+    out["resume_ledger_calls"] = {k: [len(v), round(sum(v), 3)] for k, v in times.items()}
+    write_ledger(tr, meta, s, lacking=10)  # as a driver killed 10 results before its next write leaves it
+    lines.clear()
+    out["resume_ledger_stale10_s"], got = timed(lambda: resume(tr, info, wanted, lines.append), max(repeat, 5))
+    assert got == scanned, "the resume from a stale ledger differs from the scan"
+    out["resume_ledger_stale10_log"] = lines[-1]
+    write_ledger(tr, meta, s)
     if before:
         out["resume_scan_whole_experiment_s"], found_all = timed(lambda: _scan_everything(tr, wanted), 1)
         assert {t: r.info.run_id for t, r in found.items()} == {t: r.info.run_id for t, r in found_all.items()}
@@ -228,17 +321,24 @@ def measure(uri: str, meta: dict[str, Any], tasks: int, repeat: int, before: boo
         out["resume_scan_whole_experiment_s"] = float("nan")
     print(f"[10k] {out}", flush=True)
     keys = random.Random(2).sample(sorted(wanted.values()), 50)
-    look = []
+    look, none, trip = [], [], []
     for k in keys:
         t0 = time.perf_counter()
         tr.find(None, ksm_kind="task", ksm_result=k)
         look.append(time.perf_counter() - t0)
-    out["claim_lookup_p50_ms"] = 1000 * statistics.median(look)
-    out["claim_lookup_p95_ms"] = 1000 * statistics.quantiles(look, n=20)[-1]
+        t0 = time.perf_counter()
+        tr.find(None, ksm_kind="task", ksm_result=k[::-1])  # no such result: the search returns no run
+        none.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        tr.client.get_experiment(meta["experiment_id"])
+        trip.append(time.perf_counter() - t0)
+    out["claim_lookup_p50_ms"], out["claim_lookup_p95_ms"] = quantiles_ms(look)
+    out["lookup_no_run_p50_ms"], out["lookup_no_run_p95_ms"] = quantiles_ms(none)
+    out["round_trip_p50_ms"], out["round_trip_p95_ms"] = quantiles_ms(trip)
     out["evaluate_listing_s"], _ = timed(lambda: listing(tr, info["key"], wanted, info["fingerprint"]), repeat)
     out["export_lookup_s"], _ = timed(lambda: (listing(tr, info["key"], wanted, info["fingerprint"]),
                                                _latest_version(tr.client, f"stream-{s}")), repeat)
-    results = [TaskResult.from_run(r, "reused") for r in found.values()]
+    results = list(scanned.values())
     print(f"[10k] {out}", flush=True)
     try:  # the config is composed from the working tree: a config mid-edit must not lose the numbers above
         rc = _run_config(f"stream-{s}")
@@ -305,7 +405,11 @@ def main() -> None:
             copy = args.template + 3  # stream 1's task copied from template run (copy % template)
             check_copy(tr, tr.find_one(None, ksm_kind="task", ksm_result=result_key(0, copy % args.template)).info.run_id,
                        f"task{copy:05d}", 1)
-            total = sum(1 for _ in tr.scan(None, ksm_kind="task"))  # paged: one 10,000-run answer is too big
+            t0 = time.perf_counter()
+            write_ledgers(tr, meta)
+            print(f"[10k] {store}: {len(meta['streams'])} ledgers written in {time.perf_counter() - t0:.1f}s "
+                  f"(median {meta['ledger_write_s']:.2f}s, {meta['ledger_bytes'] / 1e6:.2f} MB each)", flush=True)
+            total = count_task_runs(db_uri, meta["experiment_id"])
             print(f"[10k] {store}: {total} task runs ({args.template} made through the server in "
                   f"{meta['template_s']:.1f}s, {meta['copied']} copied in {meta['copy_s']:.1f}s); {load_line()}",
                   flush=True)
@@ -320,12 +424,16 @@ def main() -> None:
                 server.stop()
             if pg is not None:
                 pg.stop()
-    print("\n| store | task runs | resume scan, 1000-task stream (s) | ... before: whole experiment (s) | "
-          "claim look-up p50 / p95 (ms) | evaluate listing (s) | export lookup (s) | report (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| store | task runs | resume from the ledger, current / lacking 10 runs (s) | resume scan, 1000-task stream "
+          "(s) | ... before: whole experiment (s) | claim look-up p50 / p95 (ms) | no-run look-up p50 / p95 (ms) | "
+          "round trip p50 / p95 (ms) | evaluate listing (s) | export lookup (s) | report (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['store']} | {r['task_runs']} | {r['resume_scan_s']:.2f} | {r['resume_scan_whole_experiment_s']:.2f} | "
-              f"{r['claim_lookup_p50_ms']:.0f} / {r['claim_lookup_p95_ms']:.0f} | {r['evaluate_listing_s']:.2f} | "
+        print(f"| {r['store']} | {r['task_runs']} | {r['resume_ledger_s']:.2f} / {r['resume_ledger_stale10_s']:.2f} | "
+              f"{r['resume_scan_s']:.2f} | {r['resume_scan_whole_experiment_s']:.2f} | "
+              f"{r['claim_lookup_p50_ms']:.0f} / {r['claim_lookup_p95_ms']:.0f} | "
+              f"{r['lookup_no_run_p50_ms']:.0f} / {r['lookup_no_run_p95_ms']:.0f} | "
+              f"{r['round_trip_p50_ms']:.0f} / {r['round_trip_p95_ms']:.0f} | {r['evaluate_listing_s']:.2f} | "
               f"{r['export_lookup_s']:.2f} | {r['report_s']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
