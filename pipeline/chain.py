@@ -160,10 +160,9 @@ def run_chain(s: Any, log: Log = print) -> dict[str, Any]:
                 log(f"[chain] {ln.task} failed: {str(e).splitlines()[0]}")
                 break
             log(f"[chain] {i + 1}/{len(links)} {ln.task}: test acc {res.test_acc:.3f} ({res.status})")
-            if res.status == "trained":
-                _supersede_stale_runs(tr, stream_runs, links[i:], res.run_id)
         results.append(res)
         parent_run, parent_fp = res.run_id, fp
+    _supersede_stale_runs(tr, stream_runs, {r.task: r.run_id for r in results[first:]})
     wall = time.perf_counter() - t_start
     report = write_report(tr, s.parent_id, results, rc, log=log, wall_seconds=wall, failures=failures)
     tr.metrics(s.parent_id, {"chain_wall_seconds": wall, "tasks_trained": sum(r.status == "trained" for r in results)})
@@ -200,20 +199,20 @@ def _say_what_trains(links: list[Link], first: int, stream_runs: list[Any], log:
     later = [ln.task for ln in links[first + 1:] if ln.task in had]
     why = "changed since its last run" if links[first].task in had else "new, or never trained in this chain"
     log(f"[chain] {first} of {n} link(s) reused; {links[first].task} ({why}) and the {n - first - 1} after it "
-        f"train in order" + (f"; this invalidates {len(later)} later task(s) trained before: {', '.join(later)}"
-                             if later else ""))
+        f"train in order" + (f"; this invalidates {len(later)} later task(s) trained before: {', '.join(later)} (a "
+                             "link is reused only on the exact chain it was trained on)" if later else ""))
 
 
-def _supersede_stale_runs(tr: Tracker, stream_runs: list[Any], links: list[Link], new_run: str) -> None:
-    """Link ``links[0]`` trained anew (``new_run``): the stream's earlier runs of it and of every link after it
-    belong to another chain (a changed task, or a link trained again, which keeps its key); tag them superseded,
-    so that no report or evaluation takes them for this chain's."""
-    names = {ln.task for ln in links}
+def _supersede_stale_runs(tr: Tracker, stream_runs: list[Any], chosen: dict[str, str]) -> None:
+    """The links this launch trained or found anew (task -> run): the stream's other runs of those tasks were
+    trained on another chain (a changed task, or a link before them trained again); tag them superseded, so that
+    no report or evaluation takes them for this chain's. Done once the chain has run: a link trained again to the
+    same bits keeps the runs after it (same parent fingerprint), which its job then reuses."""
     for r in stream_runs:
         tags = r.data.tags
-        if tags.get("ksm_task") in names and tags.get("ksm_superseded") != "true":
-            tr.tags(r.info.run_id, {"ksm_superseded": "true", "ksm_superseded_by_chain": new_run})
-            tags["ksm_superseded"] = "true"  # this launch's copy: tagged once
+        task = tags.get("ksm_task")
+        if task in chosen and r.info.run_id != chosen[task] and tags.get("ksm_superseded") != "true":
+            tr.tags(r.info.run_id, {"ksm_superseded": "true", "ksm_superseded_by_run": chosen[task]})
 
 
 # -------------------------------------------------------------------------------------------------- the job
@@ -303,7 +302,9 @@ def _chain_before(rc: RunConfig, tr: Tracker, m: Manifest, link: int, task_name:
     if link == 0:
         s = rc.method.chain_settings()
         kw = {"step": s["step"]} if cls is CPG and "step" in s else {}
-        return cls.from_backbone(bb, **({"prune": s["prune"]} if "prune" in s else {}), **kw)
+        net = cls.from_backbone(bb, **({"prune": s["prune"]} if "prune" in s else {}), **kw)
+        net.task_names[0] = init.name  # ksm_core calls the backbone's task "base"; here it is the stream's own
+        return net
     with tempfile.TemporaryDirectory(prefix="ksm-chain-") as tmp:
         path = tr.download(parent_run, CHAIN_ARTIFACT, tmp)
         try:

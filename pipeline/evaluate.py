@@ -26,6 +26,8 @@ __all__ = ["run_evaluate", "evaluate_one_at_a_time"]
 
 def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """Load the sequence that this config names (same run name and spec) and re-evaluate all of its tasks."""
+    if rc.method.sequential():  # PackNet, CPG: every task on the chain its last link left
+        return run_evaluate_chain(rc, log)
     from safetensors.numpy import load_file
 
     from ksm_core import KSMNet, evaluate
@@ -68,30 +70,93 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
 
         scored = evaluate_one_at_a_time(net, order, fetch, score, dev)
 
-    rows = []
-    for t, i, acc in scored:
-        logged = (bb_run if i == 0 else done[t]).data.metrics.get("test_acc")
-        rows.append({"task": t, "index": i, "logged_acc": logged, "acc": acc,
-                     "delta": None if logged is None else acc - logged})
-    index = {r["task"]: r["index"] for r in rows}
+    rows = _rows([(t, i, acc, (bb_run if i == 0 else done[t]).data.metrics.get("test_acc")) for t, i, acc in scored])
     unchanged = net.fingerprint() == net.backbone_fingerprint
     seconds = time.perf_counter() - t0
-    worst = max((abs(r["delta"]) for r in rows if r["delta"] is not None), default=0.0)
-
-    table = _table(rows)
     log("")
-    log(f"One network, {len(index)} tasks (task 0 = the backbone's own, {m.initial_task}):")
-    log(table)
-    log(f"largest |accuracy now - accuracy when trained| = {worst:.4f}; backbone tensors "
-        f"{'bit-identical to' if unchanged else 'CHANGED from'} the logged fingerprint; {seconds:.1f} s")
+    log(f"One network, {len(rows)} tasks (task 0 = the backbone's own, {m.initial_task}):")
+    return _log_evaluation(rc, tr, parent, rows, missing, dev, seconds, log, unchanged,
+                           f"backbone tensors {'bit-identical to' if unchanged else 'CHANGED from'} the logged "
+                           "fingerprint")
 
+
+def run_evaluate_chain(rc: RunConfig, log: Log = print) -> dict[str, Any]:
+    """mode=evaluate for a sequential method (PackNet, CPG): the chain its last trained link logged, loaded once
+    onto the logged backbone, and every earlier task re-checked on it against the accuracy its own run logged
+    right after it trained. The difference is the task's forgetting: 0 by design (each task's weights are frozen
+    once trained; later tasks only use the weights no earlier task kept)."""
+    from safetensors.numpy import load_file
+
+    from ksm_core.train import resolve_device
+
+    from .chain import CHAIN_ARTIFACT, chain_class, chain_links, chain_loader
+    from .identity import backbone_key, sequence_key
+    from .worker import build_backbone
+
+    p = prepare(rc, log)
+    tr, m = p.tracker, p.manifest
+    key = sequence_key(rc, backbone_key(rc, m))
+    parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
+    if parent is None or not parent.data.tags.get("ksm_backbone_run"):
+        raise PipelineError(f"no trained chain matches this config (run_name={rc.run_name!r}, benchmark "
+                            f"{rc.benchmark['name']}, method {rc.method.name}); run the same command without "
+                            "mode=evaluate first")
+    bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
+    fp = bb_run.data.tags.get("ksm_fingerprint", "")
+    links = chain_links(tr, rc, m, fp, key)
+    done = [ln for ln in links if ln.run is not None]
+    missing = [ln.task for ln in links if ln.run is None]
+    if not done:
+        raise PipelineError(f"the chain of {rc.run_name!r} has no trained link yet; run the same command without "
+                            "mode=evaluate first")
+    last = done[-1]
+    cfg = rc.train.to_core(device=rc.device())
+    dev = resolve_device(cfg.device)
+    log(f"[evaluate] chain run {parent.info.run_id}: {len(done)} task(s) on the chain its last link "
+        f"({last.task}, run {last.run.info.run_id}) left, on {dev}"
+        + (f"; not trained yet: {', '.join(missing)}" if missing else ""))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ksm-eval-") as tmp:
+        state = load_file(tr.download(bb_run.info.run_id, "backbone/backbone.safetensors", tmp))
+        init = m.task(m.initial_task)
+        net = chain_class(rc.method.name).load_chain(build_backbone(rc.model, init.num_classes, state),
+                                                     tr.download(last.run.info.run_id, CHAIN_ARTIFACT, tmp))
+    if net.backbone_fingerprint != fp:
+        raise PipelineError(f"backbone run {bb_run.info.run_id}: its weights do not hash to its logged fingerprint; "
+                            "the run's artifact was changed")
+    if net.chain_fingerprint(net.num_tasks - 1) != last.fingerprint or net.num_tasks != len(done):
+        raise PipelineError(f"the chain logged by run {last.run.info.run_id} ({last.task}) is not the one its run was "
+                            "tagged with; delete that run and re-run the sequence to train it again")
+    net.to(dev)
+    rows = _rows([(ln.task, i, net.evaluate(i, chain_loader(rc, m, ln.task, "test"), cfg)[0],
+                   ln.run.data.metrics.get("test_acc")) for i, ln in enumerate(done)])
+    seconds = time.perf_counter() - t0
+    log("")
+    log(f"The chain after its last link, {len(rows)} tasks (task 0 = the backbone's own, {m.initial_task}, pruned; "
+        "delta = forgetting, 0 by design):")
+    return _log_evaluation(rc, tr, parent, rows, missing, dev, seconds, log, None,
+                           f"the chain after {last.task} (fingerprint {last.fingerprint[:12]})")
+
+
+def _rows(scored: list[tuple[str, int, float, float | None]]) -> list[dict[str, Any]]:
+    """(task, index, accuracy now, accuracy logged) -> the evaluation's rows."""
+    return [{"task": t, "index": i, "logged_acc": logged, "acc": acc, "delta": None if logged is None else acc - logged}
+            for t, i, acc, logged in scored]
+
+
+def _log_evaluation(rc: RunConfig, tr: Any, parent: Any, rows: list[dict[str, Any]], missing: list[str], dev: Any,
+                    seconds: float, log: Log, unchanged: bool | None, what: str) -> dict[str, Any]:
+    """Print the table and log the ``evaluation`` run under the stream's parent run; the mode's result."""
+    worst = max((abs(r["delta"]) for r in rows if r["delta"] is not None), default=0.0)
+    log(_table(rows))
+    log(f"largest |accuracy now - accuracy when trained| = {worst:.4f}; {what}; {seconds:.1f} s")
     run_id = tr.start("evaluation", {"ksm_kind": "evaluation", "ksm_sequence": parent.data.tags["ksm_sequence"]},
                       parent=parent.info.run_id)
     with tr.running(run_id):
         tr.metrics(run_id, {**{f"test_acc.{r['task']}": r["acc"] for r in rows},
                             **{f"delta.{r['task']}": r["delta"] for r in rows},
-                            "max_abs_delta": worst, "tasks": len(index), "backbone_unchanged": float(unchanged),
-                            "seconds": seconds})
+                            "max_abs_delta": worst, "tasks": len(rows), "seconds": seconds,
+                            **({"backbone_unchanged": float(unchanged)} if unchanged is not None else {})})
         tr.params(run_id, {"device": str(dev), "not_trained": ", ".join(missing) or "-"})
         with tempfile.TemporaryDirectory(prefix="ksm-eval-") as tmp:
             path = Path(tmp) / "evaluation.md"

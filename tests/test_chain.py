@@ -1,0 +1,169 @@
+"""method=packnet / method=cpg through the real entry point (issue #28, phase 2): the stream as one chain of Ray
+jobs (pipeline/chain.py), on real Fashion-MNIST (the tiny stream: t0 trains the backbone, t1 and t2 are new).
+
+Per method: one FINISHED task run per link (t0 = the backbone pruned and retrained, then t1, t2), each with the chain
+after it as an artifact whose size is the logged one, each trained on the chain the link before it left;
+``mode=evaluate`` re-checks every task on the LAST link's chain and finds the logged accuracies (no forgetting); a
+rerun trains nothing. The two methods share one folder: the shards and the backbone are made once."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+import run_pipeline
+from ksm_core.cpg import CPG
+from ksm_core.packnet import PackNet
+
+ROOT = Path(run_pipeline.__file__).resolve().parent
+TINY = ["benchmark.num_tasks=3", "benchmark.caps.train=300", "benchmark.caps.test=100",
+        "benchmark.initial_caps.train=800", "benchmark.initial_caps.test=200", "train.epochs=2",
+        "train.backbone.epochs=2", "model.width=0.0625", "progress=false", "registry.export=false"]
+# CPG: two gradual steps instead of ten (theirs: 0.1 .. 0.95), and allow_loss as tests/test_cpg.py has it: on 100
+# test images a pruned task rarely matches its own unpruned accuracy, and one that prunes nothing starves the next
+METHODS = {"packnet": ["method=packnet"],
+           "cpg": ["method=cpg", "method.prune=0.5", "method.step=0.25", "method.allow_loss=0.05"]}
+CLASSES = {"packnet": PackNet, "cpg": CPG}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("chain")
+
+
+def run(root: Path, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, f"paths.root={root}", *overrides])
+    return run_pipeline.main_from_config(cfg)
+
+
+def task_runs(c: MlflowClient, key: str) -> list:
+    exp = c.get_experiment_by_name("ksm")
+    return c.search_runs([exp.experiment_id], f"tags.ksm_kind = 'task' and tags.ksm_sequence = '{key}'",
+                         max_results=100)
+
+
+@pytest.mark.parametrize("method", ["packnet", "cpg"])
+def test_chain_runs_evaluates_without_forgetting_and_resumes(method, root, ray_local, tmp_path):
+    out = run(root, *METHODS[method])
+    c = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = {r.data.tags["ksm_task"]: r for r in task_runs(c, out["sequence_key"])}
+    assert sorted(runs) == ["t0", "t1", "t2"] and [r.task for r in out["results"]] == ["t0", "t1", "t2"]
+    assert all(r.status == "trained" for r in out["results"])
+    parent = c.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["chain_wall_seconds"] > 0
+
+    before = out["fingerprint"]  # link 0 trains on the backbone itself
+    keys = set()
+    for i, t in enumerate(["t0", "t1", "t2"]):
+        r = runs[t]
+        tags, m = r.data.tags, r.data.metrics
+        assert r.info.status == "FINISHED" and tags["mlflow.parentRunId"] == out["parent_run_id"]
+        assert tags["ksm_chain_link"] == str(i) and tags["ksm_chain_parent"] == before and r.data.params["method"] == method
+        before = tags["ksm_chain_fingerprint"]
+        keys.add(tags["ksm_result"])
+        path = c.download_artifacts(r.info.run_id, "chain/chain.safetensors", str(tmp_path / t))
+        assert os.path.getsize(path) == m["artifact_bytes"]
+        meta = CLASSES[method].read_chain_metadata(path)
+        assert [x["task_name"] for x in meta["tasks"]] == ["t0", "t1", "t2"][:i + 1]
+        assert meta["fingerprint"] == tags["ksm_chain_fingerprint"]
+        # the papers' count: ownership (and CPG's pick) bits + BN + head, far below the chain file
+        assert 0 < m["task_bytes"] == meta["tasks"][i]["task_bytes"] < m["artifact_bytes"]
+        assert m["train_seconds"] > 0 and 0.6 <= m["test_acc"] <= 1.0  # 2 classes: chance 0.5
+        if method == "cpg":
+            assert m["model_growth"] == 0.0
+    assert len(keys) == 3
+
+    ev = run(root, *METHODS[method], "mode=evaluate")
+    assert [r["task"] for r in ev["rows"]] == ["t0", "t1", "t2"]
+    for row in ev["rows"]:  # every task on the last link's chain: as accurate as when it was trained
+        assert row["logged_acc"] == runs[row["task"]].data.metrics["test_acc"]
+        assert row["acc"] == pytest.approx(row["logged_acc"], abs=1e-9)
+    assert ev["max_abs_delta"] == pytest.approx(0.0, abs=1e-9)
+
+    again = run(root, *METHODS[method])
+    assert [r.status for r in again["results"]] == ["reused"] * 3
+    assert [r.run_id for r in again["results"]] == [runs[t].info.run_id for t in ("t0", "t1", "t2")]
+    assert len(task_runs(c, out["sequence_key"])) == 3
+
+
+def test_appending_continues_the_chain_and_a_changed_task_invalidates_the_later_ones(root, ray_local, capsys):
+    """A fourth task appended trains one link. A link trained again keeps its result key, and the links after it
+    are reused only if it comes out bit for bit the same (their parent chain's fingerprint). A changed task (t1
+    capped lower) changes its key and every later one: said in one line, trained again in order, the old runs
+    tagged superseded."""
+    run(root, "method=packnet")  # the 3-task chain (reused when the test above made it)
+    out = run(root, "method=packnet", "benchmark.num_tasks=4")
+    assert [r.status for r in out["results"]] == ["reused"] * 3 + ["trained"]
+    c = MlflowClient(f"sqlite:///{root}/mlflow.db")
+
+    def on_its_parent(results) -> None:  # every link's run was trained on the chain the run before it left
+        runs = [c.get_run(r.run_id).data.tags for r in results]
+        assert all(b["ksm_chain_parent"] == a["ksm_chain_fingerprint"] for a, b in zip(runs, runs[1:]))
+
+    c.delete_run(out["results"][1].run_id)
+    again = run(root, "method=packnet", "benchmark.num_tasks=4")
+    assert [r.status for r in again["results"]][:2] == ["reused", "trained"]
+    on_its_parent(again["results"])
+
+    capsys.readouterr()
+    changed = ["method=packnet", "benchmark.num_tasks=4", "benchmark.task_caps={t1: {train: 250}}"]
+    out = run(root, *changed)
+    said = capsys.readouterr().out
+    assert [r.status for r in out["results"]] == ["reused", "trained", "trained", "trained"]
+    on_its_parent(out["results"])
+    assert ("1 of 4 link(s) reused; t1 (changed since its last run)" in said
+            and "invalidates 2 later task(s) trained before: t2, t3" in said), said
+    for r in again["results"][1:]:
+        assert c.get_run(r.run_id).data.tags["ksm_superseded"] == "true"
+    ev = run(root, *changed, "mode=evaluate")
+    assert [r["task"] for r in ev["rows"]] == ["t0", "t1", "t2", "t3"]
+    assert ev["max_abs_delta"] == pytest.approx(0.0, abs=1e-9)
+
+
+def config(*overrides: str):
+    from pipeline.config import resolve
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return resolve(compose("config", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["method=packnet", "method.tau=0.1"], "method.tau=0.1: method=packnet does not use it"),
+    (["method=packnet", "method.step=0.2"], "method.step=0.2: method=packnet does not use it"),
+    (["method=ksm", "method.prune=0.3"], "method.prune=0.3 is a setting of the sequential methods"),
+    (["method=packnet", "method.prune=1.0"], "method.prune=1.0 must be a number in (0, 1)"),
+    (["method=cpg", "method.step=0.99"], "method.step=0.99 must be a number in (0, method.prune=0.95]"),
+    (["method=cpg", "method.allow_loss=-1"], "method.allow_loss=-1.0 must be a number in [0, 1]"),
+    (["method=cpg", "method.retrain_epochs=-1"], "method.retrain_epochs=-1 must be an int >= 0"),
+    (["method=cpg", "train.weight_decay=1e-4"], "train.weight_decay=0.0001: method=cpg needs 0"),
+    (["method=packnet", "mode=tune"], "mode=tune does not take method=packnet yet"),
+    (["method=cpg", "mode=export"], "mode=export does not take method=cpg yet"),
+    (["method.name=pack"], "finetune, packnet, cpg (e.g. method=ksm)"),
+])
+def test_config_names_the_key_and_the_fix(overrides, says):
+    from pipeline.config import validate
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError) as e:
+        validate(config(*overrides))
+    assert says in str(e.value)
+
+
+def test_sequential_settings_stay_out_of_a_mask_methods_keys_and_are_logged():
+    """MethodCfg's sequential settings are null for a mask method and then left out of the hashed section: the
+    result and stream keys of every mask method are the ones they were before these settings existed."""
+    from pipeline.params import method_params
+
+    ksm = config()
+    assert ksm.section("method") == {"name": "ksm", "tau": 5e-3, "k": 1200.0, "T": 100.0, "init": 1e-2}
+    pn, cpg = config("method=packnet"), config("method=cpg")
+    assert pn.section("method")["prune"] == 0.5 and "step" not in pn.section("method")
+    assert method_params(pn.method, pn.train) == {"method": "packnet", "prune": 0.5, "retrain_epochs": "default",
+                                                  "lr_finetune": 1e-3, "lr_mask": 1e-3, "lr_head": 1e-3}
+    assert method_params(cpg.method, cpg.train)["step"] == 0.1 and cpg.method.chain_settings()["allow_loss"] == 0.0
