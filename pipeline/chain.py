@@ -166,6 +166,8 @@ def run_chain(s: Any, log: Log = print) -> dict[str, Any]:
     wall = time.perf_counter() - t_start
     report = write_report(tr, s.parent_id, results, rc, log=log, wall_seconds=wall, failures=failures)
     tr.metrics(s.parent_id, {"chain_wall_seconds": wall, "tasks_trained": sum(r.status == "trained" for r in results)})
+    if rc.registry.export:
+        log(f"[chain] no served model is registered for method={rc.method.name} (the export serves KSMNet tasks only)")
     if failures:
         t, msg = next(iter(failures.items()))
         raise PipelineError(f"chain link {t} failed, so the {len(links) - len(results) - 1} link(s) after it did not "
