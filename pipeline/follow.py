@@ -25,7 +25,8 @@ from .data import Manifest, ensure_shards
 from .errors import Log, PipelineError, Stopped
 from .fanout import Job, JobPool
 from .identity import backbone_key, result_key
-from .lineage import supersede, trained_runs
+from .ledger import LedgerBook
+from .lineage import stream_book, supersede, trained_results
 from .records import TaskResult
 from .redact import redact_text
 from .report import write_report
@@ -65,6 +66,13 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
         queued: deque[Job] = deque()
         handled: set[str] = set()                 # result keys queued, running or done
         stamp: Any = object()                     # never equal: the first look always plans
+        book: LedgerBook | None = None            # a long stream's ledger, kept current while following
+
+        def collected(job: Job, res: TaskResult | None, err: str | None) -> None:
+            _record(job, res, err, results, failures, log)
+            if res is not None and book is not None:
+                book.add(res, job.result)
+
         log(f"[follow] following {rc.benchmark.get('path') or rc.benchmark['name']}; Ctrl-C (or SIGTERM) stops")
         try:
             while stop.signum is None:
@@ -73,10 +81,11 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                     stamp = now
                     m = _replan(rc, m, bb_key, log)
                     wanted = s.wanted(m)
-                    supersede(tr, key, wanted)
+                    book = stream_book(tr, key, parent_id, len(wanted), log, book)  # confirmed again
+                    supersede(tr, key, wanted, book)
                     new = {t: k for t, k in wanted.items() if k not in handled}
-                    for t, run in trained_runs(tr, new, stream=key, backbone_fingerprint=fp).items():
-                        results[new[t]] = TaskResult.from_run(run, "reused")
+                    for t, res in trained_results(tr, new, book=book, stream=key, backbone_fingerprint=fp).items():
+                        results[new[t]] = res
                     todo = [Job(t, t, rc, k) for t, k in new.items() if k not in results]
                     queued.extend(todo)
                     handled.update(new.values())
@@ -85,8 +94,10 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                             f"reused; {len(queued) + len(pool)} queued or running")
                 while queued and pool.has_room():
                     pool.submit(queued.popleft())
-                for job, res, err in pool.collect(timeout=rc.follow.poll_s if pool else 0.0):
-                    _record(job, res, err, results, failures, log)
+                for outcome in pool.collect(timeout=rc.follow.poll_s if pool else 0.0):
+                    collected(*outcome)
+                if book is not None:
+                    book.write()  # when due: at most every ledger.WRITE_EVERY_S seconds
                 if not pool:
                     _sleep_until(stop, rc.follow.poll_s)
             grace = rc.cluster.stop_grace_s
@@ -94,7 +105,9 @@ def run_follow(rc: RunConfig, log: Log = print) -> dict[str, Any]:
             grace = 0.0
         finished, killed = pool.stop(grace, log)
         for outcome in finished:
-            _record(*outcome, results, failures, log)
+            collected(*outcome)
+        if book is not None:
+            book.write(force=True)  # never raises: a ledger is a cache
         order = {t: i for i, t in enumerate(m.new_tasks)}
         tasks_of = {result_key(rc, fp, m.task(t).identity): t for t in m.new_tasks}  # the stream as it is now
         ordered = sorted((r for k, r in results.items() if k in tasks_of), key=lambda r: order.get(r.task, 0))
