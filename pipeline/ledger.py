@@ -170,9 +170,9 @@ class Ledger:
         if d.get("version") != VERSION:
             raise LedgerError(f"version {json.dumps(d.get('version'))[:20]}, this code reads {VERSION}")
         if set(d) != {"format", "version", "stream", "parent_run_id", "written_at", "entries"}:
-            raise LedgerError(f"unexpected keys {sorted(d)[:20]}")
+            raise LedgerError(f"unexpected keys {str(sorted(d))[:200]}")
         if d["stream"] != stream or d["parent_run_id"] != parent_run_id:
-            raise LedgerError(f"it is stream {str(d['stream'])[:40]!r} (parent run {str(d['parent_run_id'])[:40]}), "
+            raise LedgerError(f"it is stream {str(d['stream'])[:40]!r} (parent run {str(d['parent_run_id'])[:40]!r}), "
                               f"not {stream!r} ({parent_run_id})")
         if not _is_num(d["written_at"]) or not math.isfinite(d["written_at"]):
             raise LedgerError("written_at is not a time")
