@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .claims import look_keys
 from .config import RunConfig
 from .data import Manifest, ensure_shards, in_process
 from .errors import Log, PipelineError
@@ -107,7 +108,8 @@ def trained_runs(tr: Tracker, wanted: dict[str, str], *, stream: str | None = No
     trained on ``backbone_fingerprint`` (a result key includes it). Without either: every FINISHED task run.
     :func:`trained_results` answers the same from the stream's ledger."""
     if len(wanted) <= ONE_BY_ONE:
-        found = {t: tr.find_one("FINISHED", ksm_kind="task", ksm_result=k) for t, k in wanted.items()}
+        found = {t: tr.find_one("FINISHED", **look_keys({"ksm_kind": "task", "ksm_result": k}))
+                 for t, k in wanted.items()}
         return {t: r for t, r in found.items() if r is not None}
     out: dict[str, Any] = {}
     if stream:
