@@ -97,7 +97,7 @@ def main() -> None:
     from pipeline.data import Manifest
     from pipeline.identity import result_key
     from pipeline.jobs import JobContext, task_job
-    from pipeline.lineage import prepare
+    from pipeline.lineage import open_inputs
     from pipeline.sequence import backbone_stage
 
     root = Path(tempfile.mkdtemp(prefix="ksm-store-calls-"))
@@ -110,7 +110,7 @@ def main() -> None:
     rows, wrong = [], 0
     for epochs in args.epochs:
         rc = resolve(compose([*TINY, f"paths.root={root}", f"train.epochs={epochs}"]))
-        p = prepare(rc, lambda _: None, manifest=manifest)
+        p = open_inputs(rc, lambda _: None, manifest=manifest)
         state, fp, bb_run = backbone_stage(p, lambda _: None)  # found: the weights the stream trained
         ctx = JobContext(manifest=str(manifest.path), experiment_id=p.tracker.experiment_id,
                          parent_run_id=out["parent_run_id"], sequence_key=out["sequence_key"],

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import Log, PipelineError
-from .lineage import prepare, trained_sequence
+from .lineage import open_inputs, trained_sequence
 from .present import text_table
 
 __all__ = ["run_evaluate", "evaluate_one_at_a_time"]
@@ -36,7 +36,7 @@ def run_evaluate(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     from .data import make_loader
     from .worker import BACKBONE_EVAL_BATCH, build_backbone
 
-    p = prepare(rc, log)
+    p = open_inputs(rc, log)
     tr, m = p.tracker, p.manifest
     parent, bb_run, done = trained_sequence(tr, rc, m, "evaluate")
     missing = [t for t in m.new_tasks if t not in done]
@@ -93,7 +93,7 @@ def run_evaluate_chain(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     from .identity import backbone_key, sequence_key
     from .worker import build_backbone
 
-    p = prepare(rc, log)
+    p = open_inputs(rc, log)
     tr, m = p.tracker, p.manifest
     key = sequence_key(rc, backbone_key(rc, m))
     parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)

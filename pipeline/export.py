@@ -26,7 +26,7 @@ from typing import Any
 from .config import RunConfig, stable_hash
 from .data import Manifest, iter_samples, make_loader
 from .errors import Log, PipelineError
-from .lineage import prepare, trained_sequence
+from .lineage import open_inputs, trained_sequence
 from .records import TaskResult
 from .tracking import Tracker, filter_value
 
@@ -250,7 +250,7 @@ def export_after_sequence(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id
 def run_export(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     """mode=export: the sequence this config names (same run name and spec), every task with a FINISHED run,
     as a new version of the registered model."""
-    p = prepare(rc, log)
+    p = open_inputs(rc, log)
     tr, m = p.tracker, p.manifest
     parent, bb_run, done = trained_sequence(tr, rc, m, "export")
     missing = [t for t in m.new_tasks if t not in done]

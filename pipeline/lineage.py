@@ -20,7 +20,7 @@ from .records import TaskResult
 from .redact import redact_text
 from .tracking import Tracker, filter_value
 
-__all__ = ["Prepared", "check_inputs", "prepare", "open_stream_run", "trained_sequence", "trained_runs",
+__all__ = ["DriverInputs", "check_inputs", "open_inputs", "open_stream_run", "trained_sequence", "trained_runs",
            "trained_results", "stream_book", "supersede", "ONE_BY_ONE"]
 
 #: up to this many result keys are looked up one by one (any stream's newest FINISHED run), with no scan or ledger
@@ -28,8 +28,9 @@ ONE_BY_ONE = 20
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """Everything the fan-out needs, made once by the driver."""
+class DriverInputs:
+    """What every driver starts from, made once: the run's config, the stream's manifest (its shards checked) and the
+    MLflow experiment's :class:`Tracker`."""
 
     rc: RunConfig
     manifest: Manifest
@@ -43,12 +44,12 @@ def check_inputs(rc: RunConfig, log: Log = print, map_tasks: Any = None) -> Mani
     return ensure_shards(rc.benchmark, rc.paths.shards, log=log, map_tasks=map_tasks or in_process)
 
 
-def prepare(rc: RunConfig, log: Log = print, manifest: Manifest | None = None) -> Prepared:
+def open_inputs(rc: RunConfig, log: Log = print, manifest: Manifest | None = None) -> DriverInputs:
     """``check_inputs`` (unless its manifest is given), then the MLflow experiment."""
     manifest = manifest or check_inputs(rc, log)
     tracker = Tracker.setup(rc.tracking.uri, rc.tracking.experiment, rc.tracking.artifact_root,
                             rc.tracking.outage_s)
-    return Prepared(rc, manifest, tracker)
+    return DriverInputs(rc, manifest, tracker)
 
 
 def trained_sequence(tr: Tracker, rc: RunConfig, m: Manifest, mode: str) -> tuple[Any, Any, dict[str, Any]]:

@@ -30,7 +30,7 @@ from .export import export_after_sequence
 from .fanout import Job, fan_out
 from .identity import backbone_key, result_key
 from .jobs import JobContext, backbone_job, warm_worker
-from .lineage import Prepared, open_stream_run, prepare, stream_book, supersede
+from .lineage import DriverInputs, open_stream_run, open_inputs, stream_book, supersede
 from .probes import check_tracking_uri
 from .report import write_report
 from .tracking import Tracker
@@ -80,7 +80,7 @@ def shard_writers(rc: RunConfig) -> Any:
     return functools.partial(ray_map, cpus=1.0, max_retries=rc.cluster.max_retries)
 
 
-def backbone_stage(p: Prepared, log: Log = print) -> tuple[dict[str, np.ndarray], str, str]:
+def backbone_stage(p: DriverInputs, log: Log = print) -> tuple[dict[str, np.ndarray], str, str]:
     """The backbone's numpy state, fingerprint and MLflow run id: reused from a FINISHED backbone run with the
     same spec, else trained (as a Ray job, so on a cluster it gets a worker's GPU) and logged."""
     import ray
@@ -162,11 +162,12 @@ class StreamRun:
 
 
 @contextlib.contextmanager
-def driving(rc: RunConfig, log: Log = print, *, warm: Callable[[int], int] = lambda n: n - 1) -> Iterator[Prepared]:
+def driving(rc: RunConfig, log: Log = print, *,
+            warm: Callable[[int], int] = lambda n: n - 1) -> Iterator[DriverInputs]:
     """The steps every driver that runs task jobs starts with, in this order: the job resources fit (before Ray);
     what can fail in seconds does (:func:`shards_before_ray`); Ray starts or is joined and checked; ``warm(number
     of tasks)`` workers start importing (overlapping what follows); the shards are written or reused; the
-    experiment is set up. Yields the :class:`Prepared` inputs; Ray ends with the block (if this call started it)."""
+    experiment is set up. Yields the :class:`DriverInputs`; Ray ends with the block (if this call started it)."""
     check_fits_before_ray(rc.cluster, *job_resources(rc))
     published, n_tasks = shards_before_ray(rc, log)
     with ray_session(rc.cluster, log):
@@ -175,11 +176,11 @@ def driving(rc: RunConfig, log: Log = print, *, warm: Callable[[int], int] = lam
         # now, so it overlaps the shard writes, the MLflow set-up, the run lookups and the backbone stage
         warm_workers(warm_worker, rc.cluster, warm(n_tasks))
         m = published or ensure_shards(rc.benchmark, rc.paths.shards, log=log, map_tasks=shard_writers(rc))
-        yield prepare(rc, log, manifest=m)
+        yield open_inputs(rc, log, manifest=m)
 
 
 @contextlib.contextmanager
-def stream_run(p: Prepared, log: Log = print, *, tags: Mapping[str, str] | None = None,
+def stream_run(p: DriverInputs, log: Log = print, *, tags: Mapping[str, str] | None = None,
                finish: bool = True) -> Iterator[StreamRun]:
     """The stream's parent run, reopened or started, and its backbone (reused or trained): the block runs with
     the parent RUNNING and closes it as ``Tracker.running`` does (FINISHED; KILLED when stopped; FAILED on an

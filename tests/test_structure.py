@@ -115,7 +115,7 @@ def test_no_module_imports_a_same_floor_module_that_imports_it_back():
 
 def test_the_cycle_check_sees_a_cycle():
     """The walker itself: a function-level import that closes a loop through a third module is found."""
-    src = {"pipeline.sequence": "from .export import export_after_sequence\nfrom .lineage import prepare\n",
+    src = {"pipeline.sequence": "from .export import export_after_sequence\nfrom .lineage import open_inputs\n",
            "pipeline.export": "def run_export():\n    from .fanout import fan_out\n",
            "pipeline.fanout": "def f():\n    from . import sequence\n",
            "pipeline.lineage": ""}

@@ -29,7 +29,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ..config import RunConfig
 from ..errors import Log, PipelineError
-from ..lineage import prepare
+from ..lineage import open_inputs
 from ..runtime import check_fits_before_ray, ray_session
 from ..sequence import backbone_stage
 from ..tracking import Tracker
@@ -48,7 +48,7 @@ def run_tune(rc: RunConfig, ts: TuneSettings, log: Log = print) -> dict[str, Any
     """mode=tune with its validated settings; returns {"parent_run_id", "best", "best_val_acc", "best_yaml",
     "trials", ...}."""
     check_fits_before_ray(rc.cluster, *_trial_resources(ts))  # e.g. gpus_per_trial > 0 on a machine without GPU
-    p = prepare(rc, log)                    # tracking reachable, shards written or reused, experiment created
+    p = open_inputs(rc, log)                # tracking reachable, shards written or reused, experiment created
     tasks = tune_tasks(ts, p.manifest)
     with ray_session(rc.cluster, log):
         check_fits_before_ray(rc.cluster, *_trial_resources(ts))  # now against the cluster Ray reports
