@@ -1,11 +1,14 @@
 """mode=sequence for the sequential baselines (``method=packnet``, ``method=cpg``): the stream as ONE chain of Ray jobs.
 
 Task t of PackNet or CPG trains on what tasks < t left (``ksm_core.packnet``, ``ksm_core.cpg``), so there is no
-fan-out: :func:`run_chain` starts one job per link, each after the one before it finished, on the same job resources
-as the mask methods' tasks (``runtime.job_remote``). The chain's links are the stream's initial task first (link 0:
-the backbone pruned, or compacted, and retrained on the data it was trained on, as their scripts do), then each
-new task in order. Each link is one FINISHED task run under the stream's parent run, tagged as a mask task run is
-(``ksm_kind=task``, ``ksm_task``, ``ksm_result``, ``ksm_sequence``, ...), and holds:
+fan-out: :func:`train_chain` starts one job per link, each after the one before it finished, on the same job
+resources as the mask methods' tasks (``runtime.job_remote``). :func:`run_chain` is mode=sequence's (the chain,
+then the stream's report); ``mode=compare`` runs one :func:`train_chain` per (method, seed, backbone), under the
+comparison's parent run, each with a sequence key of its own (``compare.chain_key``). The chain's links are the
+stream's initial task first (link 0: the backbone pruned, or compacted, and retrained on the data it was trained
+on, as their scripts do), then each new task in order. Each link is one FINISHED task run under the stream's
+parent run, tagged as a mask task run is (``ksm_kind=task``, ``ksm_task``, ``ksm_result``, ``ksm_sequence``, ...),
+and holds:
 
 - ``chain/chain.safetensors``: the whole chain after the link (``PackNet.save_chain``: each task's weights it owns,
   its ownership bits, CPG's pick bits, BN and head; safetensors + JSON, no pickle): what the next link and
@@ -54,8 +57,8 @@ from .runtime import job_remote
 from .tracking import Tracker
 from .worker import build_backbone, cached_manifest, node_info, prepare_worker
 
-__all__ = ["run_chain", "chain_job", "chain_keys", "chain_links", "chain_class", "chain_loader", "Link",
-           "CHAIN_ARTIFACT"]
+__all__ = ["run_chain", "train_chain", "ChainRun", "chain_job", "chain_keys", "chain_links", "chain_class",
+           "chain_loader", "Link", "CHAIN_ARTIFACT"]
 
 #: where a link's run keeps the chain after it
 CHAIN_ARTIFACT = "chain/chain.safetensors"
@@ -130,10 +133,25 @@ def chain_links(tr: Tracker, rc: RunConfig, m: Manifest, fingerprint: str, strea
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-def run_chain(s: Any, log: Log = print) -> dict[str, Any]:
-    """The chain of a sequential method on a stream set up by ``sequence.stream_run`` (``s``: its ``StreamRun``,
-    the parent run RUNNING, the backbone in hand): reuse the FINISHED prefix, train the rest one Ray job at a time,
-    report. Returns what ``run_sequence`` returns (``results``: one TaskResult per link, the initial task first)."""
+@dataclass
+class ChainRun:
+    """What :func:`train_chain` did with one chain: its links' results in order (up to a failed link), each link
+    run's metrics by run id (``task_bytes``, ``job_seconds``, CPG's ``model_growth``: what a TaskResult does not
+    carry), the failed link (task -> message; the links after it did not run), this launch's wall seconds."""
+
+    results: list[TaskResult]
+    metrics: dict[str, dict[str, float]]
+    failures: dict[str, str]
+    wall: float
+    links: int
+
+
+def train_chain(s: Any, log: Log = print, *, name: str = "chain") -> ChainRun:
+    """One chain, on the stream ``s`` describes (a ``sequence.StreamRun``: its config, manifest, tracker, the
+    chain's sequence key, the parent run its links log under, the backbone): reuse the FINISHED prefix, train the
+    rest one Ray job at a time, in order; stops at the first failed link (returned, not raised). The stale runs
+    of re-trained links are tagged superseded. ``name``: the log lines' prefix. What :func:`run_chain` and
+    ``mode=compare`` run."""
     import ray
 
     rc, m, tr = s.rc, s.manifest, s.tracker
@@ -141,44 +159,55 @@ def run_chain(s: Any, log: Log = print) -> dict[str, Any]:
     stream_runs = list(tr.scan("FINISHED", ksm_kind="task", ksm_sequence=s.key))
     links = chain_links(tr, rc, m, s.fingerprint, s.key, stream_runs)
     first = next((i for i, ln in enumerate(links) if ln.run is None), len(links))
-    _say_what_trains(links, first, stream_runs, log)
+    _say_what_trains(links, first, stream_runs, log, name)
     ctx: JobContext = s.job_context()
-    state_ref = ray.put(s.state)  # once: every link's job maps the same arrays
+    # once, when a link trains: every link's job maps the same arrays
+    state_ref = ray.put(s.state) if first < len(links) else None
     job = job_remote(chain_job, rc.cluster)
     results: list[TaskResult] = []
+    metrics: dict[str, dict[str, float]] = {}
     failures: dict[str, str] = {}
     parent_run, parent_fp = "", s.fingerprint
     for i, ln in enumerate(links):
         if ln.run is not None:
-            res = TaskResult.from_run(ln.run, "reused")
-            fp = ln.fingerprint
+            res, fp, logged = TaskResult.from_run(ln.run, "reused"), ln.fingerprint, dict(ln.run.data.metrics)
         else:
             try:
-                res, fp = _get(job.remote(rc, ctx, i, ln.task, ln.key, parent_run, parent_fp, state_ref))
+                res, fp, logged = _get(job.remote(rc, ctx, i, ln.task, ln.key, parent_run, parent_fp, state_ref))
             except PipelineError as e:  # the later links need this one: the chain stops here
                 failures[ln.task] = str(e)
-                log(f"[chain] {ln.task} failed: {str(e).splitlines()[0]}")
+                log(f"[{name}] {ln.task} failed: {str(e).splitlines()[0]}")
                 break
-            log(f"[chain] {i + 1}/{len(links)} {ln.task}: test acc {res.test_acc:.3f} ({res.status})")
+            log(f"[{name}] {i + 1}/{len(links)} {ln.task}: test acc {res.test_acc:.3f} ({res.status})")
         results.append(res)
+        metrics[res.run_id] = logged
         parent_run, parent_fp = res.run_id, fp
     _supersede_stale_runs(tr, stream_runs, {r.task: r.run_id for r in results[first:]})
-    wall = time.perf_counter() - t_start
-    report = write_report(tr, s.parent_id, results, rc, log=log, wall_seconds=wall, failures=failures)
-    tr.metrics(s.parent_id, {"chain_wall_seconds": wall, "tasks_trained": sum(r.status == "trained" for r in results)})
+    return ChainRun(results, metrics, failures, time.perf_counter() - t_start, len(links))
+
+
+def run_chain(s: Any, log: Log = print) -> dict[str, Any]:
+    """The chain of a sequential method on a stream set up by ``sequence.stream_run`` (``s``: its ``StreamRun``,
+    the parent run RUNNING, the backbone in hand): :func:`train_chain`, then the stream's report. Returns what
+    ``run_sequence`` returns (``results``: one TaskResult per link, the initial task first)."""
+    rc, tr = s.rc, s.tracker
+    c = train_chain(s, log)
+    report = write_report(tr, s.parent_id, c.results, rc, log=log, wall_seconds=c.wall, failures=c.failures)
+    tr.metrics(s.parent_id, {"chain_wall_seconds": c.wall,
+                             "tasks_trained": sum(r.status == "trained" for r in c.results)})
     if rc.registry.export:
         log(f"[chain] no served model is registered for method={rc.method.name} (the export serves KSMNet tasks only)")
-    if failures:
-        t, msg = next(iter(failures.items()))
-        raise PipelineError(f"chain link {t} failed, so the {len(links) - len(results) - 1} link(s) after it did not "
+    if c.failures:
+        t, msg = next(iter(c.failures.items()))
+        raise PipelineError(f"chain link {t} failed, so the {c.links - len(c.results) - 1} link(s) after it did not "
                             f"train (the links before it are saved; re-run the same command to go on from {t}):\n"
                             f"  {t}: {msg.splitlines()[0][:500]}")
-    return {"parent_run_id": s.parent_id, "results": results, "backbone_run_id": s.backbone_run,
+    return {"parent_run_id": s.parent_id, "results": c.results, "backbone_run_id": s.backbone_run,
             "fingerprint": s.fingerprint, "sequence_key": s.key, "report": report,
-            "experiment_id": tr.experiment_id, "chain_wall_seconds": wall}
+            "experiment_id": tr.experiment_id, "chain_wall_seconds": c.wall}
 
 
-def _get(ref: Any) -> tuple[TaskResult, str]:
+def _get(ref: Any) -> tuple[TaskResult, str, dict[str, float]]:
     """A link job's result; the job's own error raised as itself (its message names the fix)."""
     import ray
 
@@ -191,16 +220,16 @@ def _get(ref: Any) -> tuple[TaskResult, str]:
         raise
 
 
-def _say_what_trains(links: list[Link], first: int, stream_runs: list[Any], log: Log) -> None:
+def _say_what_trains(links: list[Link], first: int, stream_runs: list[Any], log: Log, name: str = "chain") -> None:
     """One line: how much of the chain is reused, and which later links trained before are invalidated."""
     n = len(links)
     if first == n:
-        log(f"[chain] all {n} link(s) reused: nothing to train")
+        log(f"[{name}] all {n} link(s) reused: nothing to train")
         return
     had = {r.data.tags.get("ksm_task") for r in stream_runs if r.data.tags.get("ksm_superseded") != "true"}
     later = [ln.task for ln in links[first + 1:] if ln.task in had]
     why = "changed since its last run" if links[first].task in had else "new, or never trained in this chain"
-    log(f"[chain] {first} of {n} link(s) reused; {links[first].task} ({why}) and the {n - first - 1} after it "
+    log(f"[{name}] {first} of {n} link(s) reused; {links[first].task} ({why}) and the {n - first - 1} after it "
         f"train in order" + (f"; this invalidates {len(later)} later task(s) trained before: {', '.join(later)} (a "
                              "link is reused only on the exact chain it was trained on)" if later else ""))
 
@@ -219,10 +248,11 @@ def _supersede_stale_runs(tr: Tracker, stream_runs: list[Any], chosen: dict[str,
 
 # -------------------------------------------------------------------------------------------------- the job
 def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result: str, parent_run: str,
-              parent_fp: str, backbone_state: dict[str, Any]) -> tuple[TaskResult, str]:
+              parent_fp: str, backbone_state: dict[str, Any]) -> tuple[TaskResult, str, dict[str, float]]:
     """One link, end to end, as a child run of the stream: claim it, load the chain the previous link left (its
     run's ``chain/chain.safetensors``; the backbone for link 0), train the task with ksm_core's PackNet / CPG, log
-    the chain after it and the task's numbers, FINISHED. Returns the task's result and the chain's fingerprint.
+    the chain after it and the task's numbers, FINISHED. Returns the task's result, the chain's fingerprint and
+    the run's final metrics.
     Safe to run more than once: a FINISHED run of this link on this parent chain is the result."""
     prepare_worker(rc.cluster.cpus_per_task, rc.cluster.gpus_per_task)
     tr = Tracker(rc.tracking.uri, ctx.experiment_id, rc.tracking.outage_s)
@@ -232,7 +262,8 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
             "ksm_chain_link": str(link), **node_info()}
     claim = acquire(tr, keys, task_name, tags, parent=ctx.parent_run_id, stale_s=rc.cluster.claim_timeout_s)
     if claim.done is not None:
-        return TaskResult.from_run(claim.done, status="reused"), claim.done.data.tags["ksm_chain_fingerprint"]
+        return (TaskResult.from_run(claim.done, status="reused"), claim.done.data.tags["ksm_chain_fingerprint"],
+                dict(claim.done.data.metrics))
     run_id = claim.run_id
     assert run_id is not None
     t0 = time.perf_counter()
@@ -291,7 +322,7 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
         tr.log(run_id, params=params, metrics=final, tags=end_tags, step=len(history), history=history)
     shutil.rmtree(folder, ignore_errors=True)
     return TaskResult.from_logged(claim.run.info, "trained", {k: str(v) for k, v in params.items()}, final,
-                                  {**claim.run.data.tags, **end_tags}), fp
+                                  {**claim.run.data.tags, **end_tags}), fp, final
 
 
 def _chain_before(rc: RunConfig, tr: Tracker, m: Manifest, link: int, task_name: str, parent_run: str,

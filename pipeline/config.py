@@ -44,8 +44,9 @@ SEQUENTIAL_METHODS = ("packnet", "cpg")
 #: their settings (MethodCfg), and which method uses which; None = the method's default (ksm_core's)
 SEQUENTIAL_KEYS = {"packnet": ("prune", "retrain_epochs"),
                    "cpg": ("prune", "step", "allow_loss", "prune_epochs", "retrain_epochs")}
-#: the modes a sequential method runs in (tune, follow and export build KSMNet tasks; compare: not yet, #28)
-SEQUENTIAL_MODES = ("sequence", "evaluate", "shards")
+#: the modes a sequential method runs in (tune, follow and export build KSMNet tasks: not these). In mode=compare
+#: it runs as one chain per (backbone, seed) beside the mask methods' fan-out (pipeline.compare)
+SEQUENTIAL_MODES = ("sequence", "evaluate", "shards", "compare")
 #: the sections an ``overrides_file`` may hold (what a Tune sweep's best.yaml sets)
 OVERRIDABLE = ("method", "train")
 #: a run name or a registered model's name: it names folders (``outputs/tune/<run_name>``), runs and the model in
@@ -91,6 +92,16 @@ class MethodCfg:
     def chain_settings(self) -> dict[str, Any]:
         """The sequential method's settings that are set, by name (what pipeline.chain hands ksm_core)."""
         return {k: getattr(self, k) for k in SEQUENTIAL_KEYS.get(self.name, ()) if getattr(self, k) is not None}
+
+    @classmethod
+    def reference(cls, name: str) -> MethodCfg:
+        """A sequential method's settings as ``method=<name>`` composes them (configs/method/<name>.yaml): what
+        mode=compare trains it with when it is not the run's own method, so its results are a stream's own."""
+        if name not in SEQUENTIAL_METHODS:
+            raise ValueError(f"{name!r} is not a sequential method ({', '.join(SEQUENTIAL_METHODS)})")
+        vals = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml"))
+        assert isinstance(vals, dict)
+        return cls(**{f.name: vals.get(f.name) for f in dataclasses.fields(cls) if f.name in vals})
 
 
 @dataclass
