@@ -60,7 +60,8 @@ def save_run_record(cfg: DictConfig) -> None:
 def main_from_config(cfg: DictConfig) -> dict:
     """Validate once (the shared checks, then the mode's own), run the mode; raises PipelineError (and data
     errors) with a message for the user."""
-    from pipeline.config import resolve, validate
+    from pipeline.config import resolve
+    from pipeline.validation import validate
 
     rc = resolve(cfg)
     validate(rc)

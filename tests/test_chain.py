@@ -147,7 +147,7 @@ def config(*overrides: str):
     (["method.name=pack"], "finetune, packnet, cpg (e.g. method=ksm)"),
 ])
 def test_config_names_the_key_and_the_fix(overrides, says):
-    from pipeline.config import validate
+    from pipeline.validation import validate
     from pipeline.errors import PipelineError
 
     with pytest.raises(PipelineError) as e:

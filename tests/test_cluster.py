@@ -715,7 +715,8 @@ def _k8s_docs(name: str) -> list[dict]:
 def test_rayjob_manifest_runs_this_repos_entrypoint():
     import ray
 
-    from pipeline.config import resolve, validate
+    from pipeline.config import resolve
+    from pipeline.validation import validate
 
     docs = _k8s_docs("rayjob.yaml")
     job = next(d for d in docs if d["kind"] == "RayJob")

@@ -12,7 +12,8 @@ from mlflow import MlflowClient
 import run_pipeline
 from pipeline.config import resolve
 from pipeline.errors import PipelineError
-from pipeline.compare import check_compare, label, paired, summarise, time_ratios
+from pipeline.compare import check_compare
+from pipeline.compare_report import label, paired, summarise, time_ratios
 from pipeline.identity import result_key
 from pipeline.records import TaskResult
 

@@ -13,8 +13,10 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 import run_pipeline
-from pipeline.compare import check_compare, label, method_settings, summarise, time_ratios
-from pipeline.config import MethodCfg, resolve, validate
+from pipeline.compare import check_compare, method_settings
+from pipeline.compare_report import label, summarise, time_ratios
+from pipeline.config import MethodCfg, resolve
+from pipeline.validation import validate
 from pipeline.errors import PipelineError
 from pipeline.records import TaskResult
 

@@ -31,7 +31,8 @@ import yaml
 from data_helpers import build_model_dir
 from test_cluster import CLUSTER_DIR, VENV_BIN, Proc, compose, free_port, serve_on_a_free_port
 
-from pipeline.config import resolve, validate
+from pipeline.config import resolve
+from pipeline.validation import validate
 from pipeline.errors import PipelineError
 from pipeline.served import BadRequest, MultiTaskModel
 

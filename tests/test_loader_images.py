@@ -291,7 +291,8 @@ def test_an_unknown_transform_is_refused_naming_the_valid_ones(stream, tmp_path)
         ImageNetTransform(channels=1, train=True, flip=False)
     from hydra import compose, initialize_config_dir
 
-    from pipeline.config import resolve, validate
+    from pipeline.config import resolve
+    from pipeline.validation import validate
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         rc = {over: resolve(compose("config", overrides=[f"paths.root={tmp_path}", *over.split()]))

@@ -13,11 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: pipeline/'s floors, lowest first; a module imports only from its own floor or below (ARCHITECTURE.md)
 FLOORS: dict[str, int] = {
-    "pipeline": 0, "pipeline.errors": 0, "pipeline.config": 0, "pipeline.redact": 0, "pipeline.records": 0,
+    "pipeline": 0, "pipeline.errors": 0, "pipeline.config": 0, "pipeline.validation": 0, "pipeline.redact": 0, "pipeline.records": 0,
     "pipeline.data": 1, "pipeline.tracking": 1, "pipeline.store": 1, "pipeline.probes": 1, "pipeline.present": 1,
     "pipeline.report": 1, "pipeline.params": 1, "pipeline.runtime": 1, "pipeline.claims": 1, "pipeline.served": 1,
     "pipeline.served_model": 1,
-    "pipeline.identity": 1, "pipeline.worker": 1, "pipeline.unlogged": 1, "pipeline.ledger": 1,
+    "pipeline.identity": 1, "pipeline.worker": 1, "pipeline.unlogged": 1, "pipeline.compare_report": 1, "pipeline.ledger": 1,
     "pipeline.jobs": 2, "pipeline.backbone_dp": 2, "pipeline.lineage": 2,
     "pipeline.fanout": 3, "pipeline.export": 3, "pipeline.sequence": 3, "pipeline.evaluate": 3, "pipeline.compare": 3,
     "pipeline.chain": 3,
