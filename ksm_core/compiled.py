@@ -32,9 +32,10 @@ __all__ = ["BREAK_EVEN_STEPS", "MaskedForward", "graph_key", "is_cached", "shoul
 #: train.compile=auto compiles once a process will have trained this many masked steps of one graph: the one-off
 #: compile of the mask graph divided by what the compiled mask path saves per step (benchmarks/bench_compile.py,
 #: RESULTS.md "Compile once per worker"). Measured on this 2-core CPU (narrow VGG16, 1 torch thread, batch 32, warm
-#: inductor disk cache, load ~12): 63.2 s to compile / 57.4 ms saved per step (609 -> 552 ms) = 1101 steps. Load
-#: stretches both alike; on a quiet machine (compile ~15-25 s, ~10 ms saved) it is ~2000, so this is a lower bound.
-BREAK_EVEN_STEPS = 1100
+#: inductor disk cache) on a quiet machine (load 0.7): 12.7 s to compile / 3.19 ms saved per step (29.35 -> 26.16 ms)
+#: = 3998 steps. At load ~12 the same measure gave 63.2 s / 57.4 ms = 1101: load stretched the steps more than the
+#: compile, so the quiet figure is the one kept.
+BREAK_EVEN_STEPS = 4000
 
 _CACHE: dict[tuple, Callable[[list[Tensor], list[Tensor]], list[Tensor]]] = {}
 _EAGER_STEPS: dict[tuple, int] = {}
