@@ -12,7 +12,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-import run_pipeline
 from pipeline.compare import check_compare, method_settings
 from pipeline.compare_report import label, summarise, time_ratios
 from pipeline.config import MethodCfg, resolve
@@ -20,21 +19,12 @@ from pipeline.validation import validate
 from pipeline.errors import PipelineError
 from pipeline.records import TaskResult
 
-ROOT = Path(run_pipeline.__file__).resolve().parent
-TINY = ["benchmark.num_tasks=3", "benchmark.caps.train=200", "benchmark.caps.test=100",
-        "benchmark.initial_caps.train=600", "benchmark.initial_caps.test=200", "train.epochs=1",
-        "train.backbone.epochs=2", "model.width=0.0625", "progress=false", "registry.export=false"]
+from test_compare import ROOT, run  # the same tiny stream and in-process driver as the mask methods' compare
 # the run's method is CPG, so the compare trains CPG with these settings and KSM and PackNet with their reference
 # ones: one pruning step, not ten, always kept (allow_loss 1: on 100 test images a task that kept every weight would
 # leave the next none; tests/test_chain.py checks CPG's own choice)
 COMPARE = ["mode=compare", "compare.methods=[ksm,packnet,cpg]", "compare.seeds=[0]", "method=cpg",
            "method.prune=0.5", "method.step=0.5", "method.allow_loss=1.0"]
-
-
-def run(root: Path, *over: str) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.root={root}", *TINY, *over])
-    return run_pipeline.main_from_config(cfg)
 
 
 def config(*over: str):
