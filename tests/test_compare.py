@@ -30,14 +30,20 @@ def run(root: Path, *over: str) -> dict:
     return run_pipeline.main_from_config(cfg)
 
 
+def compare_parent(root: Path, out: dict) -> tuple[MlflowClient, object, object]:
+    """The store's client, the experiment and the one compare run, checked FINISHED and the one the run returned."""
+    c = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = c.get_experiment_by_name("ksm")
+    (parent,) = c.search_runs([exp.experiment_id], "tags.ksm_kind = 'compare'")
+    assert parent.info.run_id == out["parent_run_id"] and parent.info.status == "FINISHED"
+    return c, exp, parent
+
+
 
 @pytest.mark.slow
 def test_compare_logs_one_parent_with_per_method_metrics_and_reuses_everything(tmp_path, ray_local):
     out = run(tmp_path, *COMPARE)
-    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = c.get_experiment_by_name("ksm")
-    (parent,) = c.search_runs([exp.experiment_id], "tags.ksm_kind = 'compare'")
-    assert parent.info.run_id == out["parent_run_id"] and parent.info.status == "FINISHED"
+    c, exp, parent = compare_parent(tmp_path, out)
     metrics = parent.data.metrics
     for meth in ("ksm", "piggyback"):
         for k in ("mean_test_acc", "std_test_acc", "task_seconds", "artifact_bytes", "at_chance"):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from mlflow import MlflowClient
 
 from pipeline.compare import check_compare, method_settings
 from pipeline.compare_report import label, summarise, time_ratios
@@ -19,7 +18,7 @@ from pipeline.validation import validate
 from pipeline.errors import PipelineError
 from pipeline.records import TaskResult
 
-from test_compare import ROOT, run  # the same tiny stream and in-process driver as the mask methods' compare
+from test_compare import ROOT, compare_parent, run  # the same tiny stream and in-process driver as the mask methods' compare
 # the run's method is CPG, so the compare trains CPG with these settings and KSM and PackNet with their reference
 # ones: one pruning step, not ten, always kept (allow_loss 1: on 100 test images a task that kept every weight would
 # leave the next none; tests/test_chain.py checks CPG's own choice)
@@ -35,10 +34,7 @@ def config(*over: str):
 @pytest.mark.slow
 def test_compare_runs_each_chain_beside_the_fan_out_and_reuses_it(tmp_path, ray_local):
     out = run(tmp_path, *COMPARE)
-    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = c.get_experiment_by_name("ksm")
-    (parent,) = c.search_runs([exp.experiment_id], "tags.ksm_kind = 'compare'")
-    assert parent.info.run_id == out["parent_run_id"] and parent.info.status == "FINISHED"
+    c, exp, parent = compare_parent(tmp_path, out)
     kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     # KSM: t1, t2; each chain: t0 (link 0), t1, t2; all on the one backbone
     assert sorted((r.data.params["method"], r.data.tags["ksm_task"]) for r in kids) == sorted(
