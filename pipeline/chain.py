@@ -44,7 +44,7 @@ from ksm_core import ArtifactWriteError
 from ksm_core.cpg import CPG
 from ksm_core.packnet import PackNet
 
-from .claims import Heartbeat, acquire
+from .claims import Heartbeat, acquire, look_keys
 from .config import RunConfig, stable_hash
 from .data import Manifest, make_loader
 from .errors import Log, PipelineError
@@ -125,8 +125,8 @@ def chain_links(tr: Tracker, rc: RunConfig, m: Manifest, fingerprint: str, strea
     for t in chain_tasks(m):
         run = None
         if parent:
-            run = mine.get((keys[t], parent)) or tr.find_one("FINISHED", ksm_kind="task", ksm_result=keys[t],
-                                                             ksm_chain_parent=parent)
+            run = mine.get((keys[t], parent)) or tr.find_one("FINISHED", **look_keys(
+                {"ksm_kind": "task", "ksm_result": keys[t], "ksm_chain_parent": parent}))
         out.append(Link(t, keys[t], run))
         parent = out[-1].fingerprint  # "" once a link has no run: every later one trains
     return out

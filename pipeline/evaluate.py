@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import Log, PipelineError
-from .lineage import open_inputs, trained_sequence
+from .lineage import open_inputs, trained_sequence, trained_stream
 from .present import text_table
 
 __all__ = ["run_evaluate", "evaluate_one_at_a_time"]
@@ -90,20 +90,13 @@ def run_evaluate_chain(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     from ksm_core.train import resolve_device
 
     from .chain import CHAIN_ARTIFACT, chain_class, chain_links, chain_loader
-    from .identity import backbone_key, sequence_key
     from .worker import build_backbone
 
     p = open_inputs(rc, log)
     tr, m = p.tracker, p.manifest
-    key = sequence_key(rc, backbone_key(rc, m))
-    parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=key)
-    if parent is None or not parent.data.tags.get("ksm_backbone_run"):
-        raise PipelineError(f"no trained chain matches this config (run_name={rc.run_name!r}, benchmark "
-                            f"{rc.benchmark['name']}, method {rc.method.name}); run the same command without "
-                            "mode=evaluate first")
-    bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
+    parent, bb_run = trained_stream(tr, rc, m, "evaluate")
     fp = bb_run.data.tags.get("ksm_fingerprint", "")
-    links = chain_links(tr, rc, m, fp, key)
+    links = chain_links(tr, rc, m, fp, parent.data.tags["ksm_sequence"])
     done = [ln for ln in links if ln.run is not None]
     missing = [ln.task for ln in links if ln.run is None]
     if not done:

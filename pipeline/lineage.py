@@ -20,7 +20,7 @@ from .records import TaskResult
 from .redact import redact_text
 from .tracking import Tracker, filter_value
 
-__all__ = ["DriverInputs", "check_inputs", "open_inputs", "open_stream_run", "trained_sequence", "trained_runs",
+__all__ = ["DriverInputs", "check_inputs", "open_inputs", "open_stream_run", "trained_stream", "trained_sequence", "trained_runs",
            "trained_results", "stream_book", "supersede", "ONE_BY_ONE"]
 
 #: up to this many result keys are looked up one by one (any stream's newest FINISHED run), with no scan or ledger
@@ -52,16 +52,21 @@ def open_inputs(rc: RunConfig, log: Log = print, manifest: Manifest | None = Non
     return DriverInputs(rc, manifest, tracker)
 
 
-def trained_sequence(tr: Tracker, rc: RunConfig, m: Manifest, mode: str) -> tuple[Any, Any, dict[str, Any]]:
-    """The sequence this config names (same run name and spec) as ``mode=evaluate`` / ``mode=export`` read it:
-    its parent run, its backbone run, and each task's FINISHED run (task -> run; tasks not trained yet are absent).
-    No such sequence: a PipelineError saying to run it first."""
+def trained_stream(tr: Tracker, rc: RunConfig, m: Manifest, mode: str) -> tuple[Any, Any]:
+    """The stream this config names (same run name and spec) as a mode that reads it finds it: its parent run and
+    its backbone run. No such stream: a PipelineError saying to run it first (without ``mode``)."""
     parent = tr.find_one(None, ksm_kind="sequence", ksm_sequence=sequence_key(rc, backbone_key(rc, m)))
     if parent is None or not parent.data.tags.get("ksm_backbone_run"):
         raise PipelineError(f"no trained sequence matches this config (run_name={rc.run_name!r}, benchmark "
                             f"{rc.benchmark['name']}, method {rc.method.name}) in {redact_text(rc.tracking.uri)}; "
                             f"run the same command without mode={mode} first")
-    bb_run = tr.client.get_run(parent.data.tags["ksm_backbone_run"])
+    return parent, tr.client.get_run(parent.data.tags["ksm_backbone_run"])
+
+
+def trained_sequence(tr: Tracker, rc: RunConfig, m: Manifest, mode: str) -> tuple[Any, Any, dict[str, Any]]:
+    """:func:`trained_stream`, and each task's FINISHED run (task -> run; tasks not trained yet are absent), as
+    ``mode=evaluate`` / ``mode=export`` read a mask method's sequence."""
+    parent, bb_run = trained_stream(tr, rc, m, mode)
     fp = bb_run.data.tags.get("ksm_fingerprint", "")
     return parent, bb_run, trained_runs(tr, {t: result_key(rc, fp, m.task(t).identity) for t in m.new_tasks},
                                         stream=parent.data.tags.get("ksm_sequence"), backbone_fingerprint=fp)
@@ -193,17 +198,14 @@ def supersede(tr: Tracker, key: str, wanted: dict[str, str], book: LedgerBook | 
     """Tag this stream's FINISHED task runs whose task has since changed (same name, other result key) as
     superseded: they stay in MLflow, but no report or evaluation takes them for the task's current result. The
     runs are ``book``'s (:func:`stream_book`: every FINISHED task run of the stream) when given, else scanned."""
-    if book is not None:
-        for e in list(book.entries.values()):
-            name = e.result.task
-            if name in wanted and e.result_key != wanted[name] and not e.superseded:
-                tr.tags(e.run_id, {"ksm_superseded": "true", "ksm_superseded_by_result": wanted[name]})
+    entries = list(book.entries.values()) if book is not None else (
+        entry_from_run(r) for r in tr.scan("FINISHED", ksm_kind="task", ksm_sequence=key))
+    for e in entries:
+        name = e.result.task
+        if name in wanted and e.result_key != wanted[name] and not e.superseded:
+            tr.tags(e.run_id, {"ksm_superseded": "true", "ksm_superseded_by_result": wanted[name]})
+            if book is not None:
                 book.mark_superseded(e.run_id)
-        return
-    for r in tr.scan("FINISHED", ksm_kind="task", ksm_sequence=key):
-        name = r.data.tags.get("ksm_task")
-        if name in wanted and r.data.tags.get("ksm_result") != wanted[name] and r.data.tags.get("ksm_superseded") != "true":
-            tr.tags(r.info.run_id, {"ksm_superseded": "true", "ksm_superseded_by_result": wanted[name]})
 
 
 def _flat_params(rc: RunConfig) -> dict[str, Any]:
