@@ -14,8 +14,8 @@ chain needs tasks < t, so each (method, seed) on a backbone runs as ONE chain (`
 new task), after that backbone's fan-out, under its own sequence key and the compare's parent run; its links'
 results are labelled as the fan-out's (`compare_report.label`), so `compare_report.summarise` reads them alike.
 Like for like, a chain's mean accuracy and s/task are over the NEW tasks only, as the mask methods' are: link 0
-is left out of both (its cost is in the chain's whole time, ``chain_wall_seconds``: its links' job seconds added up, link 0
-included, since they cannot overlap; the mask methods' jobs run side by side). Its bytes per task are the papers'
+is left out of both (its cost is in the chain's whole time, ``chain_wall_seconds``: its links' job seconds added
+up, link 0 included, since they cannot overlap; the mask methods' jobs run side by side). Its bytes per task are the papers'
 count (``task_bytes``: ownership bits + BN + head, CPG also its pick bits), where a mask method's are its task
 artifact's; CPG's ``model_growth`` is shown (0: CPG-lite does not grow). A chain's links each run alone on the
 machine, a fan-out's jobs beside each other: on a shared device their s/task are not measured under the same load.
@@ -36,7 +36,6 @@ from .chain import train_chain
 from .compare_report import REF, label, report, summarise, time_ratios
 from .config import SEQUENTIAL_METHODS, MethodCfg, RunConfig, stable_hash
 from .errors import Log, PipelineError
-from .jobs import JobContext
 from .fanout import Job, fan_out
 from .identity import backbone_key, result_key
 from .records import TaskResult
@@ -139,10 +138,9 @@ def run_compare(rc: RunConfig, log: Log = print) -> dict[str, Any]:
                 # the machine's good and bad moments alike (and a pair vs KSM shares them most)
                 jobs = [Job(label(meth, s, t, None if one else b), t, c, result_key(c, fp, m.task(t).identity))
                         for t in m.new_tasks for s in seeds for meth in mask for c in [configs[(meth, s)]]]
-                ctx = JobContext(manifest=str(m.path), experiment_id=tr.experiment_id, parent_run_id=parent_id,
-                                 sequence_key=key, backbone_fingerprint=fp, backbone_run_id=bb_run)
-                if jobs:
-                    res, fails, w = fan_out(jobs, ctx, state, tr, rc.progress, log)
+                if jobs:  # under the compare's key and parent run, on this backbone
+                    on_b = StreamRun(rc, m, tr, key, parent_id, state, fp, bb_run)
+                    res, fails, w = fan_out(jobs, on_b.job_context(), state, tr, rc.progress, log)
                     results.update(res)
                     failures.update(fails)
                     wall += w
@@ -188,9 +186,9 @@ def chain_key(compare: str, meth: str, seed: int, backbone: int) -> str:
 def _compare_chain(s: StreamRun, b: int | None, results: dict[str, TaskResult],
                    links: dict[str, dict[str, float]], failures: dict[str, str], log: Log) -> None:
     """One chain of the comparison (``s``: its config, key and the compare's parent run), trained or reused; its
-    links' results, their runs' metrics and a failed link go into the comparison's, under `compare_report.label`. Link 0
-    (the initial task) is kept under its own label: `compare_report.summarise` reads only the new tasks' for the
-    means."""
+    links' results, their runs' metrics and a failed link go into the comparison's, under `compare_report.label`.
+    Link 0 (the initial task) is kept under its own label: `compare_report.summarise` reads only the new tasks' for
+    the means."""
     meth, seed = s.rc.method.name, s.rc.seed
     c = train_chain(s, log, name=label(meth, seed, "chain", b))
     for r in c.results:
