@@ -15,10 +15,10 @@ new task), after that backbone's fan-out, under its own sequence key and the com
 results are labelled as the fan-out's (`compare_report.label`), so `compare_report.summarise` reads them alike.
 Like for like, a chain's mean accuracy and s/task are over the NEW tasks only, as the mask methods' are: link 0
 is left out of both (its cost is in the chain's whole time, ``chain_wall_seconds``: its links' job seconds added
-up, link 0 included, since they cannot overlap; the mask methods' jobs run side by side). Its bytes per task are the papers'
-count (``task_bytes``: ownership bits + BN + head, CPG also its pick bits), where a mask method's are its task
-artifact's; CPG's ``model_growth`` is shown (0: CPG-lite does not grow). A chain's links each run alone on the
-machine, a fan-out's jobs beside each other: on a shared device their s/task are not measured under the same load.
+up, link 0 included, since they cannot overlap; the mask methods' jobs run side by side). Its bytes per task are
+the papers' count (``task_bytes``: ownership bits + BN + head, CPG also its pick bits), where a mask method's are
+its task artifact's; CPG's ``model_growth`` is shown (0: CPG-lite does not grow). A chain's links each run alone on
+the machine, a fan-out's jobs beside each other: on a shared device their s/task are not measured under the same load.
 
 A seed here seeds the tasks' training (mask/head init, data order); a backbone seed seeds the backbone's.
 A method is trained with the run's ``method`` settings when it is the run's method, else with its reference
