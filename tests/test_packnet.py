@@ -125,6 +125,49 @@ def test_artifacts_round_trip_and_refuse_another_chain(chain, tmp_path):
         PackNet.load(bb, [paths[0], ksm])
 
 
+def test_the_whole_chain_round_trips_and_refuses_what_it_did_not_write(chain, tmp_path):
+    """save_chain / load_chain, what pipeline.chain logs per link and reads back from the tracking server (data from
+    outside): the same network, and a clear ValueError, nothing loaded, for another backbone, a truncated file, a
+    pickle, a task artifact, or values changed in the file."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    net, data, bb = chain["net"], chain["data"], chain["bb"]
+    path = tmp_path / "chain.safetensors"
+    assert net.save_chain(path, extra={"task": "t2"}) == path.stat().st_size
+    loaded = PackNet.load_chain(bb, path)
+    assert loaded.task_names == net.task_names
+    assert loaded.chain_fingerprint(2) == net.chain_fingerprint(2)
+    for t, (_, te) in enumerate(data):
+        assert loaded.evaluate(t, te) == chain["acc_then"][t]
+    assert PackNet.read_chain_metadata(path)["fingerprint"] == net.chain_fingerprint(2)
+
+    with pytest.raises(BackboneMismatch):
+        PackNet.load_chain(create_model("vgg16_bn_cifar", num_classes=2, width=0.0625), path)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:100])
+    pickled = tmp_path / "chain.pt"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    for bad in (truncated, pickled):
+        with pytest.raises(ValueError, match="not a readable ksm task artifact"):
+            PackNet.load_chain(bb, bad)
+    task_file = tmp_path / "t1.safetensors"
+    net.save_task(1, task_file)
+    with pytest.raises(ValueError, match="format 'ksm-packnet/1'; this version reads 'ksm-packnet-chain/1'"):
+        PackNet.load_chain(bb, task_file)
+    # one owned weight's value changed, the metadata kept: the file no longer hashes to the fingerprint it states
+    arrays = load_file(str(path))
+    key = next(k for k in arrays if k.startswith("t1.value.") and arrays[k].size)
+    arrays[key] = arrays[key].copy()
+    arrays[key][0] += 1.0
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(arrays, str(damaged), metadata=meta)
+    with pytest.raises(ValueError, match="does not reproduce its own fingerprint: damaged"):
+        PackNet.load_chain(bb, damaged)
+
+
 def test_bad_arguments_raise_value_errors_naming_them(chain):
     bb, net, (tr, te) = chain["bb"], chain["net"], chain["data"][1]
     for bad in (0, 1, -0.1, 1.5, float("nan")):
