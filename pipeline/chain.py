@@ -25,9 +25,11 @@ a link trained again (its run deleted) is never followed by a later link trained
 Resume: a rerun reuses the FINISHED runs of the chain's prefix and trains from the first link without one, in
 order; appending a task to the stream adds a link. Two launches of one chain do not train a link twice: each job
 claims its link (``claims.acquire``, as ``jobs.task_job`` does) and a second launch waits for the first's run.
-Not done here (a mask task's extras): the unlogged-record recovery when the tracking server stays down (a link
-that cannot log fails and is trained again), the retry at chance, the served-model export (a chain is not a
-``KSMNet``; ``mode=export`` refuses it).
+A link that ends at chance is tagged ``ksm_warning=chance_level`` (the report names it, as a mask task's) and,
+with ``train.retrain_at_chance``, trained once more from the same chain with the mask tasks' other seed (tag
+``ksm_retrained``, metric ``first_test_acc``). Not done here (a mask task's extras): the unlogged-record recovery
+when the tracking server stays down (a link that cannot log fails and is trained again), the served-model export
+(a chain is not a ``KSMNet``; ``mode=export`` refuses it).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ksm_core import ArtifactWriteError
+from ksm_core import ArtifactWriteError, at_chance
 from ksm_core.cpg import CPG
 from ksm_core.packnet import PackNet
 
@@ -49,10 +51,10 @@ from .config import RunConfig, stable_hash
 from .data import Manifest, make_loader
 from .errors import Log, PipelineError
 from .identity import result_key
-from .jobs import JobContext, task_datasets
+from .jobs import JobContext, retrain_seed, task_datasets
 from .params import method_params
 from .records import TaskResult
-from .report import write_report
+from .report import CHANCE_LEVEL, write_report
 from .runtime import job_remote
 from .tracking import Tracker
 from .worker import build_backbone, cached_manifest, node_info, prepare_worker
@@ -270,8 +272,6 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
     folder = Path(rc.paths.output) / "chain" / f"{task_name}-{result}"
     with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6), tr.running(run_id):
         tr.inputs(run_id, task_datasets(m, task_name))
-        net = _chain_before(rc, tr, m, link, task_name, parent_run, parent_fp, backbone_state)
-        cfg = rc.train.to_core(device=rc.device(), seed=rc.seed)
         train, test = chain_loader(rc, m, task_name, "train"), chain_loader(rc, m, task_name, "test")
         history: list[tuple[int, dict[str, float]]] = []
 
@@ -279,16 +279,17 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
             history.append((len(history), {f"{k}": float(v) for k, v in rec.items()
                                            if k != "epoch" and isinstance(v, (int, float))}))
 
-        settings = rc.method.chain_settings()
-        kw: dict[str, Any] = {"retrain_epochs": settings.get("retrain_epochs")}
-        if rc.method.name == "cpg":
-            kw.update(allow_loss=settings.get("allow_loss", 0.0), prune_epochs=settings.get("prune_epochs"))
-        try:
-            res = net.train_task(link, train, test, cfg, on_epoch=on_epoch, **kw)
-        except ValueError as e:  # e.g. no free weight left: an earlier task kept all it was given
-            hint = (" (CPG-lite does not grow: a higher method.allow_loss lets a task prune and leave weights free)"
-                    if rc.method.name == "cpg" else " (a higher method.prune leaves more weights free)")
-            raise PipelineError(f"task {task_name} (link {link} of the chain): {e}{hint}") from None
+        def attempt(seed: int) -> tuple[PackNet, Any]:  # the link trained on a fresh copy of the chain before it
+            net = _chain_before(rc, tr, m, link, task_name, parent_run, parent_fp, backbone_state)
+            return net, _train_link(rc, net, link, task_name, train, test, seed, on_epoch)
+
+        classes = list(m.task(task_name).class_names)
+        net, res = attempt(rc.seed)
+        first_acc = None
+        if rc.train.retrain_at_chance and at_chance(res.test_acc, len(classes), rc.train.chance_margin):
+            # once, with the mask tasks' fixed other seed (jobs.retrain_seed); its epochs follow the first's
+            first_acc = res.test_acc
+            net, res = attempt(retrain_seed(rc.seed))
         fp = net.chain_fingerprint(link)
         try:
             size = net.save_chain(folder / "chain.safetensors", extra={"task": task_name, "run_name": rc.run_name})
@@ -296,26 +297,30 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
             shutil.rmtree(folder, ignore_errors=True)
             raise PipelineError(f"task {task_name}: {e}; free space there, or point paths.output at another "
                                 "folder; a rerun trains the link again") from e
-        classes = list(m.task(task_name).class_names)
         params = {**method_params(rc.method, rc.train), "epochs": rc.train.epochs,
                   "batch_size": rc.train.batch_size, "model": rc.model.name, "model_width": rc.model.width,
                   "backbone_fingerprint": ctx.backbone_fingerprint, "backbone_run_id": ctx.backbone_run_id,
                   "task": task_name, "classes": ", ".join(classes), "num_classes": len(classes),
                   "train_samples": train.num_samples, "test_samples": test.num_samples, "seed": rc.seed,
                   "device": str(next(net.parameters()).device), "transform": rc.data.transform,
-                  "chain_link": link, "chain_parent_run_id": parent_run or "-"}
+                  "chain_link": link, "chain_parent_run_id": parent_run or "-",
+                  **({"retrain_seed": retrain_seed(rc.seed)} if first_acc is not None else {})}
         final = {"test_acc": res.test_acc, "test_loss": res.test_loss, "train_seconds": res.train_seconds,
                  "job_seconds": time.perf_counter() - t0, "artifact_bytes": size, "task_bytes": net.task_bytes(link),
                  "owned_weights": res.owned, "free_weights": res.free_after, "total_weights": res.total_weights,
                  "owned_fraction": res.owned / res.total_weights if res.total_weights else None,
-                 "skipped_samples": train.skipped + test.skipped}
+                 "skipped_samples": train.skipped + test.skipped, "first_test_acc": first_acc}
         if isinstance(net, CPG):
             final.update(model_growth=res.grown, sparsity=res.sparsity, goal=res.goal, goal_met=float(res.goal_met),
                          retrain_kept=float(res.retrain_kept), prune_steps=len(res.prune_steps))
         else:
             final.update(pruned_weights=res.pruned)
         final = {k: v for k, v in final.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
-        end_tags = {"ksm_chain_fingerprint": fp, "ksm_device": params["device"], "ksm_method": rc.method.name}
+        end_tags = {"ksm_chain_fingerprint": fp, "ksm_device": params["device"], "ksm_method": rc.method.name,
+                    # named, never averaged away: the report and compare flag a link at chance as a mask task
+                    **({"ksm_warning": CHANCE_LEVEL}
+                       if at_chance(res.test_acc, len(classes), rc.train.chance_margin) else {}),
+                    **({"ksm_retrained": CHANCE_LEVEL} if first_acc is not None else {})}
         path = folder / "chain.safetensors"
         end_tags["ksm_chain_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         tr.artifact(run_id, path, "chain", artifact_uri=claim.run.info.artifact_uri)
@@ -323,6 +328,23 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
     shutil.rmtree(folder, ignore_errors=True)
     return TaskResult.from_logged(claim.run.info, "trained", {k: str(v) for k, v in params.items()}, final,
                                   {**claim.run.data.tags, **end_tags}), fp, final
+
+
+def _train_link(rc: RunConfig, net: PackNet, link: int, task_name: str, train: Any, test: Any, seed: int,
+                on_epoch: Any) -> Any:
+    """ksm_core's PackNet / CPG ``train_task`` for one link at the method's chain settings, with ``seed``; a
+    ValueError (no free weight left) as the PipelineError that names the setting to change."""
+    cfg = rc.train.to_core(device=rc.device(), seed=seed)
+    settings = rc.method.chain_settings()
+    kw: dict[str, Any] = {"retrain_epochs": settings.get("retrain_epochs")}
+    if rc.method.name == "cpg":
+        kw.update(allow_loss=settings.get("allow_loss", 0.0), prune_epochs=settings.get("prune_epochs"))
+    try:
+        return net.train_task(link, train, test, cfg, on_epoch=on_epoch, **kw)
+    except ValueError as e:  # e.g. no free weight left: an earlier task kept all it was given
+        hint = (" (CPG-lite does not grow: a higher method.allow_loss lets a task prune and leave weights free)"
+                if rc.method.name == "cpg" else " (a higher method.prune leaves more weights free)")
+        raise PipelineError(f"task {task_name} (link {link} of the chain): {e}{hint}") from None
 
 
 def _chain_before(rc: RunConfig, tr: Tracker, m: Manifest, link: int, task_name: str, parent_run: str,

@@ -126,6 +126,31 @@ def test_appending_continues_the_chain_and_a_changed_task_invalidates_the_later_
     assert ev["max_abs_delta"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_a_link_at_chance_is_named_and_with_retrain_at_chance_trained_once_more(root, ray_local, capsys):
+    """A link that ends at chance is tagged as a mask task is (ksm_warning) and named by the stream's report, never
+    averaged away; train.retrain_at_chance trains it once more from the same chain with the mask tasks' other seed
+    (tag ksm_retrained, param retrain_seed, metric first_test_acc), and the chain stays whole. No step can learn at
+    these rates and the head is not refit, so the new tasks end near chance: 0.5 for 2 classes, flagged up to 0.95."""
+    frozen = ["method=packnet", "train.lr_finetune=1e-12", "train.lr_mask=1e-12", "train.lr_head=1e-12",
+              "train.head_refit=false", "train.chance_margin=0.45"]
+    capsys.readouterr()
+    out = run(root, *frozen, "train.retrain_at_chance=true")
+    said = capsys.readouterr().out
+    c = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = [c.get_run(r.run_id) for r in out["results"]]
+    assert [r.data.tags["ksm_task"] for r in runs] == ["t0", "t1", "t2"]
+    assert all(b.data.tags["ksm_chain_parent"] == a.data.tags["ksm_chain_fingerprint"] for a, b in zip(runs, runs[1:]))
+    for r in runs[1:]:
+        tags, m = r.data.tags, r.data.metrics
+        assert m["test_acc"] <= 0.95 and 0.0 <= m["first_test_acc"] <= 0.95
+        assert tags["ksm_warning"] == tags["ksm_retrained"] == "chance_level"
+        assert r.data.params["retrain_seed"] == "7919"  # jobs.retrain_seed(0): the same as a mask task's
+        assert f"  {tags['ksm_task']}: test acc {m['test_acc']:.3f} (after a retrain)" in said, said
+    assert "task(s) ended at chance level" in said
+    ev = run(root, *frozen, "mode=evaluate")  # the retrained links are the chain's: nothing forgotten
+    assert ev["max_abs_delta"] == pytest.approx(0.0, abs=1e-9)
+
+
 def config(*overrides: str):
     from pipeline.config import resolve
 
