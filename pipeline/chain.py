@@ -28,8 +28,9 @@ claims its link (``claims.acquire``, as ``jobs.task_job`` does) and a second lau
 A link that ends at chance is tagged ``ksm_warning=chance_level`` (the report names it, as a mask task's) and,
 with ``train.retrain_at_chance``, trained once more from the same chain with the mask tasks' other seed (tag
 ``ksm_retrained``, metric ``first_test_acc``). Not done here (a mask task's extras): the unlogged-record recovery
-when the tracking server stays down (a link that cannot log fails and is trained again), the served-model export
-(a chain is not a ``KSMNet``; ``mode=export`` refuses it).
+when the tracking server stays down (a link that cannot log fails and is trained again). The served model
+(``pipeline.export``, at the end of the chain as of a mask sequence, and ``mode=export``) holds the last link's
+chain file, which holds every task.
 """
 from __future__ import annotations
 
@@ -46,12 +47,13 @@ from ksm_core import ArtifactWriteError, at_chance
 from ksm_core.cpg import CPG
 from ksm_core.packnet import PackNet
 
-from .claims import Heartbeat, acquire, look_keys
-from .config import RunConfig, stable_hash
+from .claims import Heartbeat, acquire
+from .config import RunConfig
 from .data import Manifest, make_loader
 from .errors import Log, PipelineError
-from .identity import result_key
+from .export import export_after_sequence
 from .jobs import JobContext, retrain_seed, task_datasets
+from .lineage import CHAIN_ARTIFACT, Link, chain_class, chain_links
 from .params import method_params
 from .records import TaskResult
 from .report import CHANCE_LEVEL, write_report
@@ -59,32 +61,7 @@ from .runtime import job_remote
 from .tracking import Tracker
 from .worker import build_backbone, cached_manifest, node_info, prepare_worker
 
-__all__ = ["run_chain", "train_chain", "ChainRun", "chain_job", "chain_keys", "chain_links", "chain_class",
-           "chain_loader", "Link", "CHAIN_ARTIFACT"]
-
-#: where a link's run keeps the chain after it
-CHAIN_ARTIFACT = "chain/chain.safetensors"
-_CLASSES = {"packnet": PackNet, "cpg": CPG}
-
-
-def chain_class(method: str) -> type[PackNet]:
-    return _CLASSES[method]
-
-
-def chain_tasks(m: Manifest) -> list[str]:
-    """The chain's links in order: the initial task (the backbone's prune), then every new task."""
-    return [m.initial_task, *m.new_tasks]
-
-
-def chain_keys(rc: RunConfig, fingerprint: str, m: Manifest) -> dict[str, str]:
-    """Each link's result key: the task's own (``identity.result_key``) hashed with the previous link's key, so a
-    changed task changes its key and every later one."""
-    out: dict[str, str] = {}
-    prev = ""
-    for t in chain_tasks(m):
-        prev = stable_hash({"chain_parent": prev, "link": result_key(rc, fingerprint, m.task(t).identity)})
-        out[t] = prev
-    return out
+__all__ = ["run_chain", "train_chain", "ChainRun", "chain_job", "chain_loader"]
 
 
 def chain_loader(rc: RunConfig, m: Manifest, task: str, split: str) -> Any:
@@ -93,45 +70,6 @@ def chain_loader(rc: RunConfig, m: Manifest, task: str, split: str) -> Any:
     return make_loader(m, task, split, batch_size=rc.train.batch_size, seed=rc.seed, on_corrupt=rc.data.on_corrupt,
                        shuffle_buffer=rc.data.shuffle_buffer, transform=rc.data.transform,
                        decode_workers=max(1, int(rc.cluster.cpus_per_task)), device=rc.device())
-
-
-@dataclass(frozen=True)
-class Link:
-    """One link of the chain as the store holds it: its task, result key, and its FINISHED run when it has one
-    trained on the chain the link before it left (``run`` None: this link and every later one must train)."""
-
-    task: str
-    key: str
-    run: Any | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        return self.run.data.tags.get("ksm_chain_fingerprint", "") if self.run is not None else ""
-
-
-def chain_links(tr: Tracker, rc: RunConfig, m: Manifest, fingerprint: str, stream: str,
-                stream_runs: list[Any] | None = None) -> list[Link]:
-    """Every link of this config's chain, in order, with its reusable FINISHED run while the prefix has one (the
-    stream's own runs first, then one search per link for a run another stream trained on the same chain); from
-    the first link without one, no run. ``stream_runs``: the stream's FINISHED task runs when already read."""
-    keys = chain_keys(rc, fingerprint, m)
-    if stream_runs is None:
-        stream_runs = list(tr.scan("FINISHED", ksm_kind="task", ksm_sequence=stream))
-    mine = {}
-    for r in stream_runs:  # newest first is not needed: one run per (result, parent chain) unless raced
-        tags = r.data.tags
-        if tags.get("ksm_superseded") != "true":
-            mine.setdefault((tags.get("ksm_result"), tags.get("ksm_chain_parent")), r)
-    out: list[Link] = []
-    parent = fingerprint  # link 0 is trained on the backbone itself
-    for t in chain_tasks(m):
-        run = None
-        if parent:
-            run = mine.get((keys[t], parent)) or tr.find_one("FINISHED", **look_keys(
-                {"ksm_kind": "task", "ksm_result": keys[t], "ksm_chain_parent": parent}))
-        out.append(Link(t, keys[t], run))
-        parent = out[-1].fingerprint  # "" once a link has no run: every later one trains
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -197,8 +135,8 @@ def run_chain(s: Any, log: Log = print) -> dict[str, Any]:
     report = write_report(tr, s.parent_id, c.results, rc, log=log, wall_seconds=c.wall, failures=c.failures)
     tr.metrics(s.parent_id, {"chain_wall_seconds": c.wall,
                              "tasks_trained": sum(r.status == "trained" for r in c.results)})
-    if rc.registry.export:
-        log(f"[chain] no served model is registered for method={rc.method.name} (the export serves KSMNet tasks only)")
+    # the chain's tasks as one served model (the last link's chain holds them all); a failed export fails nothing
+    export_after_sequence(rc, tr, s.manifest, s.parent_id, s.backbone_run, c.results, log)
     if c.failures:
         t, msg = next(iter(c.failures.items()))
         raise PipelineError(f"chain link {t} failed, so the {c.links - len(c.results) - 1} link(s) after it did not "

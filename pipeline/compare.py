@@ -179,7 +179,7 @@ def chain_key(compare: str, meth: str, seed: int, backbone: int) -> str:
     """The sequence key of one chain of a comparison (its links' ``ksm_sequence``): its own, so that what the
     chain does to its stream's runs (reuse its prefix, tag the runs of a re-trained link superseded) touches no
     other method's, seed's or backbone's runs. A link trained by another comparison or stream on the same chain
-    is still reused (``chain.chain_links`` looks it up by result key and parent chain)."""
+    is still reused (``lineage.chain_links`` looks it up by result key and parent chain)."""
     return stable_hash({"compare": compare, "chain": meth, "seed": seed, "backbone_seed": backbone})
 
 

@@ -41,9 +41,9 @@ SEQUENTIAL_METHODS = ("packnet", "cpg")
 #: their settings (MethodCfg), and which method uses which; None = the method's default (ksm_core's)
 SEQUENTIAL_KEYS = {"packnet": ("prune", "retrain_epochs"),
                    "cpg": ("prune", "step", "allow_loss", "prune_epochs", "retrain_epochs")}
-#: the modes a sequential method runs in (tune, follow and export build KSMNet tasks: not these). In mode=compare
-#: it runs as one chain per (backbone, seed) beside the mask methods' fan-out (pipeline.compare)
-SEQUENTIAL_MODES = ("sequence", "evaluate", "shards", "compare")
+#: the modes a sequential method runs in (tune and follow build KSMNet tasks: not these; export serves the last
+#: link's chain). In mode=compare it runs as one chain per (backbone, seed) beside the mask methods' fan-out
+SEQUENTIAL_MODES = ("sequence", "evaluate", "shards", "compare", "export")
 #: the sections an ``overrides_file`` may hold (what a Tune sweep's best.yaml sets)
 OVERRIDABLE = ("method", "train")
 #: a run name or a registered model's name: it names folders (``outputs/tune/<run_name>``), runs and the model in

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import Log, PipelineError
-from .lineage import open_inputs, trained_sequence, trained_stream
+from .lineage import CHAIN_ARTIFACT, chain_class, chain_links, open_inputs, trained_sequence, trained_stream
 from .present import text_table
 
 __all__ = ["run_evaluate", "evaluate_one_at_a_time"]
@@ -89,7 +89,7 @@ def run_evaluate_chain(rc: RunConfig, log: Log = print) -> dict[str, Any]:
 
     from ksm_core.train import resolve_device
 
-    from .chain import CHAIN_ARTIFACT, chain_class, chain_links, chain_loader
+    from .chain import chain_loader
     from .worker import build_backbone
 
     p = open_inputs(rc, log)

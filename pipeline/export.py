@@ -26,7 +26,7 @@ from typing import Any
 from .config import RunConfig, stable_hash
 from .data import Manifest, iter_samples, make_loader
 from .errors import Log, PipelineError
-from .lineage import open_inputs, trained_sequence
+from .lineage import CHAIN_ARTIFACT, chain_class, chain_links, open_inputs, trained_sequence, trained_stream
 from .records import TaskResult
 from .tracking import Tracker, filter_value
 
@@ -42,13 +42,15 @@ def model_name(rc: RunConfig) -> str:
     return rc.registry.model_name or rc.run_name
 
 
-def served_tasks(m: Manifest, backbone_run: Any, task_runs: dict[str, Any], transform: str = "cifar"
-                 ) -> list[dict[str, Any]]:
+def served_tasks(m: Manifest, backbone_run: Any, task_runs: dict[str, Any], transform: str = "cifar",
+                 chain: bool = False) -> list[dict[str, Any]]:
     """What the served model needs of each task, the backbone's own initial task first (index 0, no artifact):
     classes, stored image shape, and the eval transform exactly as the loader built it for the task's test split
-    (so predictions reproduce the logged accuracy), with the run and accuracy it comes from."""
+    (so predictions reproduce the logged accuracy), with the run and accuracy it comes from. A ``chain``'s tasks
+    are its links (``task_runs`` holds link 0, the initial task retrained, too), each with its ``index`` in it."""
     out = []
-    for name, run in [(m.initial_task, backbone_run), *((t, task_runs[t]) for t in m.new_tasks if t in task_runs)]:
+    first = task_runs[m.initial_task] if chain else backbone_run
+    for name, run in [(m.initial_task, first), *((t, task_runs[t]) for t in m.new_tasks if t in task_runs)]:
         info = m.task(name)
         tf = make_loader(m, name, "test", transform=transform).transform  # builds the transform only: reads no shard
         out.append({"name": name, "artifact": None if run is backbone_run else f"tasks/{name}.safetensors",
@@ -56,7 +58,8 @@ def served_tasks(m: Manifest, backbone_run: Any, task_runs: dict[str, Any], tran
                     "transform": tf.name, "image_size": tf.image_size, "resize_size": tf.resize_size,
                     "channels": tf.channels,
                     "mean": tf.mean.flatten().tolist(), "std": tf.std.flatten().tolist(),
-                    "run_id": run.info.run_id, "test_acc": run.data.metrics.get("test_acc")})
+                    "run_id": run.info.run_id, "test_acc": run.data.metrics.get("test_acc"),
+                    **({"artifact": None, "index": len(out)} if chain else {})})
     return out
 
 
@@ -152,6 +155,23 @@ def _latest_version(client: Any, name: str) -> Any | None:
     return versions[0] if versions else None
 
 
+def _add_chain(tr: Tracker, rc: RunConfig, fp: str, tasks: list[dict[str, Any]], task_runs: dict[str, Any],
+               root: Path, dl: Path) -> dict[str, Any]:
+    """A chain's model data: the chain file its last served link logged (which holds every earlier task), checked
+    to be the chain that run was tagged with, on this backbone, with exactly the served tasks; moved into
+    ``root``. Returns the spec's chain fields."""
+    last = task_runs[tasks[-1]["name"]]
+    path = tr.download(last.info.run_id, CHAIN_ARTIFACT, dl)
+    meta = chain_class(rc.method.name).read_chain_metadata(path)
+    want = last.data.tags.get("ksm_chain_fingerprint")
+    if meta["fingerprint"] != want or meta["backbone_fingerprint"] != fp or \
+            [t["task_name"] for t in meta["tasks"]] != [d["name"] for d in tasks]:
+        raise PipelineError(f"the chain logged by run {last.info.run_id} ({tasks[-1]['name']}) is not the one its "
+                            "run was tagged with, on this backbone: delete that run and re-run the sequence")
+    shutil.move(path, root / "chain.safetensors")
+    return {"chain": "chain.safetensors", "chain_fingerprint": want}
+
+
 def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, backbone_run_id: str,
                  task_runs: dict[str, Any], log: Log = print, only_if_changed: bool = False) -> dict[str, Any]:
     """Package the backbone and ``task_runs`` (task -> its FINISHED run) as one pyfunc model, log it on a new
@@ -168,7 +188,8 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
     registry = MlflowClient(tracking_uri=tr.uri, registry_uri=tr.uri)  # the registry of this store, whatever is set
     bb = tr.client.get_run(backbone_run_id)
     fp = bb.data.tags.get("ksm_fingerprint", "")
-    tasks = served_tasks(m, bb, task_runs, transform=rc.data.transform)
+    chain = rc.method.sequential()
+    tasks = served_tasks(m, bb, task_runs, transform=rc.data.transform, chain=chain)
     content = stable_hash({"backbone": fp, "tasks": [(d["name"], d["run_id"]) for d in tasks]})
     latest = _latest_version(registry, name)
     if only_if_changed and latest is not None and latest.tags.get(CONTENT_TAG) == content:
@@ -187,7 +208,8 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
             (root / "tasks").mkdir(parents=True)
             shutil.move(tr.download(backbone_run_id, "backbone/backbone.safetensors", Path(tmp) / "dl"),
                         root / "backbone.safetensors")
-            for d in tasks[1:]:
+            extra = _add_chain(tr, rc, fp, tasks, task_runs, root, Path(tmp) / "dl") if chain else {}
+            for d in tasks[1:] if not chain else []:
                 path = tr.download(d["run_id"], f"task/{d['name']}.safetensors", Path(tmp) / "dl")
                 if read_metadata(path)["backbone_fingerprint"] != fp:
                     raise PipelineError(f"task {d['name']} (run {d['run_id']}) was trained on another backbone than "
@@ -196,7 +218,7 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
             spec = {"format": "ksm-served/1", "backbone": "backbone.safetensors", "backbone_fingerprint": fp,
                     "model": {"name": rc.model.name, "width": rc.model.width,
                               "num_classes": m.task(m.initial_task).num_classes},
-                    "method": rc.method.name, "sequence_run_id": parent_run_id, "tasks": tasks,
+                    "method": rc.method.name, "sequence_run_id": parent_run_id, "tasks": tasks, **extra,
                     # what one request may hold: checked by the model before it converts a pixel
                     "limits": {"max_rows": rc.registry.serve_max_rows, "max_pixels": rc.registry.serve_max_pixels}}
             (root / "ksm_model.json").write_text(json.dumps(spec, indent=1))
@@ -252,7 +274,15 @@ def run_export(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     as a new version of the registered model."""
     p = open_inputs(rc, log)
     tr, m = p.tracker, p.manifest
-    parent, bb_run, done = trained_sequence(tr, rc, m, "export")
+    if rc.method.sequential():  # a chain: its links up to the first without a run (each needs the one before)
+        parent, bb_run = trained_stream(tr, rc, m, "export")
+        links = chain_links(tr, rc, m, bb_run.data.tags.get("ksm_fingerprint", ""), parent.data.tags["ksm_sequence"])
+        done = {ln.task: ln.run for ln in links if ln.run is not None}
+        if not done:
+            raise PipelineError(f"the chain of {rc.run_name!r} has no trained link yet; run the same command without "
+                                "mode=export first")
+    else:
+        parent, bb_run, done = trained_sequence(tr, rc, m, "export")
     missing = [t for t in m.new_tasks if t not in done]
     if missing:
         log(f"[export] not trained yet, left out: {', '.join(missing)}")

@@ -1,15 +1,20 @@
 """A stream's record in MLflow: the set-up every mode starts with (inputs checked, the experiment), the stream's
 parent run (opened, or reopened by its key; refused when its initial task changed), the FINISHED runs that hold
 its tasks' results (for a long stream, from its ledger when the store confirms it: :mod:`.ledger`), and the tag
-that marks a task run superseded. The keys themselves are :mod:`.identity`'s.
+that marks a task run superseded. The keys themselves are :mod:`.identity`'s. For a sequential method's stream
+(PackNet, CPG: a chain), its links' keys and the FINISHED run of each link on the chain the one before it left
+(:func:`chain_links`), what training, ``mode=evaluate`` and ``mode=export`` all read.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from ksm_core.cpg import CPG
+from ksm_core.packnet import PackNet
+
 from .claims import look_keys
-from .config import RunConfig
+from .config import RunConfig, stable_hash
 from .data import Manifest, ensure_shards, in_process
 from .errors import Log, PipelineError
 from .identity import backbone_key, result_key, sequence_key
@@ -21,7 +26,8 @@ from .redact import redact_text
 from .tracking import Tracker, filter_value
 
 __all__ = ["DriverInputs", "check_inputs", "open_inputs", "open_stream_run", "trained_stream", "trained_sequence", "trained_runs",
-           "trained_results", "stream_book", "supersede", "ONE_BY_ONE"]
+           "trained_results", "stream_book", "supersede", "ONE_BY_ONE", "CHAIN_ARTIFACT", "chain_class", "chain_tasks",
+           "chain_keys", "Link", "chain_links"]
 
 #: up to this many result keys are looked up one by one (any stream's newest FINISHED run), with no scan or ledger
 ONE_BY_ONE = 20
@@ -221,4 +227,71 @@ def _flat_params(rc: RunConfig) -> dict[str, Any]:
                 out.update({f"{sec}.{k}.{k2}": v2 for k2, v2 in v.items()})
             else:
                 out[f"{sec}.{k}"] = v
+    return out
+
+
+# ------------------------------------------------------------------------------- a sequential method's chain
+#: where a link's run keeps the chain after it
+CHAIN_ARTIFACT = "chain/chain.safetensors"
+_CLASSES = {"packnet": PackNet, "cpg": CPG}
+
+
+def chain_class(method: str) -> type[PackNet]:
+    return _CLASSES[method]
+
+
+def chain_tasks(m: Manifest) -> list[str]:
+    """The chain's links in order: the initial task (the backbone's prune), then every new task."""
+    return [m.initial_task, *m.new_tasks]
+
+
+def chain_keys(rc: RunConfig, fingerprint: str, m: Manifest) -> dict[str, str]:
+    """Each link's result key: the task's own (``identity.result_key``) hashed with the previous link's key, so a
+    changed task changes its key and every later one."""
+    out: dict[str, str] = {}
+    prev = ""
+    for t in chain_tasks(m):
+        prev = stable_hash({"chain_parent": prev, "link": result_key(rc, fingerprint, m.task(t).identity)})
+        out[t] = prev
+    return out
+
+
+
+
+@dataclass(frozen=True)
+class Link:
+    """One link of the chain as the store holds it: its task, result key, and its FINISHED run when it has one
+    trained on the chain the link before it left (``run`` None: this link and every later one must train)."""
+
+    task: str
+    key: str
+    run: Any | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.run.data.tags.get("ksm_chain_fingerprint", "") if self.run is not None else ""
+
+
+def chain_links(tr: Tracker, rc: RunConfig, m: Manifest, fingerprint: str, stream: str,
+                stream_runs: list[Any] | None = None) -> list[Link]:
+    """Every link of this config's chain, in order, with its reusable FINISHED run while the prefix has one (the
+    stream's own runs first, then one search per link for a run another stream trained on the same chain); from
+    the first link without one, no run. ``stream_runs``: the stream's FINISHED task runs when already read."""
+    keys = chain_keys(rc, fingerprint, m)
+    if stream_runs is None:
+        stream_runs = list(tr.scan("FINISHED", ksm_kind="task", ksm_sequence=stream))
+    mine = {}
+    for r in stream_runs:  # newest first is not needed: one run per (result, parent chain) unless raced
+        tags = r.data.tags
+        if tags.get("ksm_superseded") != "true":
+            mine.setdefault((tags.get("ksm_result"), tags.get("ksm_chain_parent")), r)
+    out: list[Link] = []
+    parent = fingerprint  # link 0 is trained on the backbone itself
+    for t in chain_tasks(m):
+        run = None
+        if parent:
+            run = mine.get((keys[t], parent)) or tr.find_one("FINISHED", **look_keys(
+                {"ksm_kind": "task", "ksm_result": keys[t], "ksm_chain_parent": parent}))
+        out.append(Link(t, keys[t], run))
+        parent = out[-1].fingerprint  # "" once a link has no run: every later one trains
     return out

@@ -31,8 +31,9 @@ REST request's pixels (JSON numbers: an object array) are converted to uint8 a s
 float64 copy of the whole request. MLflow's scoring server itself parses the whole JSON body before the model sees
 it, with no limit of its own: cap the body in front of it (a proxy) when it faces untrusted clients.
 
-Loading reads safetensors only (the backbone and one artifact per task, ``ksm_core.load_task``) and a JSON spec:
-no task artifact is ever unpickled. The backbone's fingerprint is checked against the one recorded at export.
+Loading reads safetensors only (the backbone and one artifact per task, ``ksm_core.load_task``; for a PackNet or
+CPG stream, the one chain file its last link left, ``load_chain``) and a JSON spec: no task artifact is ever
+unpickled. The backbone's fingerprint (and a chain's) is checked against the one recorded at export.
 
 This file is also the model's code as MLflow stores it ("models from code"): ``pipeline.export`` writes it
 verbatim into the logged model, followed by one ``mlflow.models.set_model(MultiTaskModel())`` line, with
@@ -143,17 +144,40 @@ class MultiTaskModel(PythonModel):
         backbone = create_model(m["name"], num_classes=int(m["num_classes"]),
                                 **({"width": m["width"]} if m.get("width") is not None else {}))
         backbone.load_state_dict(load_file(str(root / spec["backbone"])))
-        net = KSMNet.from_backbone(backbone, copy_backbone=False)
+        self.tasks: dict[str, _Task] = {}
+        if spec.get("chain"):  # a PackNet / CPG chain: every task in the one file its last link left
+            net = self._load_chain(backbone, root, spec)
+        else:
+            net = KSMNet.from_backbone(backbone, copy_backbone=False)
+            for d in spec["tasks"]:
+                index = 0 if d.get("artifact") is None else load_task(net, root / d["artifact"], name=d["name"])
+                self.tasks[d["name"]] = _Task(d, index)
         if net.backbone_fingerprint != spec["backbone_fingerprint"]:
             raise MlflowException(f"the model's backbone does not hash to the fingerprint recorded at export "
                                   f"({spec['backbone_fingerprint'][:12]}...): its files were changed; export it again")
-        self.tasks: dict[str, _Task] = {}
-        for d in spec["tasks"]:
-            index = 0 if d.get("artifact") is None else load_task(net, root / d["artifact"], name=d["name"])
-            self.tasks[d["name"]] = _Task(d, index)
         self.net = net.to(self.device).eval()
         self.spec = spec
         self._lock = threading.Lock()  # set_task switches the whole network: one request's group at a time
+
+    def _load_chain(self, backbone: torch.nn.Module, root: Path, spec: dict[str, Any]) -> Any:
+        """A sequential method's chain (``ksm_core.packnet`` / ``ksm_core.cpg``: safetensors + JSON, checked
+        against its own fingerprint on load), its tasks indexed by their link in the chain, as the spec lists them."""
+        from ksm_core.cpg import CPG
+        from ksm_core.packnet import PackNet
+
+        cls = {"packnet": PackNet, "cpg": CPG}.get(spec.get("method"))
+        if cls is None:
+            raise MlflowException(f"{SPEC_FILE}: a chain of method {spec.get('method')!r}; this code serves packnet "
+                                  "and cpg chains")
+        net = cls.load_chain(backbone, root / spec["chain"])
+        if net.chain_fingerprint(net.num_tasks - 1) != spec.get("chain_fingerprint"):
+            raise MlflowException(f"{spec['chain']} is not the chain recorded at export: export the model again")
+        for d in spec["tasks"]:
+            index = int(d["index"])
+            if not 0 <= index < net.num_tasks or net.task_names[index] != d["name"]:
+                raise MlflowException(f"{SPEC_FILE}: task {d['name']!r} is not link {index} of the chain")
+            self.tasks[d["name"]] = _Task(d, index)
+        return net
 
     # ---------------------------------------------------------------------------------------------- checks
     def _rows(self, model_input: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -92,6 +92,44 @@ def test_chain_runs_evaluates_without_forgetting_and_resumes(method, root, ray_l
     assert len(task_runs(c, out["sequence_key"])) == 3
 
 
+@pytest.mark.parametrize("method", ["packnet", "cpg"])
+def test_the_chain_is_served_as_one_registered_model_with_its_logged_accuracies(method, root, ray_local):
+    """registry.export at the end of a chain registers its tasks as ONE model (the last link's chain file, which
+    holds them all, plus the backbone: safetensors and JSON, nothing pickled); loaded through the Model Registry
+    it answers every real test image of every link, rows of different tasks mixed, with the accuracy the link's
+    run logged. mode=export registers the same chain again as the next version."""
+    import mlflow
+    import numpy as np
+
+    from pipeline.data import Manifest, iter_samples
+
+    out = run(root, *METHODS[method], "registry.export=true")  # the chain of the test above, reused (or trained)
+    name, uri = f"split_fashion_mnist-{method}", f"sqlite:///{root}/mlflow.db"
+    c = MlflowClient(uri, registry_uri=uri)  # no process-wide URI is set: the next test's client sees its own store
+    assert [str(v.version) for v in c.search_model_versions(f"name = '{name}'")] == ["1"]
+    m = next(x for x in map(Manifest.load, (root / "data" / "shards").rglob("manifest.json"))
+             if x.new_tasks == ["t1", "t2"])
+    names, images, labels = [], [], []
+    for t in ["t0", "t1", "t2"]:
+        for _, image, label in iter_samples(m, t, "test"):
+            names.append(t), images.append(image), labels.append(label)
+    order = np.random.default_rng(0).permutation(len(names))
+    names, images, labels = np.array(names)[order], np.stack(images)[order], np.array(labels)[order]
+    # the version's files, found through the registry, loaded as MLflow loads any pyfunc model
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=c.get_model_version_download_uri(name, "1"),
+                                                     tracking_uri=uri))
+    model = mlflow.pyfunc.load_model(str(local))
+    pred = model.predict({"task": names, "image": images[..., 0]})
+    for r in out["results"]:  # link 0 too: the backbone as the chain pruned and retrained it
+        rows = names == r.task
+        assert (pred[rows] == labels[rows]).mean() == c.get_run(r.run_id).data.metrics["test_acc"], r.task
+    ours = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert {f for f in ours if f.startswith("artifacts/")} == {
+        "artifacts/ksm/backbone.safetensors", "artifacts/ksm/ksm_model.json", "artifacts/ksm/chain.safetensors"}
+    assert not [f for f in ours if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".cloudpickle"))]
+    again = run(root, *METHODS[method], "mode=export")
+    assert again["version"] == 2 and again["tasks"] == ["t0", "t1", "t2"]
+
 def test_appending_continues_the_chain_and_a_changed_task_invalidates_the_later_ones(root, ray_local, capsys):
     """A fourth task appended trains one link. A link trained again keeps its result key, and the links after it
     are reused only if it comes out bit for bit the same (their parent chain's fingerprint). A changed task (t1
@@ -168,7 +206,7 @@ def config(*overrides: str):
     (["method=cpg", "method.retrain_epochs=-1"], "method.retrain_epochs=-1 must be an int >= 0"),
     (["method=cpg", "train.weight_decay=1e-4"], "train.weight_decay=0.0001: method=cpg needs 0"),
     (["method=packnet", "mode=tune"], "mode=tune does not take method=packnet yet"),
-    (["method=cpg", "mode=export"], "mode=export does not take method=cpg yet"),
+    (["method=cpg", "mode=follow"], "mode=follow does not take method=cpg yet"),
     (["method.name=pack"], "finetune, packnet, cpg (e.g. method=ksm)"),
 ])
 def test_config_names_the_key_and_the_fix(overrides, says):

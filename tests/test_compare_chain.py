@@ -120,7 +120,7 @@ def test_compare_takes_packnet_and_cpg_at_the_settings_method_composes():
     assert "set train.weight_decay=0" in str(e.value)
 
 
-@pytest.mark.parametrize("mode", ["tune", "follow", "export"])
+@pytest.mark.parametrize("mode", ["tune", "follow"])
 def test_the_modes_that_still_build_ksmnet_tasks_refuse_a_sequential_method(mode):
     with pytest.raises(PipelineError) as e:
         validate(config("method=packnet", f"mode={mode}"))
