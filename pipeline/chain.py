@@ -27,8 +27,10 @@ order; appending a task to the stream adds a link. Two launches of one chain do 
 claims its link (``claims.acquire``, as ``jobs.task_job`` does) and a second launch waits for the first's run.
 A link that ends at chance is tagged ``ksm_warning=chance_level`` (the report names it, as a mask task's) and,
 with ``train.retrain_at_chance``, trained once more from the same chain with the mask tasks' other seed (tag
-``ksm_retrained``, metric ``first_test_acc``). Not done here (a mask task's extras): the unlogged-record recovery
-when the tracking server stays down (a link that cannot log fails and is trained again). The served model
+``ksm_retrained``, metric ``first_test_acc``). A tracking server down past ``tracking.outage_s`` when a link ends
+costs no training, as for a mask task (``pipeline.unlogged``): the link's chain file and whole record are kept
+under ``paths.output/unlogged/`` and the next run of the command logs them (tag ``ksm_recovered_from``) instead of
+training the link, then goes on with the next link on that chain. The served model
 (``pipeline.export``, at the end of the chain as of a mask sequence, and ``mode=export``) holds the last link's
 chain file, which holds every task.
 """
@@ -36,11 +38,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ksm_core import ArtifactWriteError, at_chance
@@ -50,7 +52,7 @@ from ksm_core.packnet import PackNet
 from .claims import Heartbeat, acquire
 from .config import RunConfig
 from .data import Manifest, make_loader
-from .errors import Log, PipelineError
+from .errors import Log, PipelineError, TrackingUnreachable
 from .export import export_after_sequence
 from .jobs import JobContext, retrain_seed, task_datasets
 from .lineage import CHAIN_ARTIFACT, Link, chain_class, chain_links
@@ -59,6 +61,7 @@ from .records import TaskResult
 from .report import CHANCE_LEVEL, write_report
 from .runtime import job_remote
 from .tracking import Tracker
+from .unlogged import RECORD_FILE, Unlogged, log_outcome, unlogged_dir
 from .worker import build_backbone, cached_manifest, node_info, prepare_worker
 
 __all__ = ["run_chain", "train_chain", "ChainRun", "chain_job", "chain_loader"]
@@ -207,15 +210,34 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
     run_id = claim.run_id
     assert run_id is not None
     t0 = time.perf_counter()
-    folder = Path(rc.paths.output) / "chain" / f"{task_name}-{result}"
-    with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6), tr.running(run_id):
+    # the link's chain file until it is uploaded; kept with the whole record when the server stays down (a mask
+    # task's unlogged folder, keyed by the chain it was trained on too: a retrained parent is another link)
+    folder = unlogged_dir(rc, task_name, f"{result}-{parent_fp[:16]}")
+    with tr.running(run_id, finish=False):
         tr.inputs(run_id, task_datasets(m, task_name))
+        kept = Unlogged.load(folder) if os.path.lexists(folder / RECORD_FILE) else None
+    if kept is not None:  # trained before, while the server was down: log that, do not train again
+        log_outcome(tr, claim.run, kept, rc, tags={"ksm_recovered_from": kept.run_id}, artifact_path="chain")
+        shutil.rmtree(folder, ignore_errors=True)
+        return (TaskResult.from_logged(claim.run.info, "recovered", kept.params, kept.metrics,
+                                       {**claim.run.data.tags, **kept.tags}), kept.tags["ksm_chain_fingerprint"],
+                kept.metrics)
+    with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6), tr.running(run_id, finish=False):
         train, test = chain_loader(rc, m, task_name, "train"), chain_loader(rc, m, task_name, "test")
         history: list[tuple[int, dict[str, float]]] = []
+        waiting: list[tuple[int, dict[str, float]]] = []  # the epoch records the server did not take
 
-        def on_epoch(_: int, rec: dict[str, Any]) -> None:  # every phase's epochs, one step after another
-            history.append((len(history), {f"{k}": float(v) for k, v in rec.items()
-                                           if k != "epoch" and isinstance(v, (int, float))}))
+        def on_epoch(_: int, rec: dict[str, Any]) -> None:  # every phase's epochs, one step after another, live
+            step, values = len(history), {k: float(v) for k, v in rec.items()
+                                          if k != "epoch" and isinstance(v, (int, float))}
+            history.append((step, values))
+            if not waiting:
+                try:
+                    tr.metrics(run_id, values, step=step)
+                    return
+                except TrackingUnreachable:  # training goes on; this and later records are logged at the end
+                    pass
+            waiting.append((step, values))
 
         def attempt(seed: int) -> tuple[PackNet, Any]:  # the link trained on a fresh copy of the chain before it
             net = _chain_before(rc, tr, m, link, task_name, parent_run, parent_fp, backbone_state)
@@ -260,9 +282,16 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
                        if at_chance(res.test_acc, len(classes), rc.train.chance_margin) else {}),
                     **({"ksm_retrained": CHANCE_LEVEL} if first_acc is not None else {})}
         path = folder / "chain.safetensors"
-        end_tags["ksm_chain_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        tr.artifact(run_id, path, "chain", artifact_uri=claim.run.info.artifact_uri)
-        tr.log(run_id, params=params, metrics=final, tags=end_tags, step=len(history), history=history)
+        end_tags["ksm_chain_sha256"] = sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        rec = Unlogged(artifact=str(path), sha256=sha, params={k: str(v) for k, v in params.items()}, metrics=final,
+                       tags=end_tags, step=len(history), run_id=run_id, epochs=waiting)
+        try:
+            log_outcome(tr, claim.run, rec, rc, artifact_path="chain")
+        except TrackingUnreachable as e:
+            where = rec.keep()
+            raise TrackingUnreachable(f"task {task_name} (link {link} of the chain) finished training, but {e}. "
+                                      f"Nothing is lost: the trained link is kept at {where} and the next run of "
+                                      "the same command logs it from there without training it again") from None
     shutil.rmtree(folder, ignore_errors=True)
     return TaskResult.from_logged(claim.run.info, "trained", {k: str(v) for k, v in params.items()}, final,
                                   {**claim.run.data.tags, **end_tags}), fp, final

@@ -92,13 +92,14 @@ class Unlogged:
                 "the folder to train the task again")
 
 
-def log_outcome(tr: Tracker, run: Any, rec: Unlogged, rc: RunConfig, tags: Mapping[str, str] | None = None) -> None:
-    """Everything a trained task's run still needs, then FINISHED: the artifact, then one batch of the epoch
-    records not logged yet, the params, the final metrics and the tags. Raises TrackingUnreachable when the
-    server stays down."""
+def log_outcome(tr: Tracker, run: Any, rec: Unlogged, rc: RunConfig, tags: Mapping[str, str] | None = None,
+                artifact_path: str = "task") -> None:
+    """Everything a trained task's run still needs, then FINISHED: the artifact (under ``artifact_path``: a mask
+    task's ``task/``, a chain link's ``chain/``), then one batch of the epoch records not logged yet, the params,
+    the final metrics and the tags. Raises TrackingUnreachable when the server stays down."""
     run_id = run.info.run_id
     try:
-        tr.artifact(run_id, rec.artifact, "task", artifact_uri=run.info.artifact_uri)
+        tr.artifact(run_id, rec.artifact, artifact_path, artifact_uri=run.info.artifact_uri)
     except OSError as e:  # a local artifact store: the copy into it failed (the run ends FAILED)
         raise PipelineError(f"task {rec.params.get('task')}: cannot copy its artifact into the tracking store's "
                             f"artifact location ({redact_text(rc.tracking.artifact_root or rc.tracking.uri)}): "

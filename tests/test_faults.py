@@ -246,3 +246,80 @@ def test_a_tracking_server_down_past_outage_s_loses_no_training(tmp_path):
     finally:
         end_group(driver)
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.own_processes
+def test_a_chain_link_trained_while_the_server_is_down_is_logged_by_the_rerun_not_trained_again(tmp_path):
+    """method=packnet: the server is killed while the chain's second link (``shoes``) trains and stays down past
+    tracking.outage_s. The link's job finishes training, keeps its chain file and whole record under
+    paths.output/unlogged/ and fails naming that folder; the driver exits 2. With the server back, the same command
+    reuses link 0, logs the kept link without training it (tag ksm_recovered_from, the kept accuracy and seconds,
+    its chain file as the run's artifact) and the chain is whole: evaluate finds every logged accuracy."""
+    store = tmp_path / "server-store"
+    server, port = serve_on_a_free_port(lambda p: mlflow_server(store, tmp_path / "mlflow-1.log", p), "/health")
+    uri = f"http://127.0.0.1:{port}"
+    cat = tmp_path / "tasks.jsonl"
+    cat.write_text("".join(json.dumps(x) + "\n" for x in LINES[:2]))
+    argv = [sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", "benchmark=catalogue",
+            f"benchmark.path={cat}", "tracking=server", f"tracking.uri={uri}", "tracking.outage_s=3",
+            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1",
+            "registry.export=false", "method=packnet", "train.epochs=40"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    log = tmp_path / "driver-1.log"
+    driver = driver_process(argv, log, env)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while True:  # link 1 is training (its first epoch logged: the chain before it is downloaded) when it goes
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            exp = client.get_experiment_by_name("ksm")
+            running = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task' and tags.ksm_chain_link = '1' "
+                                         "and attributes.status = 'RUNNING'") if exp else []
+            if running and running[0].data.metrics:
+                break
+            time.sleep(0.3)
+        victim = running[0]
+        server.stop()
+        assert driver.wait(timeout=600) == 2, log.read_text()[-3000:]
+        out1 = log.read_text()
+        kept = tmp_path / "outputs" / "unlogged" / (f"shoes-{victim.data.tags['ksm_result']}-"
+                                                    f"{victim.data.tags['ksm_chain_parent'][:16]}")
+        assert "[chain] shoes failed: task shoes (link 1 of the chain) finished training" in out1, out1[-3000:]
+        assert f"kept at {kept}" in out1
+        assert sorted(p.name for p in kept.iterdir()) == ["chain.safetensors", "run.json"]
+        record = json.loads((kept / "run.json").read_text())
+        assert record["run_id"] == victim.info.run_id and record["epochs"]  # the epochs the server missed, kept
+
+        server = mlflow_server(store, tmp_path / "mlflow-2.log", port)  # back: same port, same store
+        server.wait_http(f"{uri}/health")
+        end_group(driver)
+        log2 = tmp_path / "driver-2.log"
+        driver = driver_process(argv, log2, env)
+        assert driver.wait(timeout=600) == 0, log2.read_text()[-3000:]
+        again = log2.read_text()
+        rows = {line.split()[0]: line.split()[-1] for line in again.splitlines() if line.startswith(("base ", "shoes "))}
+        assert rows == {"base": "reused", "shoes": "recovered"}, again[-3000:]
+        assert not kept.exists()
+        exp = client.get_experiment_by_name("ksm")
+        runs = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task'", max_results=1000)
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        assert sorted(r.data.tags["ksm_task"] for r in finished) == ["base", "shoes"]
+        got = next(r for r in finished if r.data.tags["ksm_task"] == "shoes")
+        assert got.data.tags["ksm_recovered_from"] == victim.info.run_id
+        assert got.data.tags["ksm_chain_fingerprint"] == record["tags"]["ksm_chain_fingerprint"]
+        assert got.data.metrics["train_seconds"] == record["metrics"]["train_seconds"]  # not trained again
+        assert client.list_artifacts(got.info.run_id, "chain")[0].path == "chain/chain.safetensors"
+        assert client.get_run(victim.info.run_id).info.status == "KILLED"  # closed by the rerun's claim
+
+        log3 = tmp_path / "driver-3.log"
+        end_group(driver)
+        driver = driver_process([*argv, "mode=evaluate"], log3, env)  # the recovered link's chain is the chain
+        assert driver.wait(timeout=600) == 0, log3.read_text()[-3000:]
+        assert "largest |accuracy now - accuracy when trained| = 0.0000" in log3.read_text(), log3.read_text()[-2000:]
+    finally:
+        end_group(driver)
+        server.stop()
