@@ -61,7 +61,7 @@ from .records import TaskResult
 from .report import CHANCE_LEVEL, write_report
 from .runtime import job_remote
 from .tracking import Tracker
-from .unlogged import RECORD_FILE, Unlogged, log_outcome, unlogged_dir
+from .unlogged import RECORD_FILE, EpochRecords, Unlogged, log_outcome, unlogged_dir
 from .worker import build_backbone, cached_manifest, node_info, prepare_worker
 
 __all__ = ["run_chain", "train_chain", "ChainRun", "chain_job", "chain_loader"]
@@ -224,20 +224,11 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
                 kept.metrics)
     with Heartbeat(tr, run_id, rc.cluster.claim_timeout_s / 6), tr.running(run_id, finish=False):
         train, test = chain_loader(rc, m, task_name, "train"), chain_loader(rc, m, task_name, "test")
-        history: list[tuple[int, dict[str, float]]] = []
-        waiting: list[tuple[int, dict[str, float]]] = []  # the epoch records the server did not take
+        records = EpochRecords(tr, run_id)
 
         def on_epoch(_: int, rec: dict[str, Any]) -> None:  # every phase's epochs, one step after another, live
-            step, values = len(history), {k: float(v) for k, v in rec.items()
-                                          if k != "epoch" and isinstance(v, (int, float))}
-            history.append((step, values))
-            if not waiting:
-                try:
-                    tr.metrics(run_id, values, step=step)
-                    return
-                except TrackingUnreachable:  # training goes on; this and later records are logged at the end
-                    pass
-            waiting.append((step, values))
+            records.add(records.count, {k: float(v) for k, v in rec.items()
+                                        if k != "epoch" and isinstance(v, (int, float))})
 
         def attempt(seed: int) -> tuple[PackNet, Any]:  # the link trained on a fresh copy of the chain before it
             net = _chain_before(rc, tr, m, link, task_name, parent_run, parent_fp, backbone_state)
@@ -284,7 +275,7 @@ def chain_job(rc: RunConfig, ctx: JobContext, link: int, task_name: str, result:
         path = folder / "chain.safetensors"
         end_tags["ksm_chain_sha256"] = sha = hashlib.sha256(path.read_bytes()).hexdigest()
         rec = Unlogged(artifact=str(path), sha256=sha, params={k: str(v) for k, v in params.items()}, metrics=final,
-                       tags=end_tags, step=len(history), run_id=run_id, epochs=waiting)
+                       tags=end_tags, step=records.count, run_id=run_id, epochs=records.waiting)
         try:
             log_outcome(tr, claim.run, rec, rc, artifact_path="chain")
         except TrackingUnreachable as e:

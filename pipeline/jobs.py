@@ -38,7 +38,7 @@ from .records import BackboneResult, TaskResult
 from .redact import redact_text
 from .report import CHANCE_LEVEL
 from .tracking import Tracker
-from .unlogged import RECORD_FILE, Unlogged, log_outcome, unlogged_dir
+from .unlogged import RECORD_FILE, EpochRecords, Unlogged, log_outcome, unlogged_dir
 from .worker import BACKBONE_EVAL_BATCH, build_backbone, cached_manifest, node_info, prepare_worker, state_to_numpy
 
 __all__ = ["JobContext", "TaskOutcome", "task_epochs", "train_task", "task_job", "backbone_job", "warm_worker",
@@ -216,17 +216,10 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
     t0 = time.perf_counter()
     # epoch records logged with the final batch: the last one (one store call fewer per task; a one-epoch task
     # of a large stream makes no call of its own for it), and any the server did not take
-    waiting: list[tuple[int, dict[str, float]]] = []
+    records = EpochRecords(tr, run_id)
 
     def on_epoch(epoch: int, rec: dict[str, float]) -> None:
-        m = {k: v for k, v in rec.items() if k != "epoch"}
-        if not waiting and epoch < rc.train.epochs - 1:
-            try:
-                tr.metrics(run_id, m, step=epoch)
-                return
-            except TrackingUnreachable:  # training goes on; this and later records are logged at the end
-                pass
-        waiting.append((epoch, m))
+        records.add(epoch, {k: v for k, v in rec.items() if k != "epoch"}, defer=epoch >= rc.train.epochs - 1)
 
     # the claim stays alive while it works. log_outcome closes the run FINISHED (or keeps its record when the server
     # is down: a TrackingUnreachable leaves the run to the rerun's claim, which closes it KILLED); an error closes it
@@ -270,7 +263,7 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
         rec = Unlogged(artifact=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                        params={k: str(v) for k, v in params.items()}, metrics={**final, **system},
                        tags=end_tags, step=rc.train.epochs * (1 if first_acc is None else 2), run_id=run_id,
-                       epochs=waiting)
+                       epochs=records.waiting)
         try:
             log_outcome(tr, claim.run, rec, rc)
         except TrackingUnreachable as e:

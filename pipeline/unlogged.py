@@ -10,18 +10,18 @@ import hashlib
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ksm_core import write_atomic
 
 from .config import RunConfig
-from .errors import PipelineError
+from .errors import PipelineError, TrackingUnreachable
 from .redact import redact_text
 from .tracking import Tracker
 
-__all__ = ["UNLOGGED_DIR", "RECORD_FILE", "unlogged_dir", "Unlogged", "log_outcome"]
+__all__ = ["UNLOGGED_DIR", "RECORD_FILE", "unlogged_dir", "Unlogged", "EpochRecords", "log_outcome"]
 
 
 #: ``paths.output/unlogged/<task>-<result>/``: a task's artifact between its training and its upload, and, when the
@@ -90,6 +90,29 @@ class Unlogged:
                 "artifact that fails its recorded sha256 is), and this task's run ends FAILED. Fix: make the folder "
                 "readable (disk, permissions) and run the same command again to log it without training, or delete "
                 "the folder to train the task again")
+
+
+@dataclass
+class EpochRecords:
+    """A job's epoch records as they come: each logged at once while the server takes them. From the first one it
+    does not take (TrackingUnreachable: down past ``tracking.outage_s``), that record and every later one wait in
+    ``waiting`` for the job's last log (``Unlogged.epochs``): training never stops for the store."""
+
+    tr: Tracker
+    run_id: str
+    waiting: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    count: int = 0  # records added so far
+
+    def add(self, step: int, values: dict[str, float], *, defer: bool = False) -> None:
+        """Log one epoch's record at ``step``, or keep it for the last log (``defer``: it goes with that batch)."""
+        self.count += 1
+        if not self.waiting and not defer:
+            try:
+                self.tr.metrics(self.run_id, values, step=step)
+                return
+            except TrackingUnreachable:  # training goes on; this and later records are logged at the end
+                pass
+        self.waiting.append((step, values))
 
 
 def log_outcome(tr: Tracker, run: Any, rec: Unlogged, rc: RunConfig, tags: Mapping[str, str] | None = None,

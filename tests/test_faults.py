@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -169,6 +170,39 @@ def test_a_worker_node_lost_mid_run_the_sequence_finishes_on_the_head(tmp_path, 
     assert lost and all(r.data.tags["ksm_node_id"] == worker.node_id for r in lost)  # the attempt on the lost node
 
 
+def outage_setup(tmp_path: Path, *overrides: str) -> tuple[Proc, str, list[str], dict[str, str]]:
+    """A real `mlflow server` on 127.0.0.1 and the driver's command for a one-new-task catalogue stream on it,
+    waiting out an outage for 3 s only: (server, uri, argv, env)."""
+    store = tmp_path / "server-store"
+    server, port = serve_on_a_free_port(lambda p: mlflow_server(store, tmp_path / "mlflow-1.log", p), "/health")
+    uri = f"http://127.0.0.1:{port}"
+    cat = tmp_path / "tasks.jsonl"
+    cat.write_text("".join(json.dumps(x) + "\n" for x in LINES[:2]))
+    argv = [sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", "benchmark=catalogue",
+            f"benchmark.path={cat}", "tracking=server", f"tracking.uri={uri}", "tracking.outage_s=3",
+            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1",
+            "registry.export=false", *overrides]
+    # each request fails at once (no urllib3 retries inside it): the outage is then the 3 s the pipeline waits
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    return server, uri, argv, env
+
+
+def first_epoch_logged(client: MlflowClient, driver: subprocess.Popen, log: Path, where: str = "") -> Any:
+    """The first RUNNING task run (``where``: more of the filter) with an epoch's metrics: its job is training,
+    past what it downloads first. Fails with the driver's log if the driver exits or nothing comes in 300 s."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        exp = client.get_experiment_by_name("ksm")
+        running = client.search_runs([exp.experiment_id], f"tags.ksm_kind = 'task' {where} and attributes.status = "
+                                     "'RUNNING'") if exp else []
+        if running and running[0].data.metrics:
+            return running[0]
+        time.sleep(0.3)
+
+
 @pytest.mark.slow
 @pytest.mark.own_processes
 def test_a_tracking_server_down_past_outage_s_loses_no_training(tmp_path):
@@ -178,32 +212,13 @@ def test_a_tracking_server_down_past_outage_s_loses_no_training(tmp_path):
     without training it (tag ksm_recovered_from, the kept accuracy): one FINISHED run for the task, nothing
     RUNNING, the folder gone. (One new task: a second would only train again, as in the restart test above.)"""
     store = tmp_path / "server-store"
-    server, port = serve_on_a_free_port(lambda p: mlflow_server(store, tmp_path / "mlflow-1.log", p), "/health")
-    uri = f"http://127.0.0.1:{port}"
-    cat = tmp_path / "tasks.jsonl"
-    cat.write_text("".join(json.dumps(x) + "\n" for x in LINES[:2]))
-    argv = [sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", "benchmark=catalogue",
-            f"benchmark.path={cat}", "tracking=server", f"tracking.uri={uri}", "tracking.outage_s=3",
-            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1",
-            "registry.export=false", "train.epochs=30"]
-    # each request fails at once (no urllib3 retries inside it): the outage is then the 3 s the pipeline waits
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    server, uri, argv, env = outage_setup(tmp_path, "train.epochs=30")
+    port = int(uri.rsplit(":", 1)[1])
     log = tmp_path / "driver-1.log"
     driver = driver_process(argv, log, env)
     try:
         client = MlflowClient(uri)
-        deadline = time.monotonic() + 300
-        while True:  # a task job is past its first epoch (its run RUNNING with metrics) when the server goes
-            assert driver.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            exp = client.get_experiment_by_name("ksm")
-            running = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task' and attributes.status = "
-                                         "'RUNNING'") if exp else []
-            if running and running[0].data.metrics:
-                break
-            time.sleep(0.3)
-        victim = running[0]
+        victim = first_epoch_logged(client, driver, log)  # a task job past its first epoch when the server goes
         task = victim.data.tags["ksm_task"]
         down = time.monotonic()
         server.stop()
@@ -257,31 +272,14 @@ def test_a_chain_link_trained_while_the_server_is_down_is_logged_by_the_rerun_no
     reuses link 0, logs the kept link without training it (tag ksm_recovered_from, the kept accuracy and seconds,
     its chain file as the run's artifact) and the chain is whole: evaluate finds every logged accuracy."""
     store = tmp_path / "server-store"
-    server, port = serve_on_a_free_port(lambda p: mlflow_server(store, tmp_path / "mlflow-1.log", p), "/health")
-    uri = f"http://127.0.0.1:{port}"
-    cat = tmp_path / "tasks.jsonl"
-    cat.write_text("".join(json.dumps(x) + "\n" for x in LINES[:2]))
-    argv = [sys.executable, str(ROOT / "run_pipeline.py"), f"paths.root={tmp_path}", "benchmark=catalogue",
-            f"benchmark.path={cat}", "tracking=server", f"tracking.uri={uri}", "tracking.outage_s=3",
-            "model.width=0.0625", "progress=false", "cluster.num_cpus=1", "train.backbone.epochs=1",
-            "registry.export=false", "method=packnet", "train.epochs=40"]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    server, uri, argv, env = outage_setup(tmp_path, "method=packnet", "train.epochs=40")
+    port = int(uri.rsplit(":", 1)[1])
     log = tmp_path / "driver-1.log"
     driver = driver_process(argv, log, env)
     try:
         client = MlflowClient(uri)
-        deadline = time.monotonic() + 300
-        while True:  # link 1 is training (its first epoch logged: the chain before it is downloaded) when it goes
-            assert driver.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            exp = client.get_experiment_by_name("ksm")
-            running = client.search_runs([exp.experiment_id], "tags.ksm_kind = 'task' and tags.ksm_chain_link = '1' "
-                                         "and attributes.status = 'RUNNING'") if exp else []
-            if running and running[0].data.metrics:
-                break
-            time.sleep(0.3)
-        victim = running[0]
+        # link 1 training (its first epoch logged: the chain before it is downloaded) when the server goes
+        victim = first_epoch_logged(client, driver, log, "and tags.ksm_chain_link = '1'")
         server.stop()
         assert driver.wait(timeout=600) == 2, log.read_text()[-3000:]
         out1 = log.read_text()
