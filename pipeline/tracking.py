@@ -32,6 +32,8 @@ from .store import ensure_store
 
 __all__ = ["Tracker", "PARENT_TAG", "EXPERIMENT_KIND", "source_tags", "git_commit", "filter_value"]
 
+_PROGRESS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download progress bars
+
 PARENT_TAG = "mlflow.parentRunId"
 #: the experiment tag MLflow 3's UI reads to choose its layout; "custom_model_development" is its model-training
 #: kind (the others: genai_development, the *_inferred guesses it makes itself, no_inferred_type)
@@ -282,8 +284,18 @@ class Tracker:
             self.artifact(run_id, p, artifact_path)
 
     def download(self, run_id: str, artifact_path: str, dst: str | os.PathLike) -> str:
+        """One artifact into ``dst``, without MLflow's progress bar (three lines of log per file: a chain's
+        links and ``mode=evaluate`` download one each; the variable is put back as it was)."""
         Path(dst).mkdir(parents=True, exist_ok=True)
-        return self.client.download_artifacts(run_id, artifact_path, str(dst))
+        before = os.environ.get(_PROGRESS)
+        os.environ[_PROGRESS] = "false"
+        try:
+            return self.client.download_artifacts(run_id, artifact_path, str(dst))
+        finally:
+            if before is None:
+                os.environ.pop(_PROGRESS, None)
+            else:
+                os.environ[_PROGRESS] = before
 
     def inputs(self, run_id: str, datasets: Iterable[tuple[Dataset, str]]) -> None:
         """Log datasets as the run's inputs, each with its context (``train``, ``test``): the UI's Dataset column.
