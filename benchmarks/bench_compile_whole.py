@@ -1,0 +1,106 @@
+"""What compiling the WHOLE masked step would buy (issue #26's fan-out target), beside the mask path alone.
+
+`ksm_core.compiled` compiles only the mask path (once per process, shared by every task). The fan-out target
+(compiled <= 0.8x eager) needs more than that path saves, so this measures the upper bound: ``torch.compile`` of
+the whole network's forward (convs, BN, ReLU, the masks, the head; backward through AOTAutograd), per step, in a
+fresh process with 1 torch thread (vgg16_bn_cifar width 0.125, batch 32, as bench_compile.py's step part), and
+what it costs to compile: a task's first step minus a compiled step, and a SECOND task's first step in the same
+process (a new KSMNet of the same shapes: does dynamo reuse the graph?). Run it twice: the first process finds
+inductor's on-disk caches cold or as other runs left them, the second finds them warm.
+
+    .venv/bin/python benchmarks/bench_compile_whole.py --repeat 2
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _measure(q, rounds: int, steps: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from ksm_core import KSMNet, compiled, create_model
+    from ksm_core.cpu import tune_malloc
+
+    torch.set_num_threads(1)
+    tune_malloc()
+    torch.manual_seed(0)
+    bb = create_model("vgg16_bn_cifar", num_classes=5, width=0.125)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))
+
+    def stepper(method: str, how: str):
+        net = KSMNet.from_backbone(bb)
+        t = net.add_task(2, method=method)
+        net.set_task(t).train()
+        p = net.task_parameters(t)
+        # as bench_compile.py: masks (fine-tune: the weights) + BN, and the head
+        opt = torch.optim.Adam([{"params": p["masks"] + p["bn"]}, {"params": p["head"]}], lr=1e-3, foreach=True)
+        fwd = {"eager": net, "mask path": compiled.MaskedForward(net, t) if method != "finetune" else net,
+               "whole": torch.compile(net)}[how]
+
+        def step():
+            loss = F.cross_entropy(fwd(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    def first_step(s) -> float:
+        t0 = time.perf_counter()
+        s()
+        return time.perf_counter() - t0
+
+    runs, firsts = {}, {}
+    for method in ("ksm", "finetune"):
+        runs[f"{method} eager"] = stepper(method, "eager")
+        for how in (("mask path", "whole") if method == "ksm" else ("whole",)):
+            k = f"{method} {how}"
+            runs[k] = stepper(method, how)
+            firsts[k] = first_step(runs[k])
+            firsts[k + ", 2nd task"] = first_step(stepper(method, how))  # same shapes, a new network
+    for s in runs.values():
+        s()
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, s in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                s()
+            times[k].append((time.perf_counter() - t0) / steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    q.put({"med": med, "firsts": firsts, "load": os.getloadavg()[0]})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=2, help="fresh processes, one after another (caches warm after 1)")
+    a = ap.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    for i in range(a.repeat):
+        q = ctx.Queue()
+        p = ctx.Process(target=_measure, args=(q, a.rounds, a.steps))
+        p.start()
+        out = q.get()
+        p.join()
+        med, firsts = out["med"], out["firsts"]
+        print(f"process {i + 1} (load {out['load']:.2f}): ms/step, x KSM eager, x fine-tune eager")
+        for k, v in med.items():
+            print(f"  {k:20s} {v * 1e3:7.2f}  {v / med['ksm eager']:.3f}  {v / med['finetune eager']:.3f}")
+        for k, v in firsts.items():
+            base = med[k.replace(", 2nd task", "")]
+            print(f"  compile, {k:30s} {v - base:7.2f} s (first step {v:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
