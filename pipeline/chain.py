@@ -139,7 +139,8 @@ def run_chain(s: Any, log: Log = print) -> dict[str, Any]:
     tr.metrics(s.parent_id, {"chain_wall_seconds": c.wall,
                              "tasks_trained": sum(r.status == "trained" for r in c.results)})
     # the chain's tasks as one served model (the last link's chain holds them all); a failed export fails nothing
-    export_after_sequence(rc, tr, s.manifest, s.parent_id, s.backbone_run, c.results, log)
+    if c.results:  # none when link 0 failed: nothing to serve
+        export_after_sequence(rc, tr, s.manifest, s.parent_id, s.backbone_run, c.results, log)
     if c.failures:
         t, msg = next(iter(c.failures.items()))
         raise PipelineError(f"chain link {t} failed, so the {c.links - len(c.results) - 1} link(s) after it did not "

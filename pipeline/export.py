@@ -208,8 +208,9 @@ def export_model(rc: RunConfig, tr: Tracker, m: Manifest, parent_run_id: str, ba
             (root / "tasks").mkdir(parents=True)
             shutil.move(tr.download(backbone_run_id, "backbone/backbone.safetensors", Path(tmp) / "dl"),
                         root / "backbone.safetensors")
+            # a chain: its last link's file holds every task; mask tasks: one artifact each
             extra = _add_chain(tr, rc, fp, tasks, task_runs, root, Path(tmp) / "dl") if chain else {}
-            for d in tasks[1:] if not chain else []:
+            for d in [] if chain else tasks[1:]:
                 path = tr.download(d["run_id"], f"task/{d['name']}.safetensors", Path(tmp) / "dl")
                 if read_metadata(path)["backbone_fingerprint"] != fp:
                     raise PipelineError(f"task {d['name']} (run {d['run_id']}) was trained on another backbone than "

@@ -256,8 +256,6 @@ def chain_keys(rc: RunConfig, fingerprint: str, m: Manifest) -> dict[str, str]:
     return out
 
 
-
-
 @dataclass(frozen=True)
 class Link:
     """One link of the chain as the store holds it: its task, result key, and its FINISHED run when it has one
