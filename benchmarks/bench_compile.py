@@ -34,33 +34,51 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _step_part(q, rounds: int, steps: int) -> None:
+def step_setup():
+    """One process's set-up for timing steps: 1 torch thread, the allocator tuned, vgg16_bn_cifar width 0.125 and
+    one batch of 32 random 32x32 images: (backbone, x, y)."""
     import torch
-    import torch.nn.functional as F
 
-    from ksm_core import KSMNet, compiled, create_model
+    from ksm_core import create_model
     from ksm_core.cpu import tune_malloc
 
     torch.set_num_threads(1)
     tune_malloc()
     torch.manual_seed(0)
     bb = create_model("vgg16_bn_cifar", num_classes=5, width=0.125)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))
+    return bb, torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))
+
+
+def make_stepper(bb, x, y, method: str, how: str = "eager"):
+    """A new task of ``method`` on ``bb`` and its training step (Adam: masks, or fine-tune's weights, + BN; the
+    head). ``how``: eager; "mask path" (ksm_core.compiled, the product's train.compile); "whole" (torch.compile of
+    the whole network: bench_compile_whole.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ksm_core import KSMNet, compiled
+
+    net = KSMNet.from_backbone(bb)
+    t = net.add_task(2, method=method)
+    net.set_task(t).train()
+    p = net.task_parameters(t)
+    opt = torch.optim.Adam([{"params": p["masks"] + p["bn"]}, {"params": p["head"]}], lr=1e-3, foreach=True)
+    fwd = {"eager": net, "mask path": compiled.MaskedForward(net, t) if method != "finetune" else net,
+           "whole": torch.compile(net)}[how]
+
+    def step():
+        loss = F.cross_entropy(fwd(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _step_part(q, rounds: int, steps: int) -> None:
+    bb, x, y = step_setup()
 
     def stepper(method: str, compiled_masks: bool):
-        net = KSMNet.from_backbone(bb)
-        t = net.add_task(2, method=method)
-        net.set_task(t).train()
-        p = net.task_parameters(t)
-        opt = torch.optim.Adam([{"params": p["masks"] + p["bn"]}, {"params": p["head"]}], lr=1e-3, foreach=True)
-        fwd = compiled.MaskedForward(net, t) if compiled_masks else net
-
-        def step():
-            loss = F.cross_entropy(fwd(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return step
+        return make_stepper(bb, x, y, method, "mask path" if compiled_masks else "eager")
 
     runs = {"ksm eager": stepper("ksm", False), "piggyback eager": stepper("piggyback", False),
             "finetune eager": stepper("finetune", False)}

@@ -22,37 +22,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _measure(q, rounds: int, steps: int) -> None:
-    import torch
-    import torch.nn.functional as F
+    from bench_compile import make_stepper, step_setup  # the same set-up and step as bench_compile.py's step part
 
-    from ksm_core import KSMNet, compiled, create_model
-    from ksm_core.cpu import tune_malloc
-
-    torch.set_num_threads(1)
-    tune_malloc()
-    torch.manual_seed(0)
-    bb = create_model("vgg16_bn_cifar", num_classes=5, width=0.125)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))
+    bb, x, y = step_setup()
 
     def stepper(method: str, how: str):
-        net = KSMNet.from_backbone(bb)
-        t = net.add_task(2, method=method)
-        net.set_task(t).train()
-        p = net.task_parameters(t)
-        # as bench_compile.py: masks (fine-tune: the weights) + BN, and the head
-        opt = torch.optim.Adam([{"params": p["masks"] + p["bn"]}, {"params": p["head"]}], lr=1e-3, foreach=True)
-        fwd = {"eager": net, "mask path": compiled.MaskedForward(net, t) if method != "finetune" else net,
-               "whole": torch.compile(net)}[how]
-
-        def step():
-            loss = F.cross_entropy(fwd(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return step
+        return make_stepper(bb, x, y, method, how)
 
     def first_step(s) -> float:
         t0 = time.perf_counter()
