@@ -74,6 +74,21 @@ def make_stepper(bb, x, y, method: str, how: str = "eager"):
     return step
 
 
+def interleaved_medians(runs: dict, rounds: int, steps: int) -> dict[str, float]:
+    """Seconds per step of each step function: one warm-up step each, then ``rounds`` rounds that time ``steps``
+    steps of each in turn (so a load change hits them alike); the median round per function."""
+    for s in runs.values():
+        s()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, s in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                s()
+            times[k].append((time.perf_counter() - t0) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _step_part(q, rounds: int, steps: int) -> None:
     bb, x, y = step_setup()
 
@@ -91,16 +106,7 @@ def _step_part(q, rounds: int, steps: int) -> None:
     t0 = time.perf_counter()
     second()
     second_first = time.perf_counter() - t0
-    for s in runs.values():
-        s()
-    times = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, s in runs.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                s()
-            times[k].append((time.perf_counter() - t0) / steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(runs, rounds, steps)
     q.put({"med": med, "compile_s": first - med["ksm compiled"], "second_task_first_step": second_first,
            "load": os.getloadavg()[0]})
 

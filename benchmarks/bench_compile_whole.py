@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _measure(q, rounds: int, steps: int) -> None:
-    from bench_compile import make_stepper, step_setup  # the same set-up and step as bench_compile.py's step part
+    # the same set-up, step and timing as bench_compile.py's step part
+    from bench_compile import interleaved_medians, make_stepper, step_setup
 
     bb, x, y = step_setup()
 
@@ -46,17 +46,7 @@ def _measure(q, rounds: int, steps: int) -> None:
             runs[k] = stepper(method, how)
             firsts[k] = first_step(runs[k])
             firsts[k + ", 2nd task"] = first_step(stepper(method, how))  # same shapes, a new network
-    for s in runs.values():
-        s()
-    times = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, s in runs.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                s()
-            times[k].append((time.perf_counter() - t0) / steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    q.put({"med": med, "firsts": firsts, "load": os.getloadavg()[0]})
+    q.put({"med": interleaved_medians(runs, rounds, steps), "firsts": firsts, "load": os.getloadavg()[0]})
 
 
 def main() -> None:
