@@ -1,5 +1,5 @@
-"""The served multi-task model: one frozen backbone and every task's mask, BN and head in ONE ``KSMNet``, behind
-MLflow's pyfunc interface. A request names the task of each row; rows of different tasks may be mixed in one call:
+"""The served multi-task model: one frozen backbone and every task's mask, BN and head in ONE ``KSMNet`` (for a
+PackNet / CPG stream: its chain, ``ksm_core.packnet``), behind MLflow's pyfunc interface. A request names the task of each row; rows of different tasks may be mixed in one call:
 they are grouped by task and each group runs with that task's mask, BN and head::
 
     import mlflow, numpy as np
