@@ -24,7 +24,28 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _measure(q, rounds: int, steps: int) -> None:
+class _PlainMaskedWeight:
+    """``ksm_core.masks._MaskedWeight`` in plain differentiable ops (--plain-mask): the same forward values, and
+    the softmax trick's gradient as p - p.detach() added to the hard mask (straight-through: the mask itself).
+    An experiment for the next step of #26, not the product's code."""
+
+    @staticmethod
+    def apply(weight, mask_real, tau: float, scale: float, soft: bool, ste: bool):
+        import torch
+
+        from ksm_core.masks import _mask_values
+
+        value = _mask_values(mask_real.detach(), tau, soft)
+        grad_path = mask_real if ste else torch.sigmoid(scale * (mask_real - tau))
+        m = value + (grad_path - grad_path.detach())
+        return weight * m.reshape(m.shape + (1,) * (weight.dim() - m.dim()))
+
+
+def _measure(q, rounds: int, steps: int, plain: bool = False) -> None:
+    if plain:
+        import ksm_core.masks
+
+        ksm_core.masks._MaskedWeight = _PlainMaskedWeight  # looked up at each call by masks.masked_weight
     # the same set-up, step and timing as bench_compile.py's step part
     from bench_compile import interleaved_medians, make_stepper, step_setup
 
@@ -54,11 +75,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=2, help="fresh processes, one after another (caches warm after 1)")
+    ap.add_argument("--plain-mask", action="store_true", help="the mask in plain ops, no custom autograd.Function")
     a = ap.parse_args()
     ctx = multiprocessing.get_context("spawn")
     for i in range(a.repeat):
         q = ctx.Queue()
-        p = ctx.Process(target=_measure, args=(q, a.rounds, a.steps))
+        p = ctx.Process(target=_measure, args=(q, a.rounds, a.steps, a.plain_mask))
         p.start()
         out = q.get()
         p.join()
