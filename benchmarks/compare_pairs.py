@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.tracking import filter_value  # noqa: E402  (the repository on the path first)
+
 
 def cells(client, experiment_id: str, parent_id: str) -> dict[tuple[str, str, str], float]:
     """(method, backbone fingerprint, seed) -> mean test accuracy over its new tasks."""
-    from pipeline.tracking import filter_value
-
     runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = {filter_value(parent_id)} and "
                               "tags.ksm_kind = 'task' and attributes.status = 'FINISHED'", max_results=50000)
     acc: dict[tuple[str, str, str], list[float]] = defaultdict(list)
@@ -46,8 +46,6 @@ def main() -> None:
     ap.add_argument("--experiment", default="ksm")
     ap.add_argument("pairs", nargs="+", help="A-B: method A minus method B")
     a = ap.parse_args()
-    from pipeline.tracking import filter_value
-
     c = MlflowClient(a.uri)
     exp = c.get_experiment_by_name(a.experiment)
     found = c.search_runs([exp.experiment_id], f"tags.ksm_kind = 'compare' and attributes.run_name = "

@@ -45,7 +45,7 @@ from .masks import MASK_INIT, TAU, piggyback_mask
 from .packnet import FREE, PackedConv2d, PackedLinear, PackNet, check_epochs
 from .train import EpochCallback, FitResult, TrainConfig
 
-__all__ = ["CPG", "CPGResult", "CPGConv2d", "CPGLinear", "sparsity_steps"]
+__all__ = ["CPG", "CPGResult", "CPGConv2d", "CPGLinear", "sparsity_steps", "CHAINS"]
 
 
 def sparsity_steps(step: float, last: float) -> list[float]:
@@ -267,3 +267,8 @@ class CPG(PackNet):
         res.owned, res.free_after, res.total_weights = self.owned(task), self.free(), self.total_weights()
         res.test_acc, res.test_loss = self.evaluate(task, test_loader, cfg)
         return res
+
+
+#: the sequential methods by name (the pipeline's method=packnet|cpg): the class that trains a chain and loads its
+#: file (``load_chain``), for the pipeline and for the served model alike
+CHAINS: dict[str, type[PackNet]] = {"packnet": PackNet, "cpg": CPG}

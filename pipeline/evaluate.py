@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import Log, PipelineError
-from .lineage import CHAIN_ARTIFACT, chain_class, chain_links, open_inputs, trained_sequence, trained_stream
+from .lineage import CHAIN_ARTIFACT, chain_class, open_inputs, trained_chain, trained_sequence
 from .present import text_table
 
 __all__ = ["run_evaluate", "evaluate_one_at_a_time"]
@@ -94,14 +94,10 @@ def run_evaluate_chain(rc: RunConfig, log: Log = print) -> dict[str, Any]:
 
     p = open_inputs(rc, log)
     tr, m = p.tracker, p.manifest
-    parent, bb_run = trained_stream(tr, rc, m, "evaluate")
+    parent, bb_run, links = trained_chain(tr, rc, m, "evaluate")
     fp = bb_run.data.tags.get("ksm_fingerprint", "")
-    links = chain_links(tr, rc, m, fp, parent.data.tags["ksm_sequence"])
     done = [ln for ln in links if ln.run is not None]
     missing = [ln.task for ln in links if ln.run is None]
-    if not done:
-        raise PipelineError(f"the chain of {rc.run_name!r} has no trained link yet; run the same command without "
-                            "mode=evaluate first")
     last = done[-1]
     cfg = rc.train.to_core(device=rc.device())
     dev = resolve_device(cfg.device)

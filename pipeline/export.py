@@ -26,7 +26,7 @@ from typing import Any
 from .config import RunConfig, stable_hash
 from .data import Manifest, iter_samples, make_loader
 from .errors import Log, PipelineError
-from .lineage import CHAIN_ARTIFACT, chain_class, chain_links, open_inputs, trained_sequence, trained_stream
+from .lineage import CHAIN_ARTIFACT, chain_class, open_inputs, trained_chain, trained_sequence
 from .records import TaskResult
 from .tracking import Tracker, filter_value
 
@@ -276,12 +276,8 @@ def run_export(rc: RunConfig, log: Log = print) -> dict[str, Any]:
     p = open_inputs(rc, log)
     tr, m = p.tracker, p.manifest
     if rc.method.sequential():  # a chain: its links up to the first without a run (each needs the one before)
-        parent, bb_run = trained_stream(tr, rc, m, "export")
-        links = chain_links(tr, rc, m, bb_run.data.tags.get("ksm_fingerprint", ""), parent.data.tags["ksm_sequence"])
+        parent, bb_run, links = trained_chain(tr, rc, m, "export")
         done = {ln.task: ln.run for ln in links if ln.run is not None}
-        if not done:
-            raise PipelineError(f"the chain of {rc.run_name!r} has no trained link yet; run the same command without "
-                                "mode=export first")
     else:
         parent, bb_run, done = trained_sequence(tr, rc, m, "export")
     missing = [t for t in m.new_tasks if t not in done]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ksm_core.cpg import CPG
+from ksm_core.cpg import CHAINS
 from ksm_core.packnet import PackNet
 
 from .claims import look_keys
@@ -25,9 +25,9 @@ from .records import TaskResult
 from .redact import redact_text
 from .tracking import Tracker, filter_value
 
-__all__ = ["DriverInputs", "check_inputs", "open_inputs", "open_stream_run", "trained_stream", "trained_sequence", "trained_runs",
-           "trained_results", "stream_book", "supersede", "ONE_BY_ONE", "CHAIN_ARTIFACT", "chain_class", "chain_tasks",
-           "chain_keys", "Link", "chain_links"]
+__all__ = ["DriverInputs", "check_inputs", "open_inputs", "open_stream_run", "trained_stream", "trained_sequence",
+           "trained_runs", "trained_results", "stream_book", "supersede", "ONE_BY_ONE", "CHAIN_ARTIFACT", "chain_class",
+           "chain_tasks", "chain_keys", "Link", "chain_links", "trained_chain"]
 
 #: up to this many result keys are looked up one by one (any stream's newest FINISHED run), with no scan or ledger
 ONE_BY_ONE = 20
@@ -233,11 +233,10 @@ def _flat_params(rc: RunConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- a sequential method's chain
 #: where a link's run keeps the chain after it
 CHAIN_ARTIFACT = "chain/chain.safetensors"
-_CLASSES = {"packnet": PackNet, "cpg": CPG}
 
 
 def chain_class(method: str) -> type[PackNet]:
-    return _CLASSES[method]
+    return CHAINS[method]
 
 
 def chain_tasks(m: Manifest) -> list[str]:
@@ -293,3 +292,14 @@ def chain_links(tr: Tracker, rc: RunConfig, m: Manifest, fingerprint: str, strea
         out.append(Link(t, keys[t], run))
         parent = out[-1].fingerprint  # "" once a link has no run: every later one trains
     return out
+
+
+def trained_chain(tr: Tracker, rc: RunConfig, m: Manifest, mode: str) -> tuple[Any, Any, list[Link]]:
+    """:func:`trained_stream`, and its chain's links (:func:`chain_links`), as ``mode=evaluate`` / ``mode=export``
+    read a sequential method's stream. No link trained yet: a PipelineError saying to run it first."""
+    parent, bb_run = trained_stream(tr, rc, m, mode)
+    links = chain_links(tr, rc, m, bb_run.data.tags.get("ksm_fingerprint", ""), parent.data.tags["ksm_sequence"])
+    if links[0].run is None:
+        raise PipelineError(f"the chain of {rc.run_name!r} has no trained link yet; run the same command without "
+                            f"mode={mode} first")
+    return parent, bb_run, links

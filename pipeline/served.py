@@ -162,10 +162,9 @@ class MultiTaskModel(PythonModel):
     def _load_chain(self, backbone: torch.nn.Module, root: Path, spec: dict[str, Any]) -> Any:
         """A sequential method's chain (``ksm_core.packnet`` / ``ksm_core.cpg``: safetensors + JSON, checked
         against its own fingerprint on load), its tasks indexed by their link in the chain, as the spec lists them."""
-        from ksm_core.cpg import CPG
-        from ksm_core.packnet import PackNet
+        from ksm_core.cpg import CHAINS
 
-        cls = {"packnet": PackNet, "cpg": CPG}.get(spec.get("method"))
+        cls = CHAINS.get(spec.get("method"))
         if cls is None:
             raise MlflowException(f"{SPEC_FILE}: a chain of method {spec.get('method')!r}; this code serves packnet "
                                   "and cpg chains")
