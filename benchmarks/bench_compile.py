@@ -3,17 +3,18 @@
 Two parts, one command, one machine state (the load average is printed beside the numbers):
 
 1. step   — in a fresh process (fresh dynamo, inductor's on-disk cache as a Ray worker finds it), 1 torch thread,
-            vgg16_bn_cifar width 0.125, batch 32: the mask graph's compile seconds (a compiled fit's first step
-            beyond a compiled step), then eager KSM steps vs compiled-mask KSM steps interleaved round by round
-            (Piggyback and fine-tune eager beside them). break-even steps = compile s / (eager - compiled) s per step:
-            the number behind ksm_core.compiled.BREAK_EVEN_STEPS.
+            vgg16_bn_cifar width 0.125, batch 32: KSM, Piggyback and fine-tune steps, eager and compiled
+            (ksm_core.compiled.TrainForward, the product's train.compile), interleaved round by round; each
+            compiled method's compile seconds (its first step beyond a compiled step) and a second KSM task's
+            first step (a new network, another head width: the cached graph). break-even steps = KSM's compile s /
+            (eager - compiled) s per step: the number behind ksm_core.compiled.BREAK_EVEN_STEPS.
 2. stream — `fashion_stream` (20 tasks, 3 epochs, 2 workers) through run_pipeline, one Ray session per run so every
             run's workers start fresh and pay their own first compile: KSM eager, KSM compiled, Piggyback compiled,
-            fine-tune compiled (no mask path: eager). Fan-out wall = first task run's start to last one's end
-            (MLflow); s/task = mean task run duration; compile seconds of each worker's first task and of the rest.
-            Shards and the backbone come from an untimed warm-up run.
+            fine-tune compiled, Piggyback eager, fine-tune eager. Fan-out wall = first task run's start to last
+            one's end (MLflow); run wall = the whole command; s/task = mean task run duration; compile seconds of
+            each worker's first task and of the rest. Shards and the backbone come from an untimed warm-up run.
 
-    .venv/bin/python benchmarks/bench_compile.py                 # both parts, ~10-15 min on 2 loaded cores
+    .venv/bin/python benchmarks/bench_compile.py                 # both parts, ~5 min on 2 quiet cores
     .venv/bin/python benchmarks/bench_compile.py --tasks 6       # a smaller stand-in stream
 """
 from __future__ import annotations
@@ -49,22 +50,20 @@ def step_setup():
     return bb, torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))
 
 
-def make_stepper(bb, x, y, method: str, how: str = "eager"):
+def make_stepper(bb, x, y, method: str, how: str = "eager", classes: int = 2):
     """A new task of ``method`` on ``bb`` and its training step (Adam: masks, or fine-tune's weights, + BN; the
-    head). ``how``: eager; "mask path" (ksm_core.compiled, the product's train.compile); "whole" (torch.compile of
-    the whole network: bench_compile_whole.py)."""
+    head). ``how``: "eager", or "compiled" (ksm_core.compiled.TrainForward: the product's train.compile)."""
     import torch
     import torch.nn.functional as F
 
     from ksm_core import KSMNet, compiled
 
     net = KSMNet.from_backbone(bb)
-    t = net.add_task(2, method=method)
+    t = net.add_task(classes, method=method)
     net.set_task(t).train()
     p = net.task_parameters(t)
     opt = torch.optim.Adam([{"params": p["masks"] + p["bn"]}, {"params": p["head"]}], lr=1e-3, foreach=True)
-    fwd = {"eager": net, "mask path": compiled.MaskedForward(net, t) if method != "finetune" else net,
-           "whole": torch.compile(net)}[how]
+    fwd = {"eager": net, "compiled": compiled.TrainForward(net, t)}[how]
 
     def step():
         loss = F.cross_entropy(fwd(x), y)
@@ -92,22 +91,22 @@ def interleaved_medians(runs: dict, rounds: int, steps: int) -> dict[str, float]
 def _step_part(q, rounds: int, steps: int) -> None:
     bb, x, y = step_setup()
 
-    def stepper(method: str, compiled_masks: bool):
-        return make_stepper(bb, x, y, method, "mask path" if compiled_masks else "eager")
+    def first_step(s) -> float:
+        t0 = time.perf_counter()
+        s()
+        return time.perf_counter() - t0
 
-    runs = {"ksm eager": stepper("ksm", False), "piggyback eager": stepper("piggyback", False),
-            "finetune eager": stepper("finetune", False)}
-    ksm_c = stepper("ksm", True)
-    t0 = time.perf_counter()
-    ksm_c()
-    first = time.perf_counter() - t0
-    runs["ksm compiled"] = ksm_c
-    second = stepper("ksm", True)  # another task of the same process: the cache, no compile
-    t0 = time.perf_counter()
-    second()
-    second_first = time.perf_counter() - t0
+    runs, firsts = {}, {}
+    for method in ("ksm", "piggyback", "finetune"):
+        runs[f"{method} eager"] = make_stepper(bb, x, y, method)
+    for method in ("ksm", "piggyback", "finetune"):
+        k = f"{method} compiled"
+        runs[k] = make_stepper(bb, x, y, method, "compiled")
+        firsts[k] = first_step(runs[k])
+    # another task of the same process, another head width: the cached graph, no compile
+    second = first_step(make_stepper(bb, x, y, "ksm", "compiled", classes=3))
     med = interleaved_medians(runs, rounds, steps)
-    q.put({"med": med, "compile_s": first - med["ksm compiled"], "second_task_first_step": second_first,
+    q.put({"med": med, "compile_s": {k: v - med[k] for k, v in firsts.items()}, "second_task_first_step": second,
            "load": os.getloadavg()[0]})
 
 
@@ -125,7 +124,8 @@ RUNS = [("ksm eager", ["method=ksm", "train.compile=false"]),
         ("ksm compiled", ["method=ksm", "train.compile=true"]),
         ("piggyback compiled", ["method=piggyback", "train.compile=true"]),
         ("finetune compiled", ["method=finetune", "train.compile=true"]),
-        ("piggyback eager", ["method=piggyback", "train.compile=false"])]
+        ("piggyback eager", ["method=piggyback", "train.compile=false"]),
+        ("finetune eager", ["method=finetune", "train.compile=false"])]
 
 
 def stream_part(root: Path, tasks: int, epochs: int, only: list[str] | None = None) -> list[dict]:
@@ -155,6 +155,7 @@ def stream_part(root: Path, tasks: int, epochs: int, only: list[str] | None = No
         runs = sorted((client.get_run(r.run_id) for r in out["results"]), key=lambda r: r.info.start_time)
         dur = [(r.info.end_time - r.info.start_time) / 1e3 for r in runs]
         return {"name": name, "wall": wall, "load": os.getloadavg()[0],
+                "n_compiled": sum(r.data.metrics.get("compiled") == 1 for r in runs),
                 "fanout": (max(r.info.end_time for r in runs) - runs[0].info.start_time) / 1e3,
                 "s_task": statistics.fmean(dur), "s_task_later": statistics.fmean(dur[2:] or dur), "train_s": statistics.fmean(r.data.metrics["train_seconds"] for r in runs),
                 "acc": statistics.fmean(r.data.metrics["test_acc"] for r in runs),
@@ -195,31 +196,38 @@ def main() -> None:
     st = step_part(args.rounds, args.steps)
     med = st["med"]
     saved = med["ksm eager"] - med["ksm compiled"]
+    fe = med["finetune eager"]
     print(f"\nstep (1 thread, vgg16_bn_cifar 0.125, batch 32; load {st['load']:.2f}):")
     for k, v in med.items():
-        print(f"  {k:16s} {v * 1e3:8.2f} ms/step")
-    print(f"  mask graph compile: {st['compile_s']:.1f} s (first task of a fresh process); a second task's first "
-          f"step: {st['second_task_first_step'] * 1e3:.0f} ms")
-    print(f"  saved per step {saved * 1e3:.2f} ms -> break-even "
-          f"{st['compile_s'] / saved if saved > 0 else float('inf'):.0f} steps")
+        print(f"  {k:18s} {v * 1e3:8.2f} ms/step  {v / fe:.3f}x fine-tune eager")
+    print(f"  KSM compiled: {med['ksm compiled'] / med['piggyback compiled']:.3f}x Piggyback compiled, "
+          f"{med['ksm compiled'] / med['finetune compiled']:.3f}x fine-tune compiled, "
+          f"{med['ksm compiled'] / med['ksm eager']:.3f}x KSM eager")
+    for k, v in st["compile_s"].items():
+        print(f"  compile, {k}: {v:.2f} s (first task of a fresh process)")
+    print(f"  a second KSM task's first step (new network, 3 classes): {st['second_task_first_step'] * 1e3:.0f} ms")
+    print(f"  KSM saved per step {saved * 1e3:.2f} ms -> break-even "
+          f"{st['compile_s']['ksm compiled'] / saved if saved > 0 else float('inf'):.0f} steps")
     if args.skip_stream:
         return
     root = Path(args.root or tempfile.mkdtemp(prefix="ksm-bench-compile-")).absolute()
     res = stream_part(root, args.tasks, args.epochs, args.only)
     by = {r["name"]: r for r in res}
     print(f"\nfashion_stream, {args.tasks} tasks x {args.epochs} epochs, 2 workers (load at each run's end in brackets):")
-    print("| run | fan-out wall s | s/task | s/task, later tasks | train s/task | mean acc | compile s, each worker's "
-          "first task | later tasks' compile s (max) |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    print("| run | run wall s | fan-out wall s | s/task | s/task, later tasks | train s/task | mean acc | compile s, "
+          "each worker's first task | later tasks' compile s (max) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in res:
         c = [v for v in r["compile"] if v is not None]
         firsts, later = c[:2], c[2:]
-        print(f"| {r['name']} ({r['load']:.1f}) | {r['fanout']:.1f} | {r['s_task']:.2f} | {r['s_task_later']:.2f} | "
+        print(f"| {r['name']} ({r['load']:.1f}; {r['n_compiled']}/{r['tasks']} compiled) | {r['wall']:.1f} | {r['fanout']:.1f} | {r['s_task']:.2f} | "
+              f"{r['s_task_later']:.2f} | "
               f"{r['train_s']:.2f} | "
               f"{r['acc']:.4f} | {', '.join(f'{v:.1f}' for v in firsts) or '-'} | {max(later) if later else 0:.2f} |")
     e, c = by["ksm-eager"], by["ksm-compiled"]
     pc, fc = by["piggyback-compiled"], by["finetune-compiled"]
-    print(f"KSM compiled / eager fan-out wall: {c['fanout'] / e['fanout']:.3f} (target <= 0.8)")
+    print(f"KSM compiled / eager fan-out wall: {c['fanout'] / e['fanout']:.3f} (target <= 0.8); run wall "
+          f"{c['wall'] / e['wall']:.3f}")
     print(f"KSM / Piggyback s/task, compiled: {c['s_task'] / pc['s_task']:.3f} (target <= 1.0); "
           f"KSM / fine-tune: {c['s_task'] / fc['s_task']:.3f} (target <= 1.05)")
     print(f"[bench] end, uptime load {os.getloadavg()}")

@@ -101,8 +101,8 @@ def measure(args: argparse.Namespace, start: Any = None) -> tuple[dict[str, floa
     compile_s: dict[str, float] = {}
     for name, (m, o) in list(steppers.items()):  # warm-up (allocator, cudnn autotune, Adam state; compiling)
         t0 = time.perf_counter()
-        if args.compile and isinstance(m, KSMNet):  # what train.compile runs: the cached mask graph (fine-tune: eager)
-            m = compiled.MaskedForward(m, m.task)
+        if args.compile and isinstance(m, KSMNet):  # what train.compile runs: the process's cached trunk graph
+            m = compiled.TrainForward(m, m.task)
             steppers[name] = (m, o)
         for _ in range(3):
             step(m, o, x, y, cuda)

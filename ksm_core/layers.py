@@ -57,10 +57,6 @@ class TaskAware(nn.Module):
 class _MaskedLayer(TaskAware):
     """Common part of masked Conv2d and Linear: a frozen weight (and bias) and per-task TaskStates."""
 
-    #: the active task's W_task, computed for this forward by the compiled mask path (``compiled.MaskedForward``
-    #: sets it just before the network's forward and clears it just after); None: computed here, eagerly
-    weight_override: Tensor | None = None
-
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
         # Shared and frozen: buffers, detached from any graph. Taken as-is (no copy) so a backbone put once in
@@ -118,8 +114,6 @@ class _MaskedLayer(TaskAware):
 
     def task_weight(self, task: int | None = None) -> tuple[Tensor, Tensor | None]:
         """W_task (and bias) for the active task: W * M broadcast over the kernel, or the task's own copy."""
-        if task is None and self.weight_override is not None:
-            return self.weight_override, self.bias
         st = self.state_for(task)
         if st.spec.method == "finetune":
             return st.weight, st.bias
@@ -190,7 +184,14 @@ class TaskBatchNorm(TaskAware):
             p.requires_grad_(True)
         self.tasks[str(task)] = bn
 
+    #: True while ``ksm_core.compiled`` runs the network's compiled trunk: the heads pass their input through,
+    #: and the compiled step applies the task's head eagerly after the graph, so that a head's width (a task's
+    #: number of classes) is never part of what the graph was compiled for
+    passthrough: bool = False
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.passthrough:
+            return x
         return self.tasks[self._key()](x)
 
     def base_state(self, prefix: str) -> dict[str, Tensor]:
@@ -214,7 +215,14 @@ class TaskHeads(TaskAware):
     def num_classes(self, task: int) -> int:
         return self.tasks[str(task)].out_features
 
+    #: True while ``ksm_core.compiled`` runs the network's compiled trunk: the heads pass their input through,
+    #: and the compiled step applies the task's head eagerly after the graph, so that a head's width (a task's
+    #: number of classes) is never part of what the graph was compiled for
+    passthrough: bool = False
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.passthrough:
+            return x
         return self.tasks[self._key()](x)
 
     def base_state(self, prefix: str) -> dict[str, Tensor]:

@@ -271,4 +271,25 @@ def masked_weight(weight: Tensor, mask_real: Tensor, spec: MaskSpec, *, training
         raise ValueError(f"method {spec.method!r} has no mask (binarizer {spec.binarizer!r})")
     if not (training and torch.is_grad_enabled() and mask_real.requires_grad):
         return _apply_mask(weight, _mask_values(mask_real.detach(), spec.tau, spec.soft))
-    return _MaskedWeight.apply(weight, mask_real, spec.tau, spec.k / spec.T, spec.soft, spec.binarizer == "ste")
+    scale, ste = spec.k / spec.T, spec.binarizer == "ste"
+    if torch.compiler.is_compiling():  # traced by torch.compile (ksm_core.compiled): plain ops, see below
+        return _plain_masked_weight(weight, mask_real, spec.tau, scale, spec.soft, ste)
+    return _MaskedWeight.apply(weight, mask_real, spec.tau, scale, spec.soft, ste)
+
+
+def _plain_masked_weight(weight: Tensor, mask_real: Tensor, tau: float, scale: float, soft: bool,
+                         ste: bool) -> Tensor:
+    """``_MaskedWeight`` in plain differentiable ops: the same forward value (Mb, or Mb plus the soft part, from
+    Mr detached) and the same gradient, carried by ``g - g.detach()`` (exactly 0 forward) with g = p for the
+    softmax trick (dg/dMr = p (1 - p) k / T) or g = Mr for straight-through (dg/dMr = 1).
+
+    Why a second form: under ``torch.compile`` a custom ``autograd.Function`` is traced into the joint graph
+    afresh by every process (it keeps the graph out of AOTAutograd's on-disk cache: KSM's whole-network compile
+    took 4.8 s in a warm fresh process, 1.1 s in these ops; benchmarks/RESULTS.md, issue #26), while these ops
+    are fused by inductor into the same few passes the custom node makes by hand. Eagerly, the custom node
+    stays: it saves only W and Mr for backward where these ops would keep p and the mask.
+    """
+    value = _mask_values(mask_real.detach(), tau, soft)
+    g = mask_real if ste else torch.sigmoid((mask_real - tau) * scale)
+    m = value + (g - g.detach())
+    return weight * m.reshape(m.shape + (1,) * (weight.dim() - m.dim()))

@@ -48,7 +48,7 @@ class TrainConfig:
     amp: bool = True           # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
     pin_memory: bool = True    # CUDA only: host batches pinned, then copied without blocking the host (see _to)
-    # the masked step's mask path through torch.compile, once per process (ksm_core.compiled): True | False |
+    # a task's training forward through torch.compile, once per process (ksm_core.compiled): True | False |
     # "auto" (on when this process holds the graph already or will have trained enough steps to repay it)
     compile: bool | str = False
     seed: int = 0
@@ -85,9 +85,9 @@ class FitResult:
     test_loss: float = float("nan")
     train_seconds: float = 0.0   # optimisation steps only (data loading included, evaluation excluded)
     # with compile: the first step's time beyond a compiled step's (part of train_seconds) when this fit compiled
-    # the mask graph; 0 when it reused the one this process compiled for an earlier task (ksm_core.compiled)
+    # the graph; 0 when it reused the one this process compiled for an earlier task (ksm_core.compiled)
     compile_seconds: float = 0.0
-    compiled: bool = False       # the mask path ran compiled (train.compile=true, or auto's rule said so)
+    compiled: bool = False       # the training forward ran compiled (train.compile=true, or auto's rule said so)
     refit_seconds: float = 0.0   # the head refit (feature pass + solve); counted in train_seconds too
     total_seconds: float = 0.0
     steps: int = 0
@@ -184,8 +184,8 @@ def _fit_epochs(model: nn.Module, groups: list[dict], train_loader: Iterable, te
     """The training loop, one epoch per ``next()``: it yields each epoch's record and returns the FitResult.
     A generator so that a caller can step several tasks in lockstep in one thread (Tune trials do).
 
-    ``fwd``: the training forward (default: the model; a masked task under ``compile``: its
-    ``compiled.MaskedForward``). ``compiling``: this fit's first step compiles (its time is compile_seconds).
+    ``fwd``: the training forward (default: the model; a task under ``compile``: its
+    ``compiled.TrainForward``). ``compiling``: this fit's first step compiles (its time is compile_seconds).
     Evaluation always runs the model itself, eagerly."""
     groups = [g for g in groups if g["params"]]
     fwd = fwd or model
@@ -272,18 +272,19 @@ def fit_task_epochs(net: KSMNet, task: int, train_loader: Iterable, test_loader:
         groups = [{"params": p["masks"] + p["bn"], "lr": cfg.lr_finetune}, {"params": p["head"], "lr": cfg.lr_head}]
     else:
         groups = [{"params": p["masks"] + p["bn"], "lr": cfg.lr_mask}, {"params": p["head"], "lr": cfg.lr_head}]
-    # cfg.compile: the mask path through the process's cached graph (ksm_core.compiled): inductor fuses each masked
-    # layer's element-wise passes (threshold, soft part, slope), so a KSM step costs what a Piggyback step does,
-    # and a task after the first in a process compiles nothing. The fine-tune baseline has no mask path and runs
-    # eagerly (compiling its per-task network whole would cost 4-40 s per task, issue #26)
+    # cfg.compile: the training forward through the process's cached graph (ksm_core.compiled): inductor fuses
+    # each masked layer's element-wise passes (threshold, soft part, slope) and the BN / ReLU around the convs,
+    # and a task after the first in a process compiles nothing (the same holds for the fine-tune baseline)
     key = compiled.graph_key(net, task)
     spe = _steps_per_epoch(train_loader, cfg)
     use = key is not None and (cfg.compile is True or (
         cfg.compile == "auto" and compiled.should_compile(key, cfg.epochs * spe if spe else None)))
-    fwd = compiled.MaskedForward(net, task) if use else None
+    fwd = compiled.TrainForward(net, task) if use else None
     res = yield from _fit_epochs(net, groups, train_loader, test_loader, cfg, dev, fwd=fwd,
                                  compiling=fwd is not None and fwd.new)
-    res.compiled = use
+    res.compiled = use and fwd.ok is not False
+    if not res.compiled:  # (a body with anything after its head ran eagerly: nothing was compiled)
+        res.compile_seconds = 0.0
     if not use:
         compiled.note_eager_steps(key, res.steps)
     if deploy:

@@ -122,7 +122,7 @@ class TrainCfg:
     amp: bool = True
     channels_last: bool = True
     pin_memory: bool = True
-    # true | false | auto: the mask path compiled once per worker (ksm_core.compiled); auto = on once the worker has
+    # true | false | auto: the training step compiled once per worker (ksm_core.compiled); auto = on once the worker has
     # trained, or is about to train, enough masked steps to repay the compile (ksm_core.compiled.BREAK_EVEN_STEPS)
     compile: Any = "auto"
     head_refit: bool = True              # after the last epoch, fit the head alone to the final features (#22)

@@ -249,6 +249,8 @@ def task_job(rc: RunConfig, ctx: JobContext, task_name: str, result: str,
         final = {"test_acc": out.fit.test_acc, "test_loss": out.fit.test_loss,
                  "train_seconds": out.fit.train_seconds, "job_seconds": time.perf_counter() - t0,
                  "compile_seconds": out.fit.compile_seconds if rc.train.compile else None,
+                 # 1 when the step ran compiled (compile=auto decides per task: ksm_core.compiled.should_compile)
+                 "compiled": float(out.fit.compiled) if rc.train.compile else None,
                  "artifact_bytes": size, "mask_ones": stats["ones"], "mask_soft": stats["soft"],
                  "mask_zeros": stats["zeros"], "steps": out.fit.steps, "skipped_samples": out.skipped_samples,
                  "refit_seconds": out.fit.refit_seconds if rc.train.head_refit else None,

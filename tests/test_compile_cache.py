@@ -1,4 +1,4 @@
-"""train.compile compiles the masked step's mask path once per process (issue #26, ksm_core.compiled): a worker's
+"""train.compile compiles a task's training trunk once per process (issue #26, ksm_core.compiled): a worker's
 second task, with another head width and an epoch's short last batch, triggers no recompile, and compiled and
 eager training give the same results on a tiny real Fashion-MNIST task."""
 import copy
@@ -32,7 +32,7 @@ def _frames() -> int:
 
 
 @pytest.mark.slow
-def test_a_second_task_reuses_the_compiled_mask_graph_and_matches_eager(fmnist, tmp_path):
+def test_a_second_task_reuses_the_compiled_graph_and_matches_eager(fmnist, tmp_path):
     train, test = fmnist
     torch.manual_seed(0)
     bb = create_model("vgg16_bn_cifar", num_classes=4, width=0.0625)
@@ -46,7 +46,7 @@ def test_a_second_task_reuses_the_compiled_mask_graph_and_matches_eager(fmnist, 
     tr, te = _loaders(train, test, CLASSES[0], seed=1)
     res_c = fit_task(net, t1, tr, te, TrainConfig(**cfg, compile=True))
     assert res_c.compiled and compiled.cache_info()["compiled"] == 1
-    assert all(m.weight_override is None for _, m in net.masked_layers())  # nothing left behind for eval/deploy
+    assert net.heads.passthrough is False  # nothing left behind for eval / deploy
 
     # the same task eagerly, from the same state and seed: same results up to float summation order
     res_e = fit_task(eager_net, t1, tr, te, TrainConfig(**cfg, compile=False))
@@ -81,7 +81,8 @@ def test_a_second_task_reuses_the_compiled_mask_graph_and_matches_eager(fmnist, 
 
 def test_auto_compiles_when_the_process_holds_the_graph_or_the_steps_repay_it(monkeypatch):
     """compile=auto's rule, without compiling: a short one-off task stays eager and counts its steps; enough
-    steps ahead (this task's) or behind (this process's eager steps of the same graph) turn it on."""
+    steps ahead (this task's) or behind (this process's eager steps of the same graph) turn it on; the backbone's
+    own task trains nothing and has no graph."""
     bb = create_model("vgg16_bn_cifar", num_classes=2, width=0.0625)
     net = KSMNet.from_backbone(bb)
     t = net.add_task(2, method="ksm")
@@ -89,7 +90,8 @@ def test_auto_compiles_when_the_process_holds_the_graph_or_the_steps_repay_it(mo
     compiled.clear_cache()
     monkeypatch.setattr(compiled, "BREAK_EVEN_STEPS", 10)
     key = compiled.graph_key(net, t)
-    assert compiled.graph_key(net, ft) is None and not compiled.should_compile(None, 10**6)  # fine-tune: nothing
+    assert compiled.graph_key(net, 0) is None and not compiled.should_compile(None, 10**6)  # the base task
+    assert compiled.graph_key(net, ft) not in (None, key)  # fine-tune: a graph of its own
     assert not compiled.should_compile(key, 9) and compiled.should_compile(key, 10)
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4,)))] * 3
     res = fit_task(net, t, batches, None, TrainConfig(epochs=2, device="cpu", compile="auto"))

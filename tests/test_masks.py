@@ -164,9 +164,10 @@ def test_unknown_method_lists_valid_ones():
 def test_the_layers_fused_training_path_equals_the_reference_formulas(method, layer):
     """What actually trains is the layers' fused node (``masked_weight``), not ``effective_mask``: its W_task must
     equal W * M bit for bit, and its gradient wrt Mr the reference chain (Eq. 10, or straight-through), for
-    every variant, on masks with entries on both sides of tau."""
+    every variant, on masks with entries on both sides of tau. The same holds for the plain-ops form that
+    torch.compile traces instead of the fused node (``train.compile``, ksm_core.compiled)."""
     from ksm_core.layers import MaskedConv2d, MaskedLinear
-    from ksm_core.masks import masked_weight
+    from ksm_core.masks import _plain_masked_weight, masked_weight
 
     torch.manual_seed(0)
     m = MaskedConv2d(torch.nn.Conv2d(6, 5, 3, bias=False)) if layer == "conv" else MaskedLinear(torch.nn.Linear(6, 5))
@@ -185,6 +186,10 @@ def test_the_layers_fused_training_path_equals_the_reference_formulas(method, la
     gr, = torch.autograd.grad((ref * g).sum(), mr)
     assert torch.equal(fused.detach(), ref.detach())
     torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-9)
+    traced = _plain_masked_weight(m.weight, mr, spec.tau, spec.k / spec.T, spec.soft, spec.binarizer == "ste")
+    gt, = torch.autograd.grad((traced * g).sum(), mr)
+    assert torch.equal(traced.detach(), ref.detach())
+    torch.testing.assert_close(gt, gr, rtol=1e-5, atol=1e-9)
     # and the layer's own forward uses it: the same output as a plain layer on W_task
     m.task = 1
     x = torch.randn(2, 6, 5, 5) if layer == "conv" else torch.randn(2, 6)

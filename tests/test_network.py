@@ -181,11 +181,12 @@ def _tiny_backbone() -> nn.Module:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ksm"])  # Piggyback's node is the same Function (suite time: one compile)
+@pytest.mark.parametrize("method", ["ksm"])  # the plain-ops mask of every variant: test_masks (suite time: one compile)
 def test_a_compiled_step_gives_the_eager_gradients_and_reports_its_compile_time(method):
-    """train compile=True: the mask path through the process's cached compiled graph (ksm_core.compiled), the
-    mask node inside. Its mask gradients equal the eager ones up to float summation order, and a fit reports the
-    first step's compile time apart (inside train_seconds) and still deploys the task."""
+    """train compile=True: the training forward through the process's cached compiled trunk (ksm_core.compiled),
+    the mask in plain ops inside, the head eager after it. Every gradient (masks, BN, head) equals the eager one
+    up to float summation order, and a fit reports the first step's compile time apart (inside train_seconds)
+    and still deploys the task."""
     import copy
 
     import torch.nn.functional as F
@@ -201,7 +202,8 @@ def test_a_compiled_step_gives_the_eager_gradients_and_reports_its_compile_time(
     twin = copy.deepcopy(net)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 2, (16,))
     F.cross_entropy(net(x), y).backward()
-    F.cross_entropy(compiled.MaskedForward(twin, t)(x), y).backward()
+    F.cross_entropy(compiled.TrainForward(twin, t)(x), y).backward()
+    assert twin.heads.passthrough is False  # nothing left behind for eval / deploy
     for (name, a), (_, b) in zip(net.named_parameters(), twin.named_parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
@@ -218,3 +220,31 @@ def test_a_compiled_step_gives_the_eager_gradients_and_reports_its_compile_time(
     eager = fit_task(eager_net, eager_net.add_task(2, method=method), batches, batches,
                      TrainConfig(epochs=2, device="cpu"))
     assert eager.compile_seconds == 0.0 and eager.steps == 4  # reported only for a compiled step
+
+
+class _AfterHead(nn.Module):
+    """A body that does something after its head (a scale): the compiled trunk-then-head split would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _tiny_backbone()
+
+    def forward(self, x):
+        return self.body(x) * 2.0
+
+
+def test_compile_trains_eagerly_when_the_body_does_anything_after_its_head():
+    """ksm_core.compiled runs the network up to the head compiled and the head after it; a body whose head is not
+    its last step is found out on the first step (before anything compiles) and trains eagerly, as without
+    compile, with the same losses."""
+    bb = _AfterHead()
+    runs = []
+    for how in (True, False):
+        torch.manual_seed(0)  # the new head's initial weights
+        net = KSMNet.from_backbone(bb)
+        t = net.add_task(2, method="ksm")
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(2)]
+        runs.append(fit_task(net, t, batches, None, TrainConfig(epochs=1, device="cpu", compile=how)))
+    assert not runs[0].compiled and runs[0].compile_seconds == 0.0
+    assert [r["train_loss"] for r in runs[0].history] == [r["train_loss"] for r in runs[1].history]
