@@ -184,14 +184,7 @@ class TaskBatchNorm(TaskAware):
             p.requires_grad_(True)
         self.tasks[str(task)] = bn
 
-    #: True while ``ksm_core.compiled`` runs the network's compiled trunk: the heads pass their input through,
-    #: and the compiled step applies the task's head eagerly after the graph, so that a head's width (a task's
-    #: number of classes) is never part of what the graph was compiled for
-    passthrough: bool = False
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.passthrough:
-            return x
         return self.tasks[self._key()](x)
 
     def base_state(self, prefix: str) -> dict[str, Tensor]:
