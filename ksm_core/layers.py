@@ -57,6 +57,10 @@ class TaskAware(nn.Module):
 class _MaskedLayer(TaskAware):
     """Common part of masked Conv2d and Linear: a frozen weight (and bias) and per-task TaskStates."""
 
+    #: (task, W_task, bias) held for an inference pass by ``KSMNet.fixed_weights``: the mask cannot change within
+    #: a no-grad pass, so W_task is built once for it instead of once per batch; None: built at each forward
+    _fixed: tuple[int, Tensor, Tensor | None] | None = None
+
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
         # Shared and frozen: buffers, detached from any graph. Taken as-is (no copy) so a backbone put once in
@@ -114,6 +118,8 @@ class _MaskedLayer(TaskAware):
 
     def task_weight(self, task: int | None = None) -> tuple[Tensor, Tensor | None]:
         """W_task (and bias) for the active task: W * M broadcast over the kernel, or the task's own copy."""
+        if task is None and self._fixed is not None and self._fixed[0] == self.task and not torch.is_grad_enabled():
+            return self._fixed[1], self._fixed[2]
         st = self.state_for(task)
         if st.spec.method == "finetune":
             return st.weight, st.bias

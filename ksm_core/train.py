@@ -145,17 +145,23 @@ def evaluate(model: nn.Module, loader: Iterable, cfg: TrainConfig | None = None)
     model.eval()
     correct = total = 0
     loss_sum = 0.0
-    for x, y in loader:
-        x, y = _to(x, dev, cfg), _to(y, dev, cfg)
-        with _autocast(dev, cfg):
-            logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        total += y.numel()
+    with _fixed_weights(model):
+        for x, y in loader:
+            x, y = _to(x, dev, cfg), _to(y, dev, cfg)
+            with _autocast(dev, cfg):
+                logits = model(x)
+            loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            total += y.numel()
     model.train(was)
     if total == 0:
         raise ValueError("evaluation loader yielded no samples; check the task's test split")
     return correct / total, loss_sum / total
+
+
+def _fixed_weights(model: nn.Module):
+    """A KSMNet's W_task built once for an inference pass (``KSMNet.fixed_weights``); nothing for a plain model."""
+    return model.fixed_weights() if isinstance(model, KSMNet) else nullcontext()
 
 
 def _steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int | None:
@@ -310,13 +316,14 @@ def _head_inputs(net: KSMNet, task: int, loader: Iterable, cfg: TrainConfig, lim
     ys: list[torch.Tensor] = []
     seen = 0
     try:
-        for x, y in loader:
-            with _autocast(dev, cfg):
-                net(_to(x, dev, cfg))
-            ys.append(_to(y, dev, cfg))
-            seen += y.numel()
-            if seen >= limit:
-                break
+        with net.fixed_weights():
+            for x, y in loader:
+                with _autocast(dev, cfg):
+                    net(_to(x, dev, cfg))
+                ys.append(_to(y, dev, cfg))
+                seen += y.numel()
+                if seen >= limit:
+                    break
     finally:
         hook.remove()
         net.train(was)
