@@ -16,6 +16,8 @@ Two parts, one command, one machine state (the load average is printed beside th
 
     .venv/bin/python benchmarks/bench_compile.py                 # both parts, ~5 min on 2 quiet cores
     .venv/bin/python benchmarks/bench_compile.py --tasks 6       # a smaller stand-in stream
+    .venv/bin/python benchmarks/bench_compile.py --skip-step --reverse --root DIR   # the stream runs in reverse order:
+                                                                 # with a forward run, cancels a drift between runs
 """
 from __future__ import annotations
 
@@ -128,7 +130,8 @@ RUNS = [("ksm eager", ["method=ksm", "train.compile=false"]),
         ("finetune eager", ["method=finetune", "train.compile=false"])]
 
 
-def stream_part(root: Path, tasks: int, epochs: int, only: list[str] | None = None) -> list[dict]:
+def stream_part(root: Path, tasks: int, epochs: int, only: list[str] | None = None,
+                reverse: bool = False) -> list[dict]:
     """``only``: these runs of RUNS into an existing --root (no warm-up; a run already done there would reuse
     its results, so only runs not yet made)."""
     import ray
@@ -167,13 +170,37 @@ def stream_part(root: Path, tasks: int, epochs: int, only: list[str] | None = No
         print("[bench] warm-up run (shards + backbone), untimed", flush=True)
         run("warm", ["method=ksm", "train.compile=false", "train.epochs=1"])
     out = []
-    for name, over in RUNS:
+    for name, over in (RUNS[::-1] if reverse else RUNS):
         if only is not None and name not in only:
             continue
         print(f"[bench] {name}", flush=True)
         out.append(run(name.replace(" ", "-"), over))
         print(f"  {out[-1]}", flush=True)
     return out
+
+
+def print_stream(res: list[dict], tasks: int, epochs: int) -> None:
+    """The stream part's table and the issue's ratios (those whose runs were made)."""
+    by = {r["name"]: r for r in res}
+    print(f"\nfashion_stream, {tasks} tasks x {epochs} epochs, 2 workers (load at each run's end in brackets):")
+    print("| run | run wall s | fan-out wall s | s/task | s/task, later tasks | train s/task | mean acc | compile s, "
+          "each worker's first task | later tasks' compile s (max) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in res:
+        c = [v for v in r["compile"] if v is not None]
+        firsts, later = c[:2], c[2:]
+        print(f"| {r['name']} ({r['load']:.1f}; {r['n_compiled']}/{r['tasks']} compiled) | {r['wall']:.1f} | {r['fanout']:.1f} | {r['s_task']:.2f} | "
+              f"{r['s_task_later']:.2f} | "
+              f"{r['train_s']:.2f} | "
+              f"{r['acc']:.4f} | {', '.join(f'{v:.1f}' for v in firsts) or '-'} | {max(later) if later else 0:.2f} |")
+    if not {"ksm-eager", "ksm-compiled", "piggyback-compiled", "finetune-compiled"} <= set(by):
+        return
+    e, c = by["ksm-eager"], by["ksm-compiled"]
+    pc, fc = by["piggyback-compiled"], by["finetune-compiled"]
+    print(f"KSM compiled / eager fan-out wall: {c['fanout'] / e['fanout']:.3f} (target <= 0.8); run wall "
+          f"{c['wall'] / e['wall']:.3f}")
+    print(f"KSM / Piggyback s/task, compiled: {c['s_task'] / pc['s_task']:.3f} (target <= 1.0); "
+          f"KSM / fine-tune: {c['s_task'] / fc['s_task']:.3f} (target <= 1.05)")
 
 
 def main() -> None:
@@ -186,12 +213,13 @@ def main() -> None:
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="stream runs by name (e.g. 'finetune compiled'), into --root")
     ap.add_argument("--root", default=None)
+    ap.add_argument("--reverse", action="store_true",
+                    help="the stream runs in reverse order (run once each way, two roots: the order's drift cancels)")
     args = ap.parse_args()
     print(f"[bench] start, uptime load {os.getloadavg()}", flush=True)
     if args.skip_step:
-        res = stream_part(Path(args.root).absolute(), args.tasks, args.epochs, args.only)
-        for r in res:
-            print(r)
+        print_stream(stream_part(Path(args.root).absolute(), args.tasks, args.epochs, args.only, args.reverse),
+                     args.tasks, args.epochs)
         return
     st = step_part(args.rounds, args.steps)
     med = st["med"]
@@ -211,25 +239,7 @@ def main() -> None:
     if args.skip_stream:
         return
     root = Path(args.root or tempfile.mkdtemp(prefix="ksm-bench-compile-")).absolute()
-    res = stream_part(root, args.tasks, args.epochs, args.only)
-    by = {r["name"]: r for r in res}
-    print(f"\nfashion_stream, {args.tasks} tasks x {args.epochs} epochs, 2 workers (load at each run's end in brackets):")
-    print("| run | run wall s | fan-out wall s | s/task | s/task, later tasks | train s/task | mean acc | compile s, "
-          "each worker's first task | later tasks' compile s (max) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
-    for r in res:
-        c = [v for v in r["compile"] if v is not None]
-        firsts, later = c[:2], c[2:]
-        print(f"| {r['name']} ({r['load']:.1f}; {r['n_compiled']}/{r['tasks']} compiled) | {r['wall']:.1f} | {r['fanout']:.1f} | {r['s_task']:.2f} | "
-              f"{r['s_task_later']:.2f} | "
-              f"{r['train_s']:.2f} | "
-              f"{r['acc']:.4f} | {', '.join(f'{v:.1f}' for v in firsts) or '-'} | {max(later) if later else 0:.2f} |")
-    e, c = by["ksm-eager"], by["ksm-compiled"]
-    pc, fc = by["piggyback-compiled"], by["finetune-compiled"]
-    print(f"KSM compiled / eager fan-out wall: {c['fanout'] / e['fanout']:.3f} (target <= 0.8); run wall "
-          f"{c['wall'] / e['wall']:.3f}")
-    print(f"KSM / Piggyback s/task, compiled: {c['s_task'] / pc['s_task']:.3f} (target <= 1.0); "
-          f"KSM / fine-tune: {c['s_task'] / fc['s_task']:.3f} (target <= 1.05)")
+    print_stream(stream_part(root, args.tasks, args.epochs, args.only, args.reverse), args.tasks, args.epochs)
     print(f"[bench] end, uptime load {os.getloadavg()}")
 
 
