@@ -316,7 +316,7 @@ def _head_inputs(net: KSMNet, task: int, loader: Iterable, cfg: TrainConfig, lim
     ys: list[torch.Tensor] = []
     seen = 0
     try:
-        with net.fixed_weights():
+        with _fixed_weights(net):
             for x, y in loader:
                 with _autocast(dev, cfg):
                     net(_to(x, dev, cfg))
