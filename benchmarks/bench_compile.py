@@ -65,7 +65,9 @@ def make_stepper(bb, x, y, method: str, how: str = "eager", classes: int = 2):
     net.set_task(t).train()
     p = net.task_parameters(t)
     opt = torch.optim.Adam([{"params": p["masks"] + p["bn"]}, {"params": p["head"]}], lr=1e-3, foreach=True)
-    fwd = {"eager": net, "compiled": compiled.TrainForward(net, t)}[how]
+    if how not in ("eager", "compiled"):
+        raise ValueError(f"how={how!r}; valid: 'eager', 'compiled'")
+    fwd = compiled.TrainForward(net, t) if how == "compiled" else net
 
     def step():
         loss = F.cross_entropy(fwd(x), y)
